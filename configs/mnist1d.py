@@ -1,0 +1,22 @@
+"""MNIST-1D (Greydanus 2020), generated locally by the `mnist1d` package: 40-d signals, 10 classes,
+5 phases of 2 classes, an MLP.
+
+    incremental run --config=configs/mnist1d.py
+    incremental run --config=configs/mnist1d.py:method=joint
+"""
+
+from incremental.config import base_config, parse_arg
+
+
+def get_config(arg: str | None = None):
+    args = parse_arg(arg, {"method": "finetune"})
+    config = base_config()
+    config.method = args["method"]
+    config.dataset.name = "mnist1d"
+    config.model.kwargs.hidden = (256, 256)
+    config.train.batch_size = 128
+    for phase_cfg in (config.train, config.train_first):
+        phase_cfg.lr = 0.05
+        phase_cfg.epochs = 40
+        phase_cfg.milestones = (30,)
+    return config

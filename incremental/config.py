@@ -1,0 +1,84 @@
+"""Config helpers shared by the files in `configs/`: the base config and the `arg` string parser.
+
+A config file defines `get_config(arg=None) -> ConfigDict`; `arg` is the text after the colon in
+`--config=configs/NAME.py:ARG`, as comma-separated `key=value` pairs (`method=joint,protocol=b50_inc10`).
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+
+def parse_arg(arg: str | None, defaults: dict[str, str]) -> dict[str, str]:
+    """Parses `'k=v,k=v'` over `defaults`; unknown keys raise a ValueError listing the valid ones."""
+    values = dict(defaults)
+    for item in filter(None, (arg or "").split(",")):
+        key, sep, value = item.partition("=")
+        if not sep or key not in defaults:
+            raise ValueError(
+                f"Config arg {item!r} is not 'key=value' with key in {sorted(defaults)}."
+            )
+        values[key] = value
+    return values
+
+
+def base_config() -> ml_collections.ConfigDict:
+    """Every key the phase loop reads, with the digits defaults; config files change what differs."""
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    c.method = "finetune"
+    c.method_args = ml_collections.ConfigDict()  # the method's hyper-parameters (dataclass fields)
+    c.dtype = "float32"  # computation dtype; parameters and optimizer state stay float32
+
+    c.dataset = ml_collections.ConfigDict()
+    c.dataset.name = "digits"  # digits | mnist1d | tfds:NAME | npz:PATH
+    c.dataset.data_dir = ""  # tfds data directory ("" = tfds default, ~/tensorflow_datasets)
+    c.dataset.download = False  # let tfds download and prepare (needs the network and TensorFlow)
+
+    c.protocol = ml_collections.ConfigDict()
+    c.protocol.class_order = "seeded"  # seeded | natural | explicit "3,1,0,..."
+    c.protocol.class_order_seed = 1993  # iCaRL / PyCIL / FACIL
+    c.protocol.init_classes = 2  # classes in phase 0 (0: same as increment, the B0 protocols)
+    c.protocol.increment = 2  # new classes in each later phase
+    c.protocol.phase_sizes = ""  # explicit phase sizes "5,1,1,1,1,1"; overrides the two above
+
+    c.model = ml_collections.ConfigDict()
+    c.model.name = "mlp"  # mlp | convnet | resnet32 | resnet18
+    c.model.kwargs = ml_collections.ConfigDict({"hidden": (256,)})  # passed to the backbone
+
+    c.head = ml_collections.ConfigDict()
+    c.head.init = "default"  # new columns: default (the layer's initialiser) | zeros | imprint
+
+    c.train = ml_collections.ConfigDict()  # phases 1, 2, ...
+    c.train.batch_size = 64
+    c.train.optimizer = "sgd"  # sgd | adam | adamw
+    c.train.momentum = 0.9
+    c.train.nesterov = False
+    c.train.schedule = "multistep"  # multistep | cosine | constant
+    c.train.lr = 0.05
+    c.train.epochs = 30
+    c.train.milestones = (20,)  # epochs at which multistep multiplies the lr by lr_decay
+    c.train.lr_decay = 0.1
+    c.train.weight_decay = 5e-4
+    c.train.carry_opt_state = (
+        False  # keep optimizer moments across phases (widened for new columns)
+    )
+    c.train.freeze = ()  # ((regex, frozen), ...) over parameter paths, e.g. (("backbone/.*", True),)
+
+    c.train_first = ml_collections.ConfigDict()  # phase 0 (PyCIL's init_* settings)
+    c.train_first.lr = 0.05
+    c.train_first.epochs = 30
+    c.train_first.milestones = (20,)
+    c.train_first.weight_decay = 5e-4
+
+    c.augment = ml_collections.ConfigDict()  # images only, applied on the device
+    c.augment.crop_padding = 0  # random crop after zero padding by this many pixels (0: off)
+    c.augment.flip = False  # random horizontal flip
+
+    c.eval = ml_collections.ConfigDict()
+    c.eval.batch_size = 500
+
+    c.log = ml_collections.ConfigDict()  # does not change results; may differ on resume
+    c.log.progress = True  # progress bars
+    c.log.plot = True  # accuracy plot (PNG) in the work directory
+    return c

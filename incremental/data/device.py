@@ -1,0 +1,90 @@
+"""Device-resident data: placement, batching by indices, normalisation and augmentation in JAX.
+
+A phase's training arrays go to the device once, in their stored dtype (uint8 for images). Batches are
+gathered inside the jitted step from index arrays, then normalised and augmented there, so the host never
+touches a batch.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+class Normalizer(NamedTuple):
+    """Per-channel (images) or per-feature (vectors) mean and standard deviation, in stored units."""
+
+    mean: np.ndarray
+    std: np.ndarray
+
+
+def fit_normalizer(x: np.ndarray, is_image: bool) -> Normalizer:
+    """Statistics of the training inputs, over every axis but the channel / feature axis."""
+    axes = tuple(range(x.ndim - 1)) if is_image else (0,)
+    x = x.astype(np.float64)
+    mean, std = x.mean(axis=axes), x.std(axis=axes)
+    return Normalizer(mean.astype(np.float32), np.maximum(std, 1e-6).astype(np.float32))
+
+
+def normalize(x: jax.Array, norm: Normalizer, dtype=jnp.float32) -> jax.Array:
+    return ((x.astype(jnp.float32) - norm.mean) / norm.std).astype(dtype)
+
+
+def random_crop(rng: jax.Array, x_BHWC: jax.Array, padding: int) -> jax.Array:
+    """Random crop of the original size from images zero-padded by `padding` (in stored units)."""
+    b, h, w, c = x_BHWC.shape
+    padded = jnp.pad(x_BHWC, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
+    offsets = jax.random.randint(rng, (b, 2), 0, 2 * padding + 1)
+
+    def crop(image, offset):
+        return jax.lax.dynamic_slice(image, (offset[0], offset[1], 0), (h, w, c))
+
+    return jax.vmap(crop)(padded, offsets)
+
+
+def random_flip(rng: jax.Array, x_BHWC: jax.Array) -> jax.Array:
+    """Horizontal flip of each image with probability 1/2."""
+    flip = jax.random.bernoulli(rng, 0.5, (x_BHWC.shape[0], 1, 1, 1))
+    return jnp.where(flip, x_BHWC[:, :, ::-1], x_BHWC)
+
+
+def augment(rng: jax.Array, x: jax.Array, *, crop_padding: int, flip: bool) -> jax.Array:
+    """Training augmentation of raw images (before normalisation); a no-op when both are off."""
+    crop_rng, flip_rng = jax.random.split(rng)
+    if crop_padding:
+        x = random_crop(crop_rng, x, crop_padding)
+    if flip:
+        x = random_flip(flip_rng, x)
+    return x
+
+
+def batch_indices(
+    rng: jax.Array, num_examples: int, batch_size: int
+) -> tuple[jax.Array, jax.Array]:
+    """A shuffled epoch as fixed-shape batches of indices, and their weights.
+
+    The last short batch is padded to `batch_size` with the first indices of the permutation (cycled
+    if the phase has fewer examples than a batch), whose weight is 0: every example is used once per
+    epoch and every batch has the same shape, so the step compiles once. (Padded rows still enter BatchNorm's batch statistics; they are real examples.)
+
+    Returns:
+      (idx, weight), both (num_batches, batch_size).
+    """
+    num_batches = -(-num_examples // batch_size)
+    perm = jax.random.permutation(rng, num_examples)
+    total = num_batches * batch_size
+    idx = jnp.resize(perm, (total,))
+    weight = (jnp.arange(total) < num_examples).astype(jnp.float32)
+    return idx.reshape(num_batches, batch_size), weight.reshape(num_batches, batch_size)
+
+
+def padded_batches(x: np.ndarray, batch_size: int) -> tuple[np.ndarray, int]:
+    """Pads `x` along axis 0 to a multiple of `batch_size` (for evaluation); returns it and the count."""
+    n = len(x)
+    pad = -n % batch_size
+    if pad:
+        x = np.concatenate([x, np.repeat(x[:1], pad, axis=0)])
+    return x.reshape(-1, batch_size, *x.shape[1:]), n

@@ -1,0 +1,59 @@
+"""Evaluation after each phase and the run's summary metrics; host-side numpy over class scores.
+
+Vocabulary (all accuracies are fractions in [0, 1]):
+  accuracy_matrix[i][j]  accuracy on phase j's test classes after training phase i (j <= i), one head,
+                         no task label (class-incremental).
+  task_aware_matrix[i][j] the same with the scores restricted to phase j's classes (task label given).
+  accuracy[i]            accuracy on the test data of every class seen after phase i.
+  average_incremental_accuracy  mean of accuracy[i] over phases (iCaRL, PyCIL).
+  last_accuracy          accuracy[-1].
+  forgetting             mean over old phases j of max_{i<T-1} A[i][j] - A[T-1][j] (Chaudhry et al. 2018).
+  backward_transfer      mean over old phases j of A[T-1][j] - A[j][j] (Lopez-Paz & Ranzato 2017).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from incremental.protocol import Protocol
+
+
+def evaluate_phase(scores: np.ndarray, y: np.ndarray, protocol: Protocol, phase: int) -> dict:
+    """One row of every matrix from the scores (N, num_seen) of the seen-class test examples `y`."""
+    pred = scores.argmax(axis=1)
+    test_phase = protocol.phase_of(y)
+    offsets = protocol.offsets
+    row, task_row = [], []
+    for j in range(phase + 1):
+        mine = test_phase == j
+        row.append(float(np.mean(pred[mine] == y[mine])))
+        local = scores[mine, offsets[j] : offsets[j + 1]].argmax(axis=1) + offsets[j]
+        task_row.append(float(np.mean(local == y[mine])))
+    counts = np.bincount(test_phase, minlength=phase + 1)
+    old = test_phase < phase
+    return {
+        "row": row,
+        "task_aware_row": task_row,
+        "accuracy": float(np.mean(pred == y)),
+        "task_aware_accuracy": float(np.average(task_row, weights=counts)),
+        "old_accuracy": float(np.mean(pred[old] == y[old])) if old.any() else None,
+        "new_accuracy": float(np.mean(pred[~old] == y[~old])),
+    }
+
+
+def summarize(accuracy_matrix: list[list[float]], accuracy: list[float]) -> dict:
+    """The headline metrics of a (possibly unfinished) run from its matrix rows so far."""
+    last = len(accuracy_matrix) - 1
+    summary = {
+        "last_accuracy": accuracy[-1],
+        "average_incremental_accuracy": float(np.mean(accuracy)),
+        "forgetting": None,
+        "backward_transfer": None,
+    }
+    if last >= 1:
+        a = accuracy_matrix
+        summary["forgetting"] = float(
+            np.mean([max(a[i][j] for i in range(j, last)) - a[last][j] for j in range(last)])
+        )
+        summary["backward_transfer"] = float(np.mean([a[last][j] - a[j][j] for j in range(last)]))
+    return summary

@@ -1,0 +1,122 @@
+"""The method interface: the few pure hooks in which class-incremental methods differ.
+
+A method states only what differs from plain training. The phase loop calls, for each phase:
+
+    setup(info)                               -> PhaseSetup: what is frozen, BatchNorm mode
+    begin_phase(ctx, variables, method_state) -> method_state   (snapshot a teacher, ...)
+    train_indices(ctx, method_state)          -> which training examples this phase trains on
+    loss(...)  inside the jitted step         -> per-example loss and metrics
+    end_phase(ctx, variables, method_state)   -> method_state   (select exemplars, calibrate, ...)
+    predict(...) inside the jitted eval step  -> class scores
+
+Method state is a dict of arrays (a pytree) so that it is checkpointed with everything else and can be
+passed to jitted functions as an argument. Hyper-parameters are dataclass fields, filled from
+`config.method_args`; a method instance is hashable and bound into jitted functions by closure.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import numpy as np
+import optax
+
+PyTree = Any
+
+
+@dataclasses.dataclass(frozen=True)
+class PhaseInfo:
+    """Static facts about the phase being trained."""
+
+    phase: int
+    num_old: int  # classes learned before this phase
+    num_new: int  # classes this phase introduces
+
+    @property
+    def num_seen(self) -> int:
+        return self.num_old + self.num_new
+
+
+@dataclasses.dataclass(frozen=True)
+class PhaseSetup:
+    """How a phase trains: freeze rules over parameter paths and the BatchNorm mode."""
+
+    freeze: tuple[tuple[str, bool], ...] = ()  # (regex over 'backbone/...' paths, frozen)
+    freeze_old_columns: bool = False  # keep the head columns of old classes fixed
+    train_batch_norm: bool = True  # False: BatchNorm uses and keeps its running statistics
+
+
+class PhaseContext(NamedTuple):
+    """Host-side inputs of the between-phase hooks."""
+
+    info: PhaseInfo
+    y_train: np.ndarray  # remapped labels of the whole training set
+    x_train: np.ndarray  # the whole training set, host memory
+    embed: Callable[[PyTree, np.ndarray], jax.Array]  # (variables, x) -> features, jitted
+
+
+class Batch(NamedTuple):
+    x: jax.Array  # preprocessed inputs
+    y: jax.Array  # remapped labels
+    weight: jax.Array  # 1 for real examples, 0 for the padding of the last batch
+
+
+class Outputs(NamedTuple):
+    features: jax.Array  # (B, D)
+    logits: jax.Array  # (B, num_seen)
+
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+    """Plain training with cross-entropy on all seen classes; methods override what differs."""
+
+    name = "base"
+
+    def init_state(self) -> dict:
+        """The method state before phase 0."""
+        return {}
+
+    def setup(self, info: PhaseInfo) -> PhaseSetup:
+        del info
+        return PhaseSetup()
+
+    def begin_phase(self, ctx: PhaseContext, variables: PyTree, method_state: dict) -> dict:
+        del ctx, variables
+        return method_state
+
+    def train_indices(self, ctx: PhaseContext, method_state: dict) -> np.ndarray:
+        """Indices into the training set: by default the examples of this phase's classes."""
+        del method_state
+        return data_of_classes(ctx.y_train, ctx.info.num_old, ctx.info.num_seen)
+
+    def loss(
+        self,
+        out: Outputs,
+        batch: Batch,
+        *,
+        params: PyTree,
+        method_state: dict,
+        info: PhaseInfo,
+        apply_fn: Callable,
+    ) -> tuple[jax.Array, dict[str, jax.Array]]:
+        """Per-example loss (B,) and per-example metrics; the step averages them over real examples."""
+        del params, method_state, info, apply_fn
+        ce = optax.softmax_cross_entropy_with_integer_labels(out.logits, batch.y)
+        return ce, {"ce": ce}
+
+    def end_phase(self, ctx: PhaseContext, variables: PyTree, method_state: dict) -> dict:
+        del ctx, variables
+        return method_state
+
+    def predict(self, out: Outputs, method_state: dict) -> jax.Array:
+        """Class scores (B, num_seen); the argmax is the prediction."""
+        del method_state
+        return out.logits
+
+
+def data_of_classes(y: np.ndarray, lo: int, hi: int) -> np.ndarray:
+    """Indices of the examples whose remapped label is in [lo, hi)."""
+    return np.flatnonzero((y >= lo) & (y < hi))

@@ -1,0 +1,23 @@
+"""Freeze the backbone: after phase 0 the feature extractor is fixed; a widened head is trained on the
+data of all classes seen so far (old and new), so only the linear classifier adapts.
+"""
+
+import dataclasses
+
+import numpy as np
+
+from incremental.methods.base import Method, PhaseContext, PhaseInfo, PhaseSetup, data_of_classes
+
+
+@dataclasses.dataclass(frozen=True)
+class FreezeBackbone(Method):
+    name = "freeze_backbone"
+
+    def setup(self, info: PhaseInfo) -> PhaseSetup:
+        if info.phase == 0:
+            return PhaseSetup()
+        return PhaseSetup(freeze=(("backbone/.*", True),), train_batch_norm=False)
+
+    def train_indices(self, ctx: PhaseContext, method_state: dict) -> np.ndarray:
+        del method_state
+        return data_of_classes(ctx.y_train, 0, ctx.info.num_seen)

@@ -1,0 +1,74 @@
+"""Model registry: backbones by name, wrapped in a Classifier with a linear head."""
+
+import dataclasses
+from typing import Any
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from incremental.models.classifier import HEAD_BLOCK, Classifier, Head, head_logits
+from incremental.models.convnet import ConvNet
+from incremental.models.mlp import MLP
+from incremental.models.resnet import BasicBlock, CifarResNet, ResNet18
+
+MODELS: dict[str, type[nn.Module]] = {
+    "mlp": MLP,
+    "convnet": ConvNet,
+    "resnet32": CifarResNet,
+    "resnet18": ResNet18,
+}
+
+__all__ = [
+    "HEAD_BLOCK",
+    "MODELS",
+    "BasicBlock",
+    "CifarResNet",
+    "Classifier",
+    "ConvNet",
+    "Head",
+    "MLP",
+    "ResNet18",
+    "backbone_fields",
+    "build_model",
+    "head_logits",
+]
+
+
+def backbone_fields(name: str) -> tuple[str, ...]:
+    """Returns the keyword arguments that the backbone registered as `name` accepts."""
+    if name not in MODELS:
+        raise ValueError(f"Unknown model {name!r}; valid names are {sorted(MODELS)}.")
+    fields = dataclasses.fields(MODELS[name])
+    return tuple(f.name for f in fields if f.init and f.name not in ("parent", "name"))
+
+
+def _normalise(key: str, value: Any) -> Any:
+    """Makes config values hashable module fields: lists to tuples, dtype names to dtypes."""
+    if isinstance(value, list):
+        return tuple(value)
+    if key == "dtype" and isinstance(value, str):
+        return jnp.dtype(value).type
+    return value
+
+
+def build_model(name: str, num_classes: int, **kwargs: Any) -> Classifier:
+    """Builds `Classifier(backbone=MODELS[name](**kwargs), num_classes=num_classes)`.
+
+    Args:
+      name: a key of MODELS ('mlp', 'convnet', 'resnet32', 'resnet18').
+      num_classes: width of the linear head.
+      **kwargs: backbone fields, e.g. hidden=(64,), depth=32, small_input=True, dtype='bfloat16'.
+
+    Returns:
+      An unbound Classifier; call `init`/`apply` with `train=...`.
+    """
+    valid = backbone_fields(name)
+    unknown = sorted(set(kwargs) - set(valid))
+    if unknown:
+        raise ValueError(
+            f"Unknown argument(s) {unknown} for model {name!r}; valid fields are {list(valid)}."
+        )
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+        raise ValueError(f"num_classes must be a positive int, got {num_classes!r}.")
+    backbone = MODELS[name](**{k: _normalise(k, v) for k, v in kwargs.items()})
+    return Classifier(backbone=backbone, num_classes=num_classes)

@@ -1,0 +1,61 @@
+"""Backbone + linear head: the one model shape every method trains."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+# Head columns are computed in blocks of this width, each by the same fixed-shape matmul.
+HEAD_BLOCK = 128
+
+
+def head_logits(features_BxD: jax.Array, head: dict[str, jax.Array]) -> jax.Array:
+    """Computes float32 logits `features @ kernel + bias` for head params {'kernel', 'bias'}.
+
+    A plain (D, C) matmul changes its summation order with C, so widening the head would move
+    old logits by an ulp. Every block of HEAD_BLOCK columns is instead computed by one matmul of
+    fixed shape in a loop, which makes old logits bit-identical after the head is widened.
+    """
+    kernel_DxC, bias_C = head["kernel"], head["bias"]
+    d, c = kernel_DxC.shape
+    num_blocks = -(-c // HEAD_BLOCK)
+    padded_DxP = jnp.pad(kernel_DxC, ((0, 0), (0, num_blocks * HEAD_BLOCK - c)))
+    blocks_NxDxK = padded_DxP.reshape(d, num_blocks, HEAD_BLOCK).transpose(1, 0, 2)
+    feats_BxD = features_BxD.astype(jnp.float32)
+    out_NxBxK = lax.map(
+        lambda k_DxK: jnp.dot(feats_BxD, k_DxK, precision=lax.Precision.HIGHEST), blocks_NxDxK
+    )
+    logits_BxP = out_NxBxK.transpose(1, 0, 2).reshape(feats_BxD.shape[0], -1)
+    return logits_BxP[:, :c] + bias_C[None, :]
+
+
+class Head(nn.Module):
+    """Linear float32 head with nn.Dense's params and init, computed by `head_logits`."""
+
+    num_classes: int
+
+    @nn.compact
+    def __call__(self, features_BxD: jax.Array) -> jax.Array:
+        """Returns float32 logits (B, num_classes)."""
+        shape = (features_BxD.shape[-1], self.num_classes)
+        kernel = self.param("kernel", nn.initializers.lecun_normal(), shape, jnp.float32)
+        bias = self.param("bias", nn.initializers.zeros_init(), (self.num_classes,), jnp.float32)
+        return head_logits(features_BxD, {"kernel": kernel, "bias": bias})
+
+
+class Classifier(nn.Module):
+    """A backbone followed by a float32 linear head named `head`.
+
+    Params are `{'backbone': ..., 'head': {'kernel': (D, C), 'bias': (C,)}}`. The backbone
+    may compute in bf16; its features are cast to float32 before the head, so
+    `head_logits(features, params['head'])` reproduces the logits exactly.
+    """
+
+    backbone: nn.Module
+    num_classes: int
+
+    @nn.compact
+    def __call__(self, x: jax.Array, *, train: bool) -> tuple[jax.Array, jax.Array]:
+        """Returns `(features_BxD, logits_BxC)`, both float32."""
+        features_BxD = self.backbone(x, train=train).astype(jnp.float32)
+        return features_BxD, Head(self.num_classes, name="head")(features_BxD)

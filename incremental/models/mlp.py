@@ -1,0 +1,30 @@
+"""Multi-layer perceptron backbone for feature vectors (or flattened images)."""
+
+from collections.abc import Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax.typing import DTypeLike
+
+from incremental.models.layers import check_widths
+
+
+class MLP(nn.Module):
+    """Dense + ReLU layers over the flattened input; features are the last hidden activation."""
+
+    hidden: Sequence[int] = (256, 256)
+    dtype: DTypeLike = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
+        """Returns features (B, hidden[-1]); `train` is unused (no BatchNorm or dropout)."""
+        del train
+        check_widths(self.hidden, "hidden", "MLP")
+        if x.ndim < 2:
+            raise ValueError(f"MLP expects a batch shaped (B, ...), got shape {x.shape}.")
+        h = x.reshape((x.shape[0], -1))
+        for i, width in enumerate(self.hidden):
+            h = nn.Dense(int(width), dtype=self.dtype, param_dtype=jnp.float32, name=f"dense{i}")(h)
+            h = nn.relu(h)
+        return h

@@ -1,0 +1,92 @@
+"""ResNets: the CIFAR ResNet-32 of iCaRL/PyCIL/FACIL and the ImageNet ResNet-18.
+
+Both use option-B shortcuts (1x1 conv + BN) where a block changes shape, as torchvision and
+FACIL do. PyCIL's resnet32 uses option A (strided identity + zero-padded channels) instead,
+which has 2,752 fewer parameters; accuracies are comparable.
+"""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax.typing import DTypeLike
+
+from incremental.models.layers import batch_norm, check_image_batch, conv, global_avg_pool
+
+
+class BasicBlock(nn.Module):
+    """Two 3x3 convs with BN and a residual; 1x1 conv + BN shortcut when the shape changes."""
+
+    features: int
+    stride: int = 1
+    dtype: DTypeLike = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
+        """Returns the block output (B, H / stride, W / stride, features)."""
+        y = conv(self.features, 3, self.stride, self.dtype, "conv1")(x)
+        y = nn.relu(batch_norm(train, self.dtype, "bn1")(y))
+        y = conv(self.features, 3, 1, self.dtype, "conv2")(y)
+        y = batch_norm(train, self.dtype, "bn2")(y)
+        if self.stride != 1 or x.shape[-1] != self.features:
+            x = conv(self.features, 1, self.stride, self.dtype, "shortcut_conv")(x)
+            x = batch_norm(train, self.dtype, "shortcut_bn")(x)
+        return nn.relu(x + y)
+
+
+def _stages(
+    x: jax.Array, widths: tuple[int, ...], blocks: int, train: bool, dtype: DTypeLike
+) -> jax.Array:
+    """Runs `blocks` BasicBlocks per width; every stage after the first starts with stride 2."""
+    for s, width in enumerate(widths):
+        for b in range(blocks):
+            stride = 2 if s > 0 and b == 0 else 1
+            block = BasicBlock(width, stride, dtype, name=f"stage{s + 1}_block{b}")
+            x = block(x, train=train)
+    return x
+
+
+class CifarResNet(nn.Module):
+    """CIFAR ResNet-`depth`: 3x3 conv 16, three stages of (depth - 2) / 6 blocks (16/32/64), GAP.
+
+    Features are 64-d. depth=32 gives the ResNet-32 of iCaRL/PyCIL/FACIL.
+    """
+
+    depth: int = 32
+    dtype: DTypeLike = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
+        """Returns features (B, 64)."""
+        if self.depth < 8 or (self.depth - 2) % 6 != 0:
+            raise ValueError(
+                f"CifarResNet.depth must be 6n + 2 with n >= 1 (8, 14, 20, 32, 44, 56, 110), "
+                f"got {self.depth}."
+            )
+        check_image_batch(x, "CifarResNet")
+        x = conv(16, 3, 1, self.dtype, "stem_conv")(x)
+        x = nn.relu(batch_norm(train, self.dtype, "stem_bn")(x))
+        x = _stages(x, (16, 32, 64), (self.depth - 2) // 6, train, self.dtype)
+        return global_avg_pool(x)
+
+
+class ResNet18(nn.Module):
+    """torchvision ResNet-18 without its fc layer; 512-d features.
+
+    `small_input=True` swaps the 7x7 stride-2 stem and max-pool for a 3x3 stride-1 stem, the
+    usual choice for 32x32 images.
+    """
+
+    small_input: bool = False
+    dtype: DTypeLike = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
+        """Returns features (B, 512)."""
+        check_image_batch(x, "ResNet18")
+        kernel, stride = (3, 1) if self.small_input else (7, 2)
+        x = conv(64, kernel, stride, self.dtype, "stem_conv")(x)
+        x = nn.relu(batch_norm(train, self.dtype, "stem_bn")(x))
+        if not self.small_input:
+            x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+        x = _stages(x, (64, 128, 256, 512), 2, train, self.dtype)
+        return global_avg_pool(x)

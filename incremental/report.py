@@ -1,0 +1,127 @@
+"""What a person sees: progress bars, the per-phase table, the end-of-run summary and the plot."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import matplotlib
+import numpy as np
+from rich import box
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
+from rich.progress import Progress as RichProgress
+from rich.table import Table
+
+from incremental.protocol import Protocol
+
+console = Console(highlight=False)
+
+
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:5.1f}"
+
+
+class Progress:
+    """Progress bars over phases and epochs, and one printed line per finished phase."""
+
+    def __init__(self, protocol: Protocol, *, enabled: bool = True, start: int = 0):
+        self.protocol = protocol
+        self.enabled = enabled
+        self.start = start
+        self.bars = RichProgress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[info]}"),
+            TimeElapsedColumn(),
+            console=console,
+            transient=True,
+            disable=not enabled,
+        )
+        self._epoch_task = None
+
+    def __enter__(self):
+        if self.start:
+            console.print(f"Resuming after phase {self.start - 1} from the work directory.")
+        console.print(
+            f"{'phase':>5} {'classes':>7} {'acc':>6} {'old':>6} {'new':>6} {'task-aware':>10} "
+            f"{'loss':>7} {'train s':>8}"
+        )
+        self.bars.__enter__()
+        self._phase_task = self.bars.add_task(
+            "phases", total=self.protocol.num_phases, completed=self.start, info=""
+        )
+        return self
+
+    def __exit__(self, *exc):
+        self.bars.__exit__(*exc)
+
+    def epochs(self, phase: int, num_epochs: int) -> Iterator[int]:
+        if self._epoch_task is not None:
+            self.bars.remove_task(self._epoch_task)
+        self._epoch_task = self.bars.add_task(f"phase {phase} epochs", total=num_epochs, info="")
+        yield from range(num_epochs)
+
+    def epoch_done(self, metrics: dict) -> None:
+        info = f"loss {metrics['loss']:.3f} acc {metrics['accuracy']:.3f}"
+        self.bars.update(self._epoch_task, advance=1, info=info)
+
+    def phase_done(self, record: dict) -> None:
+        self.bars.update(self._phase_task, advance=1)
+        console.print(
+            f"{record['phase']:>5} {record['num_seen']:>7} {_pct(record['accuracy']):>6} "
+            f"{_pct(record['old_accuracy']):>6} {_pct(record['new_accuracy']):>6} "
+            f"{_pct(record['task_aware_accuracy']):>10} {record['final_loss']:>7.3f} "
+            f"{record['train_seconds']:>8.1f}"
+        )
+
+
+def summary_table(results: dict) -> Table:
+    """The accuracy matrix (rows: after phase i; columns: phase j's classes) and headline metrics."""
+    n = results["num_phases"]
+    table = Table(
+        title=f"{results['method']} on {results['dataset']}: accuracy (%) after each phase",
+        box=box.SIMPLE,
+    )
+    table.add_column("after")
+    for j in range(n):
+        table.add_column(f"p{j}", justify="right")
+    table.add_column("all seen", justify="right")
+    for i, row in enumerate(results["accuracy_matrix"]):
+        cells = [_pct(v) for v in row] + [""] * (n - len(row))
+        table.add_row(f"phase {i}", *cells, _pct(results["accuracy"][i]))
+    return table
+
+
+def print_summary(results: dict, workdir: str) -> None:
+    console.print(summary_table(results))
+    seconds = sum(p["train_seconds"] + p["eval_seconds"] for p in results["phases"])
+    console.print(
+        f"last accuracy {_pct(results['last_accuracy'])}%  |  average incremental accuracy "
+        f"{_pct(results['average_incremental_accuracy'])}%  |  forgetting "
+        f"{_pct(results['forgetting'])}  |  backward transfer {_pct(results['backward_transfer'])}"
+        f"  |  {seconds:.1f} s"
+    )
+    console.print(f"results: {workdir}/results.json   plot: {workdir}/accuracy.png")
+
+
+def plot(results: dict, path: str) -> None:
+    """Accuracy on all seen classes per phase, and each phase's classes over time (PNG)."""
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    seen = np.cumsum(results["phase_sizes"])[: len(results["accuracy"])]
+    ax.plot(seen, results["accuracy"], "o-", color="black", lw=2, label="all seen classes")
+    ax.plot(seen, results["task_aware_accuracy"], "s--", color="gray", label="task-aware")
+    for j in range(len(results["accuracy"])):
+        values = [row[j] for row in results["accuracy_matrix"][j:]]
+        ax.plot(seen[j : j + len(values)], values, ".-", alpha=0.5, label=f"phase {j} classes")
+    ax.set_xlabel("number of classes seen")
+    ax.set_ylabel("accuracy")
+    ax.set_ylim(0, 1.02)
+    ax.set_title(f"{results['method']} on {results['dataset']}")
+    ax.legend(fontsize=7, loc="lower left")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)

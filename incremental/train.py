@@ -1,0 +1,213 @@
+"""Training: the train state, per-phase optimizers, and the jitted epoch (one `lax.scan` over batches)."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import linen as nn
+
+from incremental import surgery
+from incremental.data import device
+from incremental.methods import Batch, Method, Outputs, PhaseInfo, PhaseSetup
+
+PyTree = Any
+OPTIMIZERS = ("sgd", "adam", "adamw")
+SCHEDULES = ("multistep", "cosine", "constant")
+
+
+class TrainState(NamedTuple):
+    """Everything the train step updates; a plain pytree."""
+
+    params: PyTree
+    batch_stats: PyTree
+    opt_state: optax.OptState
+    rng: jax.Array
+    step: jax.Array  # steps taken in this phase
+
+
+class PhaseHparams(NamedTuple):
+    """The optimisation settings that may differ between phase 0 and later phases."""
+
+    epochs: int
+    lr: float
+    milestones: tuple[int, ...]
+    weight_decay: float
+
+
+def phase_hparams(config, phase: int) -> PhaseHparams:
+    """`config.train_first` for phase 0, `config.train` for later phases."""
+    src = config.train_first if phase == 0 else config.train
+    return PhaseHparams(
+        int(src.epochs), float(src.lr), tuple(src.milestones), float(src.weight_decay)
+    )
+
+
+def make_schedule(
+    kind: str, hp: PhaseHparams, steps_per_epoch: int, lr_decay: float
+) -> optax.Schedule:
+    """Per-step learning rate; epoch milestones become step boundaries."""
+    if kind == "constant":
+        return optax.constant_schedule(hp.lr)
+    if kind == "multistep":
+        bounds = {int(m * steps_per_epoch): lr_decay for m in hp.milestones}
+        return optax.piecewise_constant_schedule(hp.lr, bounds)
+    if kind == "cosine":
+        return optax.cosine_decay_schedule(hp.lr, max(1, hp.epochs * steps_per_epoch))
+    raise ValueError(f"Unknown schedule {kind!r}; choose one of {SCHEDULES}.")
+
+
+def make_optimizer(
+    train_cfg,
+    hp: PhaseHparams,
+    steps_per_epoch: int,
+    params: PyTree,
+    setup: PhaseSetup,
+    num_old: int,
+) -> optax.GradientTransformation:
+    """The phase's optimizer: base rule, weight decay, freezing, and the schedule as a hyper-parameter.
+
+    Weight decay is coupled L2 (added to the gradient before momentum), as in PyTorch's SGD and Adam,
+    so published settings carry over; `adamw` decouples it. The learning rate is injected, so carrying
+    the optimizer state into the next phase restarts the schedule while keeping the moments.
+    """
+    if train_cfg.optimizer not in OPTIMIZERS:
+        raise ValueError(f"Unknown optimizer {train_cfg.optimizer!r}; choose one of {OPTIMIZERS}.")
+    schedule = make_schedule(train_cfg.schedule, hp, steps_per_epoch, train_cfg.lr_decay)
+    rules = tuple(tuple(r) for r in train_cfg.freeze) + setup.freeze
+
+    def factory(learning_rate):
+        if train_cfg.optimizer == "adamw":
+            base = optax.adamw(learning_rate, weight_decay=hp.weight_decay)
+        else:
+            rule = (
+                optax.sgd(
+                    learning_rate, momentum=train_cfg.momentum or None, nesterov=train_cfg.nesterov
+                )
+                if train_cfg.optimizer == "sgd"
+                else optax.adam(learning_rate)
+            )
+            base = optax.chain(optax.add_decayed_weights(hp.weight_decay), rule)
+        tx = surgery.freeze(base, params, rules)
+        if setup.freeze_old_columns and num_old:
+            tx = optax.chain(tx, surgery.freeze_head_columns(num_old))
+        return tx
+
+    return optax.inject_hyperparams(factory)(learning_rate=schedule)
+
+
+def carry_opt_state(old: optax.OptState, fresh: optax.OptState, num_new: int):
+    """The previous phase's optimizer state, widened for the new head columns, schedule restarted.
+
+    Returns `None` when the two states do not have the same structure (the freeze rules changed), in
+    which case the caller starts from `fresh`.
+    """
+    widened = surgery.widen_like(old, num_new)
+    shapes = lambda t: jax.tree.map(lambda a: (jnp.shape(a), jnp.result_type(a)), t)  # noqa: E731
+    if jax.tree.structure(widened) != jax.tree.structure(fresh):
+        return None
+    if shapes(widened) != shapes(fresh):
+        return None
+    return widened._replace(count=jnp.zeros_like(widened.count))
+
+
+def make_train_epoch(
+    *,
+    model: nn.Module,
+    tx: optax.GradientTransformation,
+    method: Method,
+    info: PhaseInfo,
+    setup: PhaseSetup,
+    norm: device.Normalizer,
+    batch_size: int,
+    crop_padding: int = 0,
+    flip: bool = False,
+    dtype=jnp.float32,
+) -> Callable:
+    """Returns `train_epoch(state, method_state, x, y) -> (state, metrics)`, jitted, state donated.
+
+    `x`, `y` are the phase's device-resident training arrays; the epoch shuffles them, gathers each batch
+    by index, augments and normalises it on the device, and runs every step in one `lax.scan`.
+    """
+
+    def loss_fn(params, batch_stats, method_state, batch):
+        variables = {"params": params, "batch_stats": batch_stats}
+        if setup.train_batch_norm:
+            (feats, logits), updates = model.apply(
+                variables, batch.x, train=True, mutable=["batch_stats"]
+            )
+            batch_stats = updates.get("batch_stats", batch_stats)
+        else:
+            feats, logits = model.apply(variables, batch.x, train=False)
+        per_example, metrics = method.loss(
+            Outputs(feats, logits),
+            batch,
+            params=params,
+            method_state=method_state,
+            info=info,
+            apply_fn=model.apply,
+        )
+        correct = (jnp.argmax(logits, -1) == batch.y).astype(jnp.float32)
+        metrics = {**metrics, "accuracy": correct}
+        total = batch.weight.sum()
+        mean = lambda v: (v * batch.weight).sum() / total  # noqa: E731
+        return mean(per_example), (batch_stats, jax.tree.map(mean, metrics))
+
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+    @functools.partial(jax.jit, donate_argnames=("state",))
+    def train_epoch(state: TrainState, method_state: dict, x_all: jax.Array, y_all: jax.Array):
+        rng, perm_rng = jax.random.split(state.rng)
+        idx, weight = device.batch_indices(perm_rng, x_all.shape[0], batch_size)
+
+        def step(state: TrainState, inputs):
+            idx_b, weight_b = inputs
+            rng, aug_rng = jax.random.split(state.rng)
+            x = x_all[idx_b]
+            if crop_padding or flip:
+                x = device.augment(aug_rng, x, crop_padding=crop_padding, flip=flip)
+            batch = Batch(device.normalize(x, norm, dtype), y_all[idx_b], weight_b)
+            (loss, (batch_stats, metrics)), grads = grad_fn(
+                state.params, state.batch_stats, method_state, batch
+            )
+            updates, opt_state = tx.update(grads, state.opt_state, state.params)
+            params = optax.apply_updates(state.params, updates)
+            new = TrainState(params, batch_stats, opt_state, rng, state.step + 1)
+            return new, {"loss": loss, **metrics}
+
+        state, metrics = jax.lax.scan(step, state._replace(rng=rng), (idx, weight))
+        return state, jax.tree.map(jnp.mean, metrics)
+
+    return train_epoch
+
+
+def make_apply_batches(
+    model: nn.Module,
+    norm: device.Normalizer,
+    fn: Callable[[Outputs, dict], jax.Array],
+    dtype=jnp.float32,
+) -> Callable:
+    """Returns a jitted `(variables, method_state, x_NBx...) -> fn(outputs)` over batches with `lax.map`."""
+
+    @jax.jit
+    def apply_batches(variables, method_state, x_batches):
+        def one(x):
+            feats, logits = model.apply(variables, device.normalize(x, norm, dtype), train=False)
+            return fn(Outputs(feats, logits.astype(jnp.float32)), method_state)
+
+        return jax.lax.map(one, x_batches)
+
+    return apply_batches
+
+
+def run_batched(apply_batches: Callable, variables, method_state, x: np.ndarray, batch_size: int):
+    """Applies a `make_apply_batches` function to host data in fixed-size batches; returns numpy."""
+    batches, n = device.padded_batches(x, batch_size)
+    out = apply_batches(variables, method_state, batches)
+    out = np.asarray(jax.device_get(out))
+    return out.reshape(-1, *out.shape[2:])[:n]
