@@ -33,6 +33,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.dataset = ml_collections.ConfigDict()
     c.dataset.name = "digits"  # digits | mnist1d | tfds:NAME | npz:PATH
     c.dataset.data_dir = ""  # tfds data directory ("" = tfds default, ~/tensorflow_datasets)
+    c.dataset.classes = ""  # keep some classes: "" all | "seeded:K" | explicit "3,5,7"
     c.dataset.download = False  # let tfds download and prepare (needs the network and TensorFlow)
 
     c.protocol = ml_collections.ConfigDict()

@@ -56,6 +56,7 @@ def load_data(config) -> tuple[RunData, Protocol, sources.Source]:
         download=config.dataset.download,
         seed=config.seed,
     )
+    source = sources.subset_classes(source, config.dataset.classes)
     protocol = make_protocol(source.num_classes, config.protocol)
     norm = device.fit_normalizer(source.x_train, source.is_image)
     data = RunData(

@@ -10,7 +10,7 @@ import pytest
 import tensorflow_datasets as tfds
 
 from incremental.data import sources
-from incremental.data.sources import SOURCES, Source, load_source
+from incremental.data.sources import SOURCES, Source, load_source, subset_classes
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -202,3 +202,17 @@ def test_unknown_source_lists_valid_names(name):
     with pytest.raises(ValueError, match="valid sources are") as info:
         load_source(name)
     assert all(valid in str(info.value) for valid in SOURCES)
+
+
+def test_subset_classes_keeps_and_relabels():
+    full = load_source("digits")
+    sub = subset_classes(full, "7,2")
+    assert sub.num_classes == 2
+    assert set(np.unique(sub.y_train)) == {0, 1}
+    np.testing.assert_array_equal(sub.x_train[sub.y_train == 0], full.x_train[full.y_train == 7])
+    seeded = subset_classes(full, "seeded:4")
+    expected = np.random.RandomState(1993).permutation(10)[:4]  # noqa: NPY002
+    assert len(seeded.y_test) == sum(int((full.y_test == c).sum()) for c in expected)
+    for spec, message in [("seeded:11", "11 of 10"), ("1,1", "distinct"), ("a", "seeded:K")]:
+        with pytest.raises(ValueError, match=message):
+            subset_classes(full, spec)

@@ -15,7 +15,10 @@ import numpy as np
 
 
 class Normalizer(NamedTuple):
-    """Per-channel (images) or per-feature (vectors) mean and standard deviation, in stored units."""
+    """Per-channel (images) or per-feature (vectors) mean and standard deviation, in stored units.
+
+    Both keep the rank of a batch (shape (1, 1, 1, C) or (1, D)), so they broadcast explicitly.
+    """
 
     mean: np.ndarray
     std: np.ndarray
@@ -25,7 +28,7 @@ def fit_normalizer(x: np.ndarray, is_image: bool) -> Normalizer:
     """Statistics of the training inputs, over every axis but the channel / feature axis."""
     axes = tuple(range(x.ndim - 1)) if is_image else (0,)
     x = x.astype(np.float64)
-    mean, std = x.mean(axis=axes), x.std(axis=axes)
+    mean, std = x.mean(axis=axes, keepdims=True), x.std(axis=axes, keepdims=True)
     return Normalizer(mean.astype(np.float32), np.maximum(std, 1e-6).astype(np.float32))
 
 

@@ -264,3 +264,46 @@ def _check_labels(y: np.ndarray, key: str) -> np.ndarray:
     if len(y) and y.max() > np.iinfo(np.int32).max:
         raise ValueError(f"{key} has class ids above the int32 range (max {y.max()}).")
     return y.astype(np.int32)
+
+
+def subset_classes(source: Source, spec: str, seed: int = 1993) -> Source:
+    """Keeps only some classes and relabels them 0..K-1 in the order given.
+
+    Args:
+      source: the loaded dataset.
+      spec: `""` (all classes), `"seeded:K"` (the first K classes of the numpy permutation from
+        `seed`, as UCIR/PODNet's ImageNet-Subset), or explicit ids `"3,5,7"`.
+      seed: the permutation seed for `"seeded:K"`.
+    """
+    if not spec:
+        return source
+    if spec.startswith("seeded:"):
+        count = int(spec.split(":", 1)[1])
+        if not 0 < count <= source.num_classes:
+            raise ValueError(
+                f"dataset.classes={spec!r} asks for {count} of {source.num_classes} classes."
+            )
+        keep = np.random.RandomState(seed).permutation(source.num_classes)[:count]
+    else:
+        try:
+            keep = np.array([int(c) for c in spec.split(",") if c.strip()])
+        except ValueError:
+            raise ValueError(
+                f"dataset.classes={spec!r} is not 'seeded:K' or comma-separated class ids."
+            ) from None
+        bad = sorted(set(keep[(keep < 0) | (keep >= source.num_classes)].tolist()))
+        if bad or len(set(keep.tolist())) != len(keep):
+            raise ValueError(
+                f"dataset.classes={spec!r} must name distinct ids in 0..{source.num_classes - 1}"
+                f"{f'; not {bad}' if bad else ''}."
+            )
+    lookup = np.full(source.num_classes, -1, np.int32)
+    lookup[keep] = np.arange(len(keep), dtype=np.int32)
+    train, test = lookup[source.y_train] >= 0, lookup[source.y_test] >= 0
+    return source._replace(
+        x_train=source.x_train[train],
+        y_train=lookup[source.y_train[train]],
+        x_test=source.x_test[test],
+        y_test=lookup[source.y_test[test]],
+        num_classes=len(keep),
+    )

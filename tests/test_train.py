@@ -1,0 +1,119 @@
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import digits
+from incremental import run as run_lib
+from incremental import train
+from incremental.data import device
+from incremental.methods import METHODS, Method
+
+
+@dataclasses.dataclass(frozen=True)
+class CountingMethod(Method):
+    """Finetune that counts how often its loss and predict rule are traced."""
+
+    name = "counting"
+
+    def loss(self, out, batch, **kwargs):
+        trace_counts["loss"] = trace_counts.get("loss", 0) + 1  # Python side effect: runs once per trace
+        return super().loss(out, batch, **kwargs)
+
+    def predict(self, out, method_state):
+        trace_counts["predict"] = trace_counts.get("predict", 0) + 1
+        return super().predict(out, method_state)
+
+
+trace_counts: dict[str, int] = {}
+
+
+def tiny_config(method="finetune", epochs=3):
+    config = digits.get_config(f"method={method}")
+    config.log.progress = False
+    config.log.plot = False
+    config.train.epochs = config.train_first.epochs = epochs
+    return config
+
+
+def test_train_and_eval_steps_trace_once_per_phase(tmp_path, monkeypatch):
+    trace_counts.clear()
+    monkeypatch.setitem(METHODS, "counting", CountingMethod)
+    config = tiny_config("counting", epochs=4)
+    results = run_lib.run(config, str(tmp_path))
+    num_phases = results["num_phases"]
+    assert num_phases == 5
+    # One trace of the epoch (and so of the step inside its scan) and one of prediction per phase,
+    # although every phase runs 4 epochs and evaluates several batches.
+    assert trace_counts == {"loss": num_phases, "predict": num_phases}
+
+
+def test_batch_indices_cover_every_example_once_with_fixed_shapes(key):
+    idx, weight = device.batch_indices(key, 10, 4)
+    assert idx.shape == weight.shape == (3, 4)
+    real = np.asarray(idx)[np.asarray(weight) == 1]
+    assert sorted(real.tolist()) == list(range(10))
+    assert float(weight.sum()) == 10
+    idx, weight = device.batch_indices(key, 3, 8)  # fewer examples than a batch
+    assert sorted(np.asarray(idx)[np.asarray(weight) == 1].tolist()) == [0, 1, 2]
+
+
+def test_augmentation_crops_and_flips_images(key):
+    x = jnp.arange(2 * 4 * 4 * 1, dtype=jnp.uint8).reshape(2, 4, 4, 1)
+    flipped = device.random_flip(key, jnp.repeat(x[:1], 64, axis=0))
+    unique = {np.asarray(f).tobytes() for f in flipped}
+    assert unique == {np.asarray(x[0]).tobytes(), np.asarray(x[0, :, ::-1]).tobytes()}
+    cropped = device.random_crop(key, jnp.repeat(x[:1], 64, axis=0), 1)
+    assert cropped.shape == (64, 4, 4, 1) and cropped.dtype == jnp.uint8
+    assert len({np.asarray(c).tobytes() for c in cropped}) > 3  # several different crops
+
+
+@pytest.mark.parametrize("kind", ["multistep", "cosine", "constant"])
+def test_schedules_follow_epoch_milestones(kind):
+    hp = train.PhaseHparams(epochs=10, lr=0.1, milestones=(4, 8), weight_decay=0.0)
+    schedule = train.make_schedule(kind, hp, steps_per_epoch=5, lr_decay=0.1)
+    if kind == "multistep":
+        assert float(schedule(19)) == pytest.approx(0.1)
+        assert float(schedule(20)) == pytest.approx(0.01)
+        assert float(schedule(40)) == pytest.approx(0.001)
+    elif kind == "cosine":
+        assert float(schedule(0)) == pytest.approx(0.1)
+        assert float(schedule(50)) == pytest.approx(0.0, abs=1e-7)
+    else:
+        assert float(schedule(49)) == pytest.approx(0.1)
+
+
+def test_unknown_optimizer_and_schedule_are_named():
+    config = tiny_config()
+    hp = train.phase_hparams(config, 0)
+    with pytest.raises(ValueError, match="Unknown schedule 'steps'"):
+        train.make_schedule("steps", hp, 1, 0.1)
+    config.train.optimizer = "lion"
+    with pytest.raises(ValueError, match="Unknown optimizer 'lion'.*sgd"):
+        train.make_optimizer(config.train, hp, 1, {}, METHODS["finetune"]().setup(None), 0)
+
+
+def test_carried_adam_state_has_zero_moments_for_new_columns(tmp_path):
+    config = tiny_config(epochs=2)
+    config.train.optimizer = "adam"
+    config.train.carry_opt_state = True
+    data, protocol, _ = run_lib.load_data(config)
+    method = METHODS["finetune"]()
+    progress = run_lib.report.Progress(protocol, enabled=False)
+    with progress:
+        first = run_lib.train_phase(config, method, data, protocol, 0, None, {}, progress)
+    params = first.variables["params"]
+    hp = train.phase_hparams(config, 1)
+    setup = method.setup(None)
+    wide = run_lib.surgery.widen_head(params, 2, jax.random.PRNGKey(1))
+    tx = train.make_optimizer(config.train, hp, 1, wide, setup, 2)
+    carried = train.carry_opt_state(first.opt_state, tx.init(wide), 2)
+    assert carried is not None
+    assert int(carried.count) == 0  # the schedule restarts with the phase
+    mu = carried.inner_state[1][0].mu  # chain(add_decayed_weights, adam) -> adam's state
+    assert mu["head"]["kernel"].shape == wide["head"]["kernel"].shape
+    np.testing.assert_array_equal(np.asarray(mu["head"]["kernel"][:, 2:]), 0)
+    assert np.any(np.asarray(mu["head"]["kernel"][:, :2]) != 0)
+    assert np.any(np.asarray(mu["backbone"]["dense0"]["kernel"]) != 0)
