@@ -22,7 +22,10 @@ def _pct(value: float | None) -> str:
 
 
 class Progress:
-    """Progress bars over phases and epochs, and one printed line per finished phase."""
+    """Progress bars over phases and epochs, and one printed line per finished phase.
+
+    With `enabled=False` it is silent (sweeps and tests).
+    """
 
     def __init__(self, protocol: Protocol, *, enabled: bool = True, start: int = 0):
         self.protocol = protocol
@@ -41,15 +44,17 @@ class Progress:
         self._epoch_task = None
 
     def __enter__(self):
+        self.bars.__enter__()
+        self._phase_task = self.bars.add_task(
+            "phases", total=self.protocol.num_phases, completed=self.start, info=""
+        )
+        if not self.enabled:
+            return self
         if self.start:
             console.print(f"Resuming after phase {self.start - 1} from the work directory.")
         console.print(
             f"{'phase':>5} {'classes':>7} {'acc':>6} {'old':>6} {'new':>6} {'task-aware':>10} "
             f"{'loss':>7} {'train s':>8}"
-        )
-        self.bars.__enter__()
-        self._phase_task = self.bars.add_task(
-            "phases", total=self.protocol.num_phases, completed=self.start, info=""
         )
         return self
 
@@ -68,10 +73,12 @@ class Progress:
 
     def phase_done(self, record: dict) -> None:
         self.bars.update(self._phase_task, advance=1)
+        if not self.enabled:
+            return
         console.print(
             f"{record['phase']:>5} {record['num_seen']:>7} {_pct(record['accuracy']):>6} "
             f"{_pct(record['old_accuracy']):>6} {_pct(record['new_accuracy']):>6} "
-            f"{_pct(record['task_aware_accuracy']):>10} {record['final_loss']:>7.3f} "
+            f"{_pct(record['task_aware_accuracy']):>10} {record['final_loss'] or 0:>7.3f} "
             f"{record['train_seconds']:>8.1f}"
         )
 

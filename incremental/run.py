@@ -147,8 +147,8 @@ def train_phase(
         dtype=dtype,
     )
     metrics = {}
-    for epoch in progress.epochs(phase, hp.epochs):
-        state, metrics = train_epoch(state, method_state, x_dev, y_dev)
+    for epoch in progress.epochs(phase, hp.epochs if setup.train else 0):
+        state, method_state, metrics = train_epoch(state, method_state, x_dev, y_dev)
         metrics = jax.device_get(metrics)
         if not np.isfinite(metrics["loss"]):
             raise FloatingPointError(
@@ -167,9 +167,9 @@ def train_phase(
         "classes": [int(c) for c in protocol.class_order[info.num_old : info.num_seen]],
         "num_seen": info.num_seen,
         "num_train_examples": int(len(idx)),
-        "epochs": hp.epochs,
-        "final_loss": float(metrics.get("loss", np.nan)),
-        "final_train_accuracy": float(metrics.get("accuracy", np.nan)),
+        "epochs": hp.epochs if setup.train else 0,
+        "final_loss": float(metrics["loss"]) if metrics else None,
+        "final_train_accuracy": float(metrics["accuracy"]) if metrics else None,
         "train_seconds": train_seconds,
         "eval_seconds": time.perf_counter() - start,
         **row,

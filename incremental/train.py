@@ -116,6 +116,12 @@ def carry_opt_state(old: optax.OptState, fresh: optax.OptState, num_new: int):
     return widened._replace(count=jnp.zeros_like(widened.count))
 
 
+def apply_any_head(model: nn.Module, variables: PyTree, x: jax.Array, **kwargs):
+    """`model.apply` for variables whose head has any number of columns (a teacher's, say)."""
+    num_classes = variables["params"]["head"]["bias"].shape[-1]
+    return model.clone(num_classes=num_classes).apply(variables, x, **kwargs)
+
+
 def make_train_epoch(
     *,
     model: nn.Module,
@@ -129,7 +135,9 @@ def make_train_epoch(
     flip: bool = False,
     dtype=jnp.float32,
 ) -> Callable:
-    """Returns `train_epoch(state, method_state, x, y) -> (state, metrics)`, jitted, state donated.
+    """Returns `train_epoch(state, method_state, x, y) -> (state, method_state, metrics)`, jitted.
+
+    `state` is donated; `method_state` is not (it may hold a teacher the caller still needs).
 
     `x`, `y` are the phase's device-resident training arrays; the epoch shuffles them, gathers each batch
     by index, augments and normalises it on the device, and runs every step in one `lax.scan`.
@@ -150,7 +158,7 @@ def make_train_epoch(
             params=params,
             method_state=method_state,
             info=info,
-            apply_fn=model.apply,
+            apply_fn=functools.partial(apply_any_head, model),
         )
         correct = (jnp.argmax(logits, -1) == batch.y).astype(jnp.float32)
         metrics = {**metrics, "accuracy": correct}
@@ -165,7 +173,8 @@ def make_train_epoch(
         rng, perm_rng = jax.random.split(state.rng)
         idx, weight = device.batch_indices(perm_rng, x_all.shape[0], batch_size)
 
-        def step(state: TrainState, inputs):
+        def step(carry, inputs):
+            state, method_state = carry
             idx_b, weight_b = inputs
             rng, aug_rng = jax.random.split(state.rng)
             x = x_all[idx_b]
@@ -177,11 +186,15 @@ def make_train_epoch(
             )
             updates, opt_state = tx.update(grads, state.opt_state, state.params)
             params = optax.apply_updates(state.params, updates)
+            method_state = method.step_update(
+                method_state, params_before=state.params, params_after=params, grads=grads
+            )
             new = TrainState(params, batch_stats, opt_state, rng, state.step + 1)
-            return new, {"loss": loss, **metrics}
+            return (new, method_state), {"loss": loss, **metrics}
 
-        state, metrics = jax.lax.scan(step, state._replace(rng=rng), (idx, weight))
-        return state, jax.tree.map(jnp.mean, metrics)
+        carry = (state._replace(rng=rng), method_state)
+        (state, method_state), metrics = jax.lax.scan(step, carry, (idx, weight))
+        return state, method_state, jax.tree.map(jnp.mean, metrics)
 
     return train_epoch
 

@@ -19,7 +19,9 @@ class CountingMethod(Method):
     name = "counting"
 
     def loss(self, out, batch, **kwargs):
-        trace_counts["loss"] = trace_counts.get("loss", 0) + 1  # Python side effect: runs once per trace
+        trace_counts["loss"] = (
+            trace_counts.get("loss", 0) + 1
+        )  # Python side effect: runs once per trace
         return super().loss(out, batch, **kwargs)
 
     def predict(self, out, method_state):

@@ -6,6 +6,7 @@ A method states only what differs from plain training. The phase loop calls, for
     begin_phase(ctx, variables, method_state) -> method_state   (snapshot a teacher, ...)
     train_indices(ctx, method_state)          -> which training examples this phase trains on
     loss(...)  inside the jitted step         -> per-example loss and metrics
+    step_update(...) inside the jitted step   -> method_state   (per-step bookkeeping, e.g. SI)
     end_phase(ctx, variables, method_state)   -> method_state   (select exemplars, calibrate, ...)
     predict(...) inside the jitted eval step  -> class scores
 
@@ -47,6 +48,7 @@ class PhaseSetup:
     freeze: tuple[tuple[str, bool], ...] = ()  # (regex over 'backbone/...' paths, frozen)
     freeze_old_columns: bool = False  # keep the head columns of old classes fixed
     train_batch_norm: bool = True  # False: BatchNorm uses and keeps its running statistics
+    train: bool = True  # False: no gradient steps this phase (closed-form methods)
 
 
 class PhaseContext(NamedTuple):
@@ -102,10 +104,24 @@ class Method:
         info: PhaseInfo,
         apply_fn: Callable,
     ) -> tuple[jax.Array, dict[str, jax.Array]]:
-        """Per-example loss (B,) and per-example metrics; the step averages them over real examples."""
+        """Per-example loss (B,) and per-example metrics; the step averages them over real examples.
+
+        `apply_fn(variables, x, train=False)` applies the model with any head width, so a teacher
+        (variables with fewer head columns, kept in `method_state`) can be evaluated on `batch.x`.
+        """
         del params, method_state, info, apply_fn
         ce = optax.softmax_cross_entropy_with_integer_labels(out.logits, batch.y)
         return ce, {"ce": ce}
+
+    def step_update(
+        self, method_state: dict, *, params_before: PyTree, params_after: PyTree, grads: PyTree
+    ) -> dict:
+        """Per-step bookkeeping inside the jitted step (e.g. SI's path integral); default: none.
+
+        `grads` are the gradients of the total loss (with the method's terms) before the optimizer.
+        """
+        del params_before, params_after, grads
+        return method_state
 
     def end_phase(self, ctx: PhaseContext, variables: PyTree, method_state: dict) -> dict:
         del ctx, variables
