@@ -16,7 +16,7 @@ Targets for a full GPU run, B0-Inc10 last accuracy read off PyCIL's figures (abo
 finetune 9.2, joint 70.2.
 """
 
-from incremental.config import base_config, parse_arg
+from incremental.config import base_config, parse_arg, set_method
 
 PROTOCOLS = {"b0_inc10": (0, 10), "b0_inc20": (0, 20), "b50_inc10": (50, 10), "b50_inc5": (50, 5)}
 
@@ -28,7 +28,7 @@ def get_config(arg: str | None = None):
             f"Unknown protocol {args['protocol']!r}; choose one of {sorted(PROTOCOLS)}."
         )
     config = base_config()
-    config.method = args["method"]
+    set_method(config, args["method"])
     config.dataset.name = "tfds:cifar100"
     config.protocol.init_classes, config.protocol.increment = PROTOCOLS[args["protocol"]]
 

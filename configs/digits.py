@@ -8,11 +8,11 @@ On 2 CPU cores a run takes well under a minute. Expected last accuracy (see expe
 joint about 0.96, freeze_backbone about 0.8, finetune about 0.2 (only the last phase's classes survive).
 """
 
-from incremental.config import base_config, parse_arg
+from incremental.config import base_config, parse_arg, set_method
 
 
 def get_config(arg: str | None = None):
     args = parse_arg(arg, {"method": "finetune"})
     config = base_config()
-    config.method = args["method"]
+    set_method(config, args["method"])
     return config

@@ -15,7 +15,7 @@ phase 0: 200 epochs, milestones 60/120/170, weight decay 5e-4; later phases: 80 
 weight decay 2e-4; random crop and horizontal flip.
 """
 
-from incremental.config import base_config, parse_arg
+from incremental.config import base_config, parse_arg, set_method
 
 PROTOCOLS = {"b0_inc10": (0, 10), "b0_inc20": (0, 20), "b50_inc10": (50, 10), "b50_inc5": (50, 5)}
 
@@ -27,7 +27,7 @@ def get_config(arg: str | None = None):
             f"Unknown protocol {args['protocol']!r}; choose one of {sorted(PROTOCOLS)}."
         )
     config = base_config()
-    config.method = args["method"]
+    set_method(config, args["method"])
     config.dataset.name = "tfds:imagenet_resized/64x64"
     config.dataset.classes = "seeded:100"
     config.protocol.init_classes, config.protocol.increment = PROTOCOLS[args["protocol"]]

@@ -5,13 +5,13 @@
     incremental run --config=configs/mnist1d.py:method=joint
 """
 
-from incremental.config import base_config, parse_arg
+from incremental.config import base_config, parse_arg, set_method
 
 
 def get_config(arg: str | None = None):
     args = parse_arg(arg, {"method": "finetune"})
     config = base_config()
-    config.method = args["method"]
+    set_method(config, args["method"])
     config.dataset.name = "mnist1d"
     config.model.kwargs.hidden = (256, 256)
     config.train.batch_size = 128

@@ -22,6 +22,18 @@ def parse_arg(arg: str | None, defaults: dict[str, str]) -> dict[str, str]:
     return values
 
 
+def set_method(config: ml_collections.ConfigDict, name: str) -> None:
+    """Sets `config.method` and fills `config.method_args` with that method's defaults.
+
+    The filled keys can then be overridden (`--config.method_args.strength=10`); choose the method with
+    the config file's `method=` arg, so that its keys exist when the overrides are applied.
+    """
+    from incremental import methods  # a config file should load without importing JAX up front
+
+    config.method = name
+    config.method_args = ml_collections.ConfigDict(methods.default_args(name))
+
+
 def base_config() -> ml_collections.ConfigDict:
     """Every key the phase loop reads, with the digits defaults; config files change what differs."""
     c = ml_collections.ConfigDict()

@@ -44,7 +44,8 @@ def test_unknown_method_fails_fast_with_the_valid_names(tmp_path):
     start = time.perf_counter()
     proc = incremental("--config=configs/digits.py:method=icarll", f"--workdir={tmp_path / 'w'}")
     assert proc.returncode != 0
-    assert "Unknown method 'icarll'" in proc.stdout and "finetune" in proc.stdout
+    output = proc.stdout + proc.stderr
+    assert "Unknown method 'icarll'" in output and "finetune" in output
     assert time.perf_counter() - start < 60
 
 

@@ -30,6 +30,7 @@ __all__ = [
     "PhaseInfo",
     "PhaseSetup",
     "build",
+    "default_args",
     "register",
 ]
 
@@ -38,6 +39,17 @@ def register(cls: type[Method]) -> type[Method]:
     """Class decorator that makes a method available by its `name` (for methods outside this package)."""
     METHODS[cls.name] = cls
     return cls
+
+
+def default_args(name: str) -> dict[str, Any]:
+    """The hyper-parameters of method `name` with their defaults (the papers' values)."""
+    if name not in METHODS:
+        raise ValueError(f"Unknown method {name!r}; valid methods: {', '.join(sorted(METHODS))}.")
+    return {
+        f.name: f.default
+        for f in dataclasses.fields(METHODS[name])
+        if f.default is not dataclasses.MISSING
+    }
 
 
 def build(name: str, args: Mapping[str, Any] | None = None) -> Method:
