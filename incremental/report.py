@@ -104,12 +104,15 @@ def print_summary(results: dict, workdir: str) -> None:
     console.print(summary_table(results))
     seconds = sum(p["train_seconds"] + p["eval_seconds"] for p in results["phases"])
     console.print(
-        f"last accuracy {_pct(results['last_accuracy'])}%  |  average incremental accuracy "
-        f"{_pct(results['average_incremental_accuracy'])}%  |  forgetting "
-        f"{_pct(results['forgetting'])}  |  backward transfer {_pct(results['backward_transfer'])}"
-        f"  |  {seconds:.1f} s"
+        f"last accuracy {_pct(results['last_accuracy'])}% | average incremental accuracy "
+        f"{_pct(results['average_incremental_accuracy'])}% | forgetting "
+        f"{_pct(results['forgetting'])} | backward transfer {_pct(results['backward_transfer'])}",
+        soft_wrap=True,
     )
-    console.print(f"results: {workdir}/results.json   plot: {workdir}/accuracy.png")
+    console.print(
+        f"{seconds:.1f} s in phases | results: {workdir}/results.json | plot: {workdir}/accuracy.png",
+        soft_wrap=True,
+    )
 
 
 def plot(results: dict, path: str) -> None:
