@@ -1,0 +1,40 @@
+"""The published-protocol configs run end to end on tfds mock data with a shrunk schedule."""
+
+import pytest
+import tensorflow_datasets as tfds
+
+from configs import cifar100, imagenet100
+from incremental import run as run_lib
+
+
+def shrink(config, phase_sizes: str):
+    config.protocol.phase_sizes = phase_sizes
+    config.train.epochs = config.train_first.epochs = 1
+    config.train.milestones = config.train_first.milestones = ()
+    config.train.batch_size = 16
+    config.log.progress = config.log.plot = False
+    return config
+
+
+@pytest.mark.parametrize("protocol", ["b0_inc10", "b50_inc10"])
+def test_cifar100_config_runs_on_mock_data(tmp_path, protocol):
+    config = cifar100.get_config(f"method=finetune,protocol={protocol}")
+    assert config.model.name == "resnet32" and config.train.batch_size == 128
+    assert config.train_first.milestones == (60, 120, 170)
+    config = shrink(config, "50,50")  # 2 phases so every phase has mock examples
+    config.model.kwargs = {"depth": 8}  # the same family, small enough for CI
+    with tfds.testing.mock_data(num_examples=64, policy=tfds.testing.MockPolicy.USE_CODE):
+        results = run_lib.run(config, str(tmp_path))
+    assert results["complete"] and results["dataset"] == "tfds:cifar100"
+    assert [len(p["classes"]) for p in results["phases"]] == [50, 50]
+
+
+def test_imagenet100_config_selects_100_classes():
+    config = imagenet100.get_config("protocol=b50_inc10")
+    assert config.dataset.classes == "seeded:100" and config.model.name == "resnet18"
+    assert (config.protocol.init_classes, config.protocol.increment) == (50, 10)
+
+
+def test_unknown_protocol_arg_is_named():
+    with pytest.raises(ValueError, match="Unknown protocol 'b10'"):
+        cifar100.get_config("protocol=b10")
