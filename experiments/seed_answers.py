@@ -8,38 +8,22 @@ training seeds (initialisation and batch order), and writes `seed_answers.md` be
 
 import os
 import sys
-import tempfile
-import time
 
-import numpy as np
 from absl import app, flags, logging
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+sys.path.insert(0, os.path.join(ROOT, "experiments"))
+
+from compare import cell, one_run  # noqa: E402
+
 from configs import digits, mnist1d  # noqa: E402
-from incremental import run as run_lib  # noqa: E402
 
 METHODS = ("finetune", "joint", "freeze_backbone", "new_head_only")
 DATASETS = {"digits": digits.get_config, "mnist1d": mnist1d.get_config}
 flags.DEFINE_list("seeds", ["0", "1", "2"], "Training seeds.")
 flags.DEFINE_string("out", os.path.join(ROOT, "experiments", "seed_answers.md"), "Markdown table.")
-
-
-def one_run(get_config, method: str, seed: int) -> dict:
-    config = get_config(f"method={method}")
-    config.seed = seed
-    config.log.progress = config.log.plot = False
-    with tempfile.TemporaryDirectory() as workdir:
-        start = time.perf_counter()
-        results = run_lib.run(config, workdir)
-        results["wall_seconds"] = time.perf_counter() - start
-    return results
-
-
-def cell(values, scale=100.0, digits_=1) -> str:
-    values = np.asarray(values, dtype=float) * scale
-    return f"{values.mean():.{digits_}f} ± {values.std():.{digits_}f}"
 
 
 def main(argv):

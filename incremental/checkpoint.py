@@ -1,71 +1,195 @@
-"""Checkpoints: an orbax `CheckpointManager` in `<workdir>/checkpoints`, one step per finished phase.
+"""Checkpoints of a work directory: orbax `CheckpointManager`s under `<workdir>/checkpoints/`.
 
-Each step holds three items: `state` (params, batch_stats, opt_state, rng), `method` (the method state,
-when it has any) and `meta` (JSON: phase, class order, results so far, the config). Arrays are restored
-into the shapes of the phase that saved them; a wider head for the next phase is made afterwards by the
-explicit widening in `surgery`, never by orbax padding.
+- `phase/<p>`: the end of every finished phase, all kept. Restored to resume after phase `p`.
+- `epoch/<n>`: within a phase, every `config.checkpoint.every_epochs` epochs and on preemption,
+  written asynchronously, the last `config.checkpoint.keep` kept; `n = phase * EPOCH_STRIDE + epoch`.
+
+Each step holds `state` (params, batch_stats, opt_state, rng, ...), `method` (the method state, when it
+has any) and `meta` (JSON: phase, epoch, results so far, the config). Arrays are restored into the
+shapes of the phase that saved them; a wider head for the next phase is made afterwards by the
+explicit widening in `surgery`, never by orbax padding. A checkpoint that cannot be read is moved to
+`checkpoints/damaged/` with a warning and the next older one is used.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
+import time
+from collections.abc import Callable
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+from absl import logging
 
 PyTree = Any
+EPOCH_STRIDE = 1_000_000
 
 # Config keys that cannot change results; a resumed run may differ in these.
-IGNORED_KEYS = ("log", "workdir")
+IGNORED_KEYS = ("log", "checkpoint")
+
+
+def _manager(directory: str, keep: int | None, async_save: bool) -> ocp.CheckpointManager:
+    options = ocp.CheckpointManagerOptions(
+        create=True, max_to_keep=keep, enable_async_checkpointing=async_save
+    )
+    handlers = {
+        "state": ocp.StandardCheckpointHandler(),
+        "method": ocp.StandardCheckpointHandler(),
+        "meta": ocp.JsonCheckpointHandler(),
+    }
+    return ocp.CheckpointManager(directory, options=options, item_handlers=handlers)
+
+
+def _items(state: PyTree, method_state: dict, meta: dict) -> ocp.args.Composite:
+    method_state, empty = _split_empty(method_state)
+    meta = {**meta, "empty_method_leaves": empty}
+    items = {"state": ocp.args.StandardSave(state), "meta": ocp.args.JsonSave(meta)}
+    if jax.tree.leaves(method_state):
+        items["method"] = ocp.args.StandardSave(method_state)
+    return ocp.args.Composite(**items)
+
+
+def _split_empty(tree: dict, prefix: str = "") -> tuple[dict, dict]:
+    """Orbax cannot save zero-size arrays (an empty exemplar memory): keep their shapes in meta."""
+    kept, empty = {}, {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            kept[key], inner = _split_empty(value, f"{prefix}{key}/")
+            empty.update(inner)
+        elif getattr(value, "size", 1) == 0:
+            empty[f"{prefix}{key}"] = [list(value.shape), str(value.dtype)]
+        else:
+            kept[key] = value
+    return kept, empty
+
+
+def _merge_empty(tree: dict, empty: dict) -> dict:
+    for path, (shape, dtype) in empty.items():
+        *parents, leaf = path.split("/")
+        node = tree
+        for key in parents:
+            node = node.setdefault(key, {})
+        node[leaf] = jax.numpy.zeros(shape, dtype)
+    return tree
 
 
 class Checkpoints:
-    """The phase checkpoints of one work directory."""
+    """The phase-end and within-phase checkpoints of one work directory."""
 
-    def __init__(self, workdir: str):
+    def __init__(self, workdir: str, keep_epochs: int = 2):
         self.directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
-        options = ocp.CheckpointManagerOptions(create=True, max_to_keep=None)
-        handlers = {
-            "state": ocp.StandardCheckpointHandler(),
-            "method": ocp.StandardCheckpointHandler(),
-            "meta": ocp.JsonCheckpointHandler(),
-        }
-        self.manager = ocp.CheckpointManager(
-            self.directory, options=options, item_handlers=handlers
+        self.phases = _manager(os.path.join(self.directory, "phase"), None, async_save=False)
+        self.epochs = _manager(
+            os.path.join(self.directory, "epoch"), max(1, keep_epochs), async_save=True
         )
 
+    # Phase ends.
     def latest_phase(self) -> int | None:
         """The last finished phase that has a checkpoint, or None."""
-        return self.manager.latest_step()
+        return self.phases.latest_step()
 
     def save(self, phase: int, state: PyTree, method_state: dict, meta: dict) -> None:
-        """Saves the end of `phase` and waits until it is on disk."""
-        items = {"state": ocp.args.StandardSave(state), "meta": ocp.args.JsonSave(meta)}
-        if jax.tree.leaves(method_state):
-            items["method"] = ocp.args.StandardSave(method_state)
-        self.manager.save(phase, args=ocp.args.Composite(**items))
-        self.manager.wait_until_finished()
+        """Saves the end of `phase` and waits until it is complete on disk."""
+        self.epochs.wait_until_finished()
+        self.phases.save(phase, args=_items(state, method_state, meta))
+        self.phases.wait_until_finished()
 
     def read_meta(self, phase: int) -> dict:
-        return self.manager.restore(
-            phase, args=ocp.args.Composite(meta=ocp.args.JsonRestore())
-        ).meta
+        return self._meta(self.phases, phase)
 
     def restore(self, phase: int, state_target: PyTree) -> tuple[PyTree, dict, dict]:
         """Restores `(state, method_state, meta)` of `phase`; `state_target` gives shapes and types."""
-        items = {
-            "state": ocp.args.StandardRestore(state_target),
-            "meta": ocp.args.JsonRestore(),
-        }
-        if "method" in self.manager.item_metadata(phase):
-            items["method"] = ocp.args.StandardRestore()
-        restored = self.manager.restore(phase, args=ocp.args.Composite(**items))
-        method_state = restored.get("method") or {}
-        return restored.state, jax.tree.map(jax.numpy.asarray, method_state), restored.meta
+        return _restore(self.phases, phase, state_target)
+
+    def restore_latest_phase(
+        self, target_fn: Callable[[int], PyTree]
+    ) -> tuple[int, PyTree, dict, dict] | None:
+        """The newest readable phase checkpoint as `(phase, state, method_state, meta)`, or None.
+
+        Unreadable ones are moved aside with a warning; `target_fn(phase)` gives the state's shapes.
+        """
+        return self._newest(self.phases, lambda step: _restore(self.phases, step, target_fn(step)))
+
+    # Within a phase.
+    def save_epoch(self, phase: int, epoch: int, state: PyTree, method_state: dict, meta: dict):
+        """Starts an asynchronous save after `epoch` of `phase`; `wait()` waits for it."""
+        step = phase * EPOCH_STRIDE + epoch
+        self.epochs.save(step, args=_items(state, method_state, meta))
+
+    def epoch_steps(self, phase: int) -> list[int]:
+        """Within-phase checkpoints of `phase`, newest first, as epoch numbers."""
+        steps = [s for s in self.epochs.all_steps() if s // EPOCH_STRIDE == phase]
+        return sorted((s % EPOCH_STRIDE for s in steps), reverse=True)
+
+    def latest_meta(self) -> dict | None:
+        """The meta of the newest checkpoint of either kind (for the config check), or None."""
+        for manager in (self.epochs, self.phases):
+            for step in sorted(manager.all_steps(), reverse=True):
+                try:
+                    return self._meta(manager, step)
+                except Exception:  # noqa: BLE001 -- an unreadable one is dealt with on restore
+                    continue
+        return None
+
+    def restore_epoch(self, phase: int, state_target: PyTree) -> tuple[int, PyTree, dict] | None:
+        """The newest readable within-phase checkpoint of `phase` as `(epoch, state, method_state)`."""
+
+        def restore(step):
+            return _restore(self.epochs, step, state_target)
+
+        steps = [phase * EPOCH_STRIDE + e for e in self.epoch_steps(phase)]
+        found = self._newest(self.epochs, restore, steps)
+        if found is None:
+            return None
+        step, state, method_state, _ = found
+        return step % EPOCH_STRIDE, state, method_state
+
+    def wait(self) -> None:
+        self.epochs.wait_until_finished()
+        self.phases.wait_until_finished()
 
     def close(self) -> None:
-        self.manager.close()
+        self.epochs.close()
+        self.phases.close()
+
+    def _meta(self, manager, step: int) -> dict:
+        return manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+
+    def _newest(self, manager, restore_fn, steps=None):
+        for step in sorted(manager.all_steps() if steps is None else steps, reverse=True):
+            try:
+                return (step, *restore_fn(step))
+            except Exception as error:  # noqa: BLE001 -- any unreadable checkpoint is skipped
+                self._move_aside(manager, step, error)
+        return None
+
+    def _move_aside(self, manager, step: int, error: Exception) -> None:
+        source = os.path.join(str(manager.directory), str(step))
+        damaged = os.path.join(self.directory, "damaged")
+        os.makedirs(damaged, exist_ok=True)
+        target = os.path.join(
+            damaged, f"{os.path.basename(str(manager.directory))}-{step}-{time.time_ns()}"
+        )
+        message = (
+            f"Checkpoint {source} cannot be read ({type(error).__name__}: {str(error)[:200]}); "
+            f"moved it to {target} and trying the previous one."
+        )
+        logging.warning(message)
+        print(f"warning: {message}", flush=True)
+        shutil.move(source, target)
+        manager.reload()
+
+
+def _restore(manager, step: int, state_target: PyTree) -> tuple[PyTree, dict, dict]:
+    items = {"state": ocp.args.StandardRestore(state_target), "meta": ocp.args.JsonRestore()}
+    if "method" in manager.item_metadata(step):
+        items["method"] = ocp.args.StandardRestore()
+    restored = manager.restore(step, args=ocp.args.Composite(**items))
+    method_state = jax.tree.map(jax.numpy.asarray, restored.get("method") or {})
+    method_state = _merge_empty(method_state, restored.meta.get("empty_method_leaves", {}))
+    return restored.state, method_state, restored.meta
 
 
 def config_diff(saved: dict, current: dict, prefix: str = "") -> list[str]:

@@ -55,6 +55,11 @@ def base_config() -> ml_collections.ConfigDict:
     c.protocol.increment = 2  # new classes in each later phase
     c.protocol.phase_sizes = ""  # explicit phase sizes "5,1,1,1,1,1"; overrides the two above
 
+    c.memory = ml_collections.ConfigDict()  # exemplar memory of rehearsal methods
+    c.memory.budget = 200  # total exemplars split evenly over seen classes (CIFAR-100: 2000)
+    c.memory.per_class = 0  # > 0: this many per class instead (FACIL's 20)
+    c.memory.selection = "herding"  # herding | random | closest_to_mean
+
     c.model = ml_collections.ConfigDict()
     c.model.name = "mlp"  # mlp | convnet | resnet32 | resnet18
     c.model.kwargs = ml_collections.ConfigDict({"hidden": (256,)})  # passed to the backbone
@@ -90,6 +95,10 @@ def base_config() -> ml_collections.ConfigDict:
 
     c.eval = ml_collections.ConfigDict()
     c.eval.batch_size = 500
+
+    c.checkpoint = ml_collections.ConfigDict()  # does not change results; may differ on resume
+    c.checkpoint.every_epochs = 0  # also save within a phase every this many epochs (0: phase ends)
+    c.checkpoint.keep = 2  # within-phase checkpoints kept (phase ends are all kept)
 
     c.log = ml_collections.ConfigDict()  # does not change results; may differ on resume
     c.log.progress = True  # progress bars

@@ -12,12 +12,14 @@ import time
 
 from absl import app, flags, logging
 from ml_collections import config_flags
+from rich.markup import escape
 
 from incremental import report
 from incremental import run as run_lib
 
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs", "digits.py")
 COMMANDS = ("run",)
+PREEMPTED_EXIT_CODE = 3  # stopped by SIGTERM/SIGINT after saving; the same command resumes
 
 config_flags.DEFINE_config_file(
     "config", DEFAULT_CONFIG, "Config file, optionally with ':ARG'.", lock_config=True
@@ -41,12 +43,34 @@ def main(argv: list[str]) -> None:
     try:
         results = run_lib.run(config, workdir)
     except (ValueError, TypeError, FloatingPointError) as error:
-        report.console.print(f"[bold red]error:[/] {error}")
+        report.console.print(f"[bold red]error:[/] {escape(str(error))}", soft_wrap=True)
         sys.exit(2)
+    except run_lib.Preempted as stopped:
+        command = " ".join(sys.argv)
+        if not flags.FLAGS.workdir:
+            command += f" --workdir={workdir}"
+        report.console.print(f"{stopped} Re-run to resume: {command}", soft_wrap=True, markup=False)
+        sys.exit(PREEMPTED_EXIT_CODE)
     report.print_summary(results, workdir)
 
 
+def check_config_file(argv: list[str]) -> None:
+    """A clear message for a --config file that is missing or defines no get_config."""
+    for arg in argv:
+        if arg.startswith("--config="):
+            path = arg.removeprefix("--config=").split(":", 1)[0]
+            if not os.path.isfile(path):
+                sys.exit(f"error: config file {path} does not exist; configs are in configs/*.py.")
+            with open(path) as f:
+                if "def get_config" not in f.read():
+                    sys.exit(
+                        f"error: config file {path} defines no get_config(arg=None) returning an "
+                        "ml_collections.ConfigDict; see configs/digits.py for an example."
+                    )
+
+
 def entry_point() -> None:
+    check_config_file(sys.argv)
     app.run(main)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 
 import matplotlib
@@ -61,11 +62,13 @@ class Progress:
     def __exit__(self, *exc):
         self.bars.__exit__(*exc)
 
-    def epochs(self, phase: int, num_epochs: int) -> Iterator[int]:
+    def epochs(self, phase: int, num_epochs: int, start: int = 0) -> Iterator[int]:
         if self._epoch_task is not None:
             self.bars.remove_task(self._epoch_task)
-        self._epoch_task = self.bars.add_task(f"phase {phase} epochs", total=num_epochs, info="")
-        yield from range(num_epochs)
+        self._epoch_task = self.bars.add_task(
+            f"phase {phase} epochs", total=num_epochs, completed=start, info=""
+        )
+        yield from range(start, num_epochs)
 
     def epoch_done(self, metrics: dict) -> None:
         info = f"loss {metrics['loss']:.3f} acc {metrics['accuracy']:.3f}"
@@ -109,9 +112,18 @@ def print_summary(results: dict, workdir: str) -> None:
         f"{_pct(results['forgetting'])} | backward transfer {_pct(results['backward_transfer'])}",
         soft_wrap=True,
     )
+    for key in results:
+        if key.endswith("_last_accuracy"):  # a method's extra classifier, e.g. nme
+            name = key.removesuffix("_last_accuracy")
+            console.print(
+                f"{name}: last accuracy {_pct(results[key])}% | average incremental accuracy "
+                f"{_pct(results[f'{name}_average_incremental_accuracy'])}%",
+                soft_wrap=True,
+            )
+    plot_path = os.path.join(workdir, "accuracy.png")
+    plot_note = f" | plot: {plot_path}" if os.path.exists(plot_path) else ""
     console.print(
-        f"{seconds:.1f} s in phases | results: {workdir}/results.json | plot: {workdir}/accuracy.png",
-        soft_wrap=True,
+        f"{seconds:.1f} s in phases | results: {workdir}/results.json{plot_note}", soft_wrap=True
     )
 
 

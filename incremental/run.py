@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
+import signal
+import threading
 import time
 import zlib
 from typing import Any, NamedTuple
@@ -17,7 +20,7 @@ import optax
 from incremental import checkpoint, evaluate, methods, report, surgery, train
 from incremental.data import device, sources
 from incremental.methods import Method, PhaseContext, PhaseInfo
-from incremental.models import build_model
+from incremental.models import MODELS, build_model
 from incremental.protocol import Protocol, make_protocol
 
 PyTree = Any
@@ -70,11 +73,13 @@ def load_data(config) -> tuple[RunData, Protocol, sources.Source]:
     return data, protocol, source
 
 
-def make_model(config, num_classes: int):
+def make_model(config, num_classes: int, head: str = "linear"):
     if config.dtype not in DTYPES:
         raise ValueError(f"Unknown dtype {config.dtype!r}; choose one of {sorted(DTYPES)}.")
     kwargs = dict(config.model.kwargs.to_dict())
-    return build_model(config.model.name, num_classes, dtype=DTYPES[config.dtype], **kwargs)
+    return build_model(
+        config.model.name, num_classes, head=head, dtype=DTYPES[config.dtype], **kwargs
+    )
 
 
 def init_variables(config, model, x_example: np.ndarray, key: jax.Array) -> PyTree:
@@ -83,7 +88,20 @@ def init_variables(config, model, x_example: np.ndarray, key: jax.Array) -> PyTr
     return {"params": variables["params"], "batch_stats": variables.get("batch_stats", {})}
 
 
-def train_phase(
+class PhaseRun(NamedTuple):
+    """What the epochs of one phase need, built by `begin_phase`."""
+
+    info: PhaseInfo
+    ctx: PhaseContext
+    model: Any
+    train_epoch: Any  # train.make_train_epoch(...)
+    x: jax.Array  # the phase's training inputs, on the device
+    y: jax.Array
+    epochs: int
+    num_train: int
+
+
+def begin_phase(
     config,
     method: Method,
     data: RunData,
@@ -91,13 +109,11 @@ def train_phase(
     phase: int,
     carried: PhaseResult | None,
     method_state: dict,
-    progress: report.Progress,
-) -> PhaseResult:
-    """Widens, trains, runs the method's hooks and evaluates one phase."""
-    start = time.perf_counter()
+) -> tuple[PhaseRun, train.TrainState, dict]:
+    """Widens the model, runs the method's `begin_phase` and builds the phase's jitted epoch."""
     info = PhaseInfo(phase, protocol.offsets[phase], protocol.phase_sizes[phase])
     phase_key = jax.random.fold_in(jax.random.PRNGKey(config.seed), phase)
-    model = make_model(config, info.num_seen)
+    model = make_model(config, info.num_seen, method.head)
     dtype = DTYPES[config.dtype]
     embed = train.make_apply_batches(model, data.norm, lambda out, _: out.features, dtype)
     ctx = PhaseContext(
@@ -105,6 +121,9 @@ def train_phase(
         data.y_train,
         data.x_train,
         lambda v, x: train.run_batched(embed, v, {}, x, config.eval.batch_size),
+        apply_fn=functools.partial(train.apply_any_head, model),
+        normalize=functools.partial(device.normalize, norm=data.norm, dtype=dtype),
+        seed=config.seed,
     )
     if carried is None:
         variables = init_variables(config, model, data.x_train[0], named_key(phase_key, "init"))
@@ -115,13 +134,11 @@ def train_phase(
     idx = method.train_indices(ctx, method_state)
     if len(idx) == 0:
         raise ValueError(f"Phase {phase} has no training examples; check the dataset and protocol.")
-    x_dev, y_dev = jax.device_put(data.x_train[idx]), jax.device_put(data.y_train[idx])
     batch_size = config.train.batch_size
-    steps_per_epoch = -(-len(idx) // batch_size)
     hp = train.phase_hparams(config, phase)
     setup = method.setup(info)
     tx = train.make_optimizer(
-        config.train, hp, steps_per_epoch, variables["params"], setup, info.num_old
+        config.train, hp, -(-len(idx) // batch_size), variables["params"], setup, info.num_old
     )
     opt_state = tx.init(variables["params"])
     if carried is not None and config.train.carry_opt_state:
@@ -146,28 +163,42 @@ def train_phase(
         flip=augment["flip"],
         dtype=dtype,
     )
-    metrics = {}
-    for epoch in progress.epochs(phase, hp.epochs if setup.train else 0):
-        state, method_state, metrics = train_epoch(state, method_state, x_dev, y_dev)
-        metrics = jax.device_get(metrics)
-        if not np.isfinite(metrics["loss"]):
-            raise FloatingPointError(
-                f"Non-finite loss {metrics['loss']} in phase {phase}, epoch {epoch}; lower the "
-                "learning rate or check the data. The last finished phase's checkpoint is kept."
-            )
-        progress.epoch_done(metrics)
-    variables = {"params": state.params, "batch_stats": state.batch_stats}
-    method_state = method.end_phase(ctx, variables, method_state)
-    train_seconds = time.perf_counter() - start
+    x_dev, y_dev = jax.device_put(data.x_train[idx]), jax.device_put(data.y_train[idx])
+    epochs = hp.epochs if setup.train else 0
+    return (
+        PhaseRun(info, ctx, model, train_epoch, x_dev, y_dev, epochs, len(idx)),
+        state,
+        method_state,
+    )
 
+
+def finish_phase(
+    config,
+    method: Method,
+    data: RunData,
+    protocol: Protocol,
+    run: PhaseRun,
+    state: train.TrainState,
+    method_state: dict,
+    metrics: dict,
+    train_seconds: float,
+) -> PhaseResult:
+    """Runs the method's `end_phase`, evaluates, and returns the phase's results record."""
     start = time.perf_counter()
-    row = evaluate_phase(config, model, method, data, protocol, phase, variables, method_state)
+    info = run.info
+    variables = {"params": state.params, "batch_stats": state.batch_stats}
+    method_state = method.end_phase(run.ctx, variables, method_state)
+    train_seconds += time.perf_counter() - start
+    start = time.perf_counter()
+    row = evaluate_phase(
+        config, run.model, method, data, protocol, info.phase, variables, method_state
+    )
     record = {
-        "phase": phase,
+        "phase": info.phase,
         "classes": [int(c) for c in protocol.class_order[info.num_old : info.num_seen]],
         "num_seen": info.num_seen,
-        "num_train_examples": int(len(idx)),
-        "epochs": hp.epochs if setup.train else 0,
+        "num_train_examples": run.num_train,
+        "epochs": run.epochs,
         "final_loss": float(metrics["loss"]) if metrics else None,
         "final_train_accuracy": float(metrics["accuracy"]) if metrics else None,
         "train_seconds": train_seconds,
@@ -175,6 +206,47 @@ def train_phase(
         **row,
     }
     return PhaseResult(variables, state.opt_state, method_state, record)
+
+
+def train_phase(
+    config,
+    method: Method,
+    data: RunData,
+    protocol: Protocol,
+    phase: int,
+    carried: PhaseResult | None,
+    method_state: dict,
+    progress: report.Progress | None = None,
+) -> PhaseResult:
+    """One whole phase without checkpoints (for notebooks and tests): begin, epochs, finish."""
+    start = time.perf_counter()
+    pr, state, method_state = begin_phase(
+        config, method, data, protocol, phase, carried, method_state
+    )
+    metrics = {}
+    for epoch in range(pr.epochs):
+        state, method_state, metrics = pr.train_epoch(state, method_state, pr.x, pr.y)
+        metrics = jax.device_get(metrics)
+        check_finite(metrics, phase, epoch)
+    return finish_phase(
+        config,
+        method,
+        data,
+        protocol,
+        pr,
+        state,
+        method_state,
+        metrics,
+        time.perf_counter() - start,
+    )
+
+
+def check_finite(metrics: dict, phase: int, epoch: int) -> None:
+    if not np.isfinite(metrics["loss"]):
+        raise FloatingPointError(
+            f"Non-finite loss {metrics['loss']} in phase {phase}, epoch {epoch}; lower the "
+            "learning rate or check the data. Checkpoints saved before it are kept."
+        )
 
 
 def widen(config, variables: PyTree, ctx: PhaseContext, key: jax.Array) -> PyTree:
@@ -193,13 +265,34 @@ def widen(config, variables: PyTree, ctx: PhaseContext, key: jax.Array) -> PyTre
 
 
 def evaluate_phase(config, model, method, data, protocol, phase, variables, method_state) -> dict:
-    """Scores the test data of every seen class and returns the phase's rows of the matrices."""
+    """Scores the test data of every seen class and returns the phase's rows of the matrices.
+
+    The method's extra classifiers (e.g. nearest-mean) are evaluated the same way, under `extra`.
+    """
     seen = data.y_test < protocol.num_seen(phase)
-    predict = train.make_apply_batches(model, data.norm, method.predict, DTYPES[config.dtype])
-    scores = train.run_batched(
-        predict, variables, method_state, data.x_test[seen], config.eval.batch_size
-    )
-    return evaluate.evaluate_phase(scores, data.y_test[seen], protocol, phase)
+
+    def rows(predict_fn):
+        apply = train.make_apply_batches(model, data.norm, predict_fn, DTYPES[config.dtype])
+        x = data.x_test[seen]
+        scores = train.run_batched(apply, variables, method_state, x, config.eval.batch_size)
+        return evaluate.evaluate_phase(scores, data.y_test[seen], protocol, phase)
+
+    row = rows(method.predict)
+    extra = {name: rows(fn) for name, fn in method.extra_predictions().items()}
+    return {**row, "extra": extra} if extra else row
+
+
+def extra_results(records: list[dict]) -> dict:
+    """`<name>_accuracy_matrix`, `<name>_accuracy`, ... for each extra classifier of the method."""
+    out = {}
+    for name in records[-1].get("extra", {}):
+        rows = [r["extra"][name] for r in records]
+        matrix, accuracy = [r["row"] for r in rows], [r["accuracy"] for r in rows]
+        summary = evaluate.summarize(matrix, accuracy)
+        out.update({f"{name}_{key}": value for key, value in summary.items()})
+        out[f"{name}_accuracy"] = accuracy
+        out[f"{name}_accuracy_matrix"] = matrix
+    return out
 
 
 def results_from_records(config, protocol: Protocol, records: list[dict]) -> dict:
@@ -221,8 +314,10 @@ def results_from_records(config, protocol: Protocol, records: list[dict]) -> dic
         "task_aware_matrix": [r["task_aware_row"] for r in records],
         "old_accuracy": [r["old_accuracy"] for r in records],
         "new_accuracy": [r["new_accuracy"] for r in records],
+        **extra_results(records),
         "phases": [
-            {k: v for k, v in r.items() if k not in ("row", "task_aware_row")} for r in records
+            {k: v for k, v in r.items() if k not in ("row", "task_aware_row", "extra")}
+            for r in records
         ],
         "config": config.to_dict(),
         "versions": versions(),
@@ -259,34 +354,156 @@ def _json_default(value):
 def state_target(config, method, protocol, data, phase) -> PyTree:
     """Shapes and types of the state saved at the end of `phase`, for restoring it."""
     info = PhaseInfo(phase, protocol.offsets[phase], protocol.phase_sizes[phase])
-    model = make_model(config, info.num_seen)
+    model = make_model(config, info.num_seen, method.head)
     key = jax.random.PRNGKey(0)
     variables = jax.eval_shape(lambda: init_variables(config, model, data.x_train[0], key))
     hp = train.phase_hparams(config, phase)
     tx = train.make_optimizer(
         config.train, hp, 1, variables["params"], method.setup(info), info.num_old
     )
-    return {**variables, "opt_state": jax.eval_shape(tx.init, variables["params"]), "rng": key}
+    opt_state = jax.eval_shape(tx.init, variables["params"])
+    return {**variables, "opt_state": opt_state, "rng": jax.eval_shape(lambda: key)}
+
+
+class Preempted(Exception):
+    """Raised after a SIGTERM/SIGINT once the run has saved; re-running the same command resumes."""
+
+
+class Preemption:
+    """Turns SIGTERM and SIGINT into a request to save and stop at the end of the current epoch.
+
+    A second signal interrupts at once (the checkpoints already complete stay valid).
+    """
+
+    def __init__(self):
+        self.requested = False
+        self._previous = {}
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        report.console.print(
+            f"{signal.Signals(signum).name}: finishing this epoch, saving, then stopping "
+            "(signal again to stop at once)."
+        )
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def validate(config, workdir: str) -> tuple[RunData, Protocol, Method]:
+    """Checks every input that can be checked before anything is written or trained."""
+    method = methods.build(config.method, config.method_args, config.memory)
+    for name, value, valid in (
+        ("model.name", config.model.name, tuple(MODELS)),
+        ("train.optimizer", config.train.optimizer, train.OPTIMIZERS),
+        ("train.schedule", config.train.schedule, train.SCHEDULES),
+        ("dtype", config.dtype, tuple(DTYPES)),
+        ("head.init", config.head.init, surgery.HEAD_INITS),
+    ):
+        if value not in valid:
+            raise ValueError(f"Unknown {name} {value!r}; valid values: {', '.join(valid)}.")
+    for key in ("batch_size",):
+        if config.train[key] <= 0:
+            raise ValueError(f"train.{key} must be positive, got {config.train[key]}.")
+    data, protocol, _ = load_data(config)
+    if hasattr(method, "memory"):
+        method.memory.per_class_count(protocol.num_classes)
+    check_model_fits(config, method, data)
+    parent = os.path.dirname(os.path.abspath(workdir))
+    probe = workdir if os.path.isdir(workdir) else parent
+    if not os.path.isdir(probe) or not os.access(probe, os.W_OK):
+        raise ValueError(
+            f"The work directory {workdir} cannot be written ({probe} is not a writable "
+            "directory); pass a --workdir you can write to."
+        )
+    return data, protocol, method
+
+
+def check_model_fits(config, method, data: RunData) -> None:
+    """Fails early when the data's example shape does not suit the model."""
+    model = make_model(config, 2, method.head)
+    try:
+        jax.eval_shape(
+            lambda: model.init(
+                jax.random.PRNGKey(0), jnp.zeros((1, *data.x_train.shape[1:])), train=False
+            )
+        )
+    except Exception as error:  # noqa: BLE001 -- any shape failure gets the same advice
+        raise ValueError(
+            f"Model {config.model.name!r} cannot take examples of shape {data.x_train.shape[1:]} "
+            f"({type(error).__name__}: {str(error).splitlines()[0][:200]}). Convolutional models "
+            "need (H, W, C) images; use model.name=mlp for feature vectors."
+        ) from None
 
 
 def resume(ckpts, config, method, protocol, data) -> tuple[int, PhaseResult | None, dict, list]:
     """The phase to start from and what the last finished phase left, from the work directory."""
-    last = ckpts.latest_phase()
-    if last is None:
+    saved = ckpts.latest_meta()
+    if saved is not None:
+        diffs = checkpoint.config_diff(saved["config"], config.to_dict())
+        if diffs:
+            raise ValueError(
+                f"The work directory {os.path.dirname(ckpts.directory)} holds a run with a "
+                "different config; resume it with the same config or pick a new --workdir. "
+                "Differences:\n  " + "\n  ".join(diffs)
+            )
+    found = ckpts.restore_latest_phase(
+        lambda phase: state_target(config, method, protocol, data, phase)
+    )
+    if found is None:
         return 0, None, method.init_state(), []
-    saved = ckpts.read_meta(last)
-    diffs = checkpoint.config_diff(saved["config"], config.to_dict())
-    if diffs:
-        raise ValueError(
-            f"The work directory {os.path.dirname(ckpts.directory)} holds a run with a different "
-            "config; resume it with the same config or pick a new --workdir. Differences:\n  "
-            + "\n  ".join(diffs)
-        )
-    target = state_target(config, method, protocol, data, last)
-    state, method_state, meta = ckpts.restore(last, target)
+    last, state, method_state, meta = found
     variables = {"params": state["params"], "batch_stats": state["batch_stats"]}
     carried = PhaseResult(variables, state["opt_state"], method_state, meta["records"][-1])
     return last + 1, carried, method_state, meta["records"]
+
+
+def _meta(config, protocol, phase, records, epoch=None) -> dict:
+    meta = {
+        "phase": phase,
+        "epoch": epoch,
+        "records": records,
+        "config": config.to_dict(),
+        "class_order": list(protocol.class_order),
+    }
+    return json.loads(json.dumps(meta, default=_json_default))
+
+
+def run_epochs(
+    config, ckpts, preempt, progress, protocol, records, pr: PhaseRun, state, method_state
+):
+    """The phase's epochs, resuming after a within-phase checkpoint when there is one."""
+    phase, first = pr.info.phase, 0
+    restored = ckpts.restore_epoch(phase, state) if pr.epochs else None
+    if restored is not None:
+        epoch, state, method_state = restored
+        state = train.TrainState(*state) if not isinstance(state, train.TrainState) else state
+        first = epoch + 1
+        report.console.print(f"Resuming phase {phase} after epoch {epoch}.")
+    metrics, every = {}, config.checkpoint.every_epochs
+    for epoch in progress.epochs(phase, pr.epochs, start=first):
+        state, method_state, metrics = pr.train_epoch(state, method_state, pr.x, pr.y)
+        metrics = jax.device_get(metrics)
+        check_finite(metrics, phase, epoch)
+        progress.epoch_done(metrics)
+        if epoch == pr.epochs - 1:
+            break  # the phase-end checkpoint follows
+        if preempt.requested or (every and (epoch + 1) % every == 0):
+            meta = _meta(config, protocol, phase, records, epoch)
+            ckpts.save_epoch(phase, epoch, state, method_state, meta)
+        if preempt.requested:
+            ckpts.wait()
+            raise Preempted(f"Stopped in phase {phase} after epoch {epoch}, saved.")
+    return state, method_state, metrics
 
 
 def run(config, workdir: str, *, stop_after: int | None = None) -> dict:
@@ -295,46 +512,56 @@ def run(config, workdir: str, *, stop_after: int | None = None) -> dict:
     Args:
       config: the run's ConfigDict (see `incremental.config.base_config`).
       workdir: where results.json, the plot and the checkpoints go; a directory that already holds
-        checkpoints of the same config is resumed after its last finished phase.
+        checkpoints of the same config is resumed where it stopped (after the last finished phase,
+        or within a phase after the last saved epoch).
       stop_after: stop after this phase (a staged run; calling again resumes).
+
+    Raises:
+      Preempted: after SIGTERM/SIGINT, once the current epoch is saved.
     """
+    data, protocol, method = validate(config, workdir)
     os.makedirs(workdir, exist_ok=True)
-    data, protocol, _ = load_data(config)
-    method = methods.build(config.method, config.method_args)
-    ckpts = checkpoint.Checkpoints(workdir)
-    first, carried, method_state, records = resume(ckpts, config, method, protocol, data)
-    progress = report.Progress(protocol, enabled=config.log.progress, start=first)
-    results = results_from_records(config, protocol, records) if records else None
-    with progress:
+    ckpts = checkpoint.Checkpoints(workdir, config.checkpoint.keep)
+    try:
+        first, carried, method_state, records = resume(ckpts, config, method, protocol, data)
+        progress = report.Progress(protocol, enabled=config.log.progress, start=first)
+        results = results_from_records(config, protocol, records) if records else None
         last = (
             protocol.num_phases - 1
             if stop_after is None
             else min(stop_after, protocol.num_phases - 1)
         )
-        for phase in range(first, last + 1):
-            carried = train_phase(
-                config, method, data, protocol, phase, carried, method_state, progress
-            )
-            method_state = carried.method_state
-            records.append(carried.record)
-            results = results_from_records(config, protocol, records)
-            write_results(workdir, results)
-            state = {
-                **carried.variables,
-                "opt_state": carried.opt_state,
-                "rng": jax.random.fold_in(jax.random.PRNGKey(config.seed), phase),
-            }
-            meta = {
-                "phase": phase,
-                "records": records,
-                "config": config.to_dict(),
-                "class_order": list(protocol.class_order),
-            }
-            ckpts.save(
-                phase, state, method_state, json.loads(json.dumps(meta, default=_json_default))
-            )
-            progress.phase_done(carried.record)
-    ckpts.close()
+        with Preemption() as preempt, progress:
+            for phase in range(first, last + 1):
+                start = time.perf_counter()
+                pr, state, method_state = begin_phase(
+                    config, method, data, protocol, phase, carried, method_state
+                )
+                state, method_state, metrics = run_epochs(
+                    config, ckpts, preempt, progress, protocol, records, pr, state, method_state
+                )
+                carried = finish_phase(
+                    config,
+                    method,
+                    data,
+                    protocol,
+                    pr,
+                    state,
+                    method_state,
+                    metrics,
+                    time.perf_counter() - start,
+                )
+                method_state = carried.method_state
+                records.append(carried.record)
+                results = results_from_records(config, protocol, records)
+                write_results(workdir, results)
+                saved = {**carried.variables, "opt_state": carried.opt_state, "rng": state.rng}
+                ckpts.save(phase, saved, method_state, _meta(config, protocol, phase, records))
+                progress.phase_done(carried.record)
+                if preempt.requested and phase < last:
+                    raise Preempted(f"Stopped after phase {phase}, saved.")
+    finally:
+        ckpts.close()
     if config.log.plot and results is not None:
         report.plot(results, os.path.join(workdir, "accuracy.png"))
     return results

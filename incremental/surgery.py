@@ -78,9 +78,9 @@ def widen_head(
         raise ValueError(f"Unknown head init {init!r}; choose one of {HEAD_INITS}.")
     if num_new < 0:
         raise ValueError(f"num_new must be >= 0, got {num_new}.")
-    if "head" not in params or set(params["head"]) != {"kernel", "bias"}:
-        raise ValueError("widen_head expects params['head'] with exactly 'kernel' and 'bias'.")
-    kernel, bias = params["head"]["kernel"], params["head"]["bias"]
+    if "head" not in params or "kernel" not in params["head"]:
+        raise ValueError("widen_head expects params['head']['kernel'] of shape (D, C).")
+    kernel = params["head"]["kernel"]
     dim = kernel.shape[0]
     if num_new == 0:
         return {**params, "head": dict(params["head"])}
@@ -91,11 +91,11 @@ def widen_head(
         new_kernel = jnp.zeros((dim, num_new), kernel.dtype)
     else:
         new_kernel = _imprint(kernel, class_means, num_new)
-    head = {
-        "kernel": jnp.concatenate([kernel, new_kernel], axis=1),
-        "bias": jnp.concatenate([bias, jnp.zeros((num_new,), bias.dtype)]),
-    }
-    return {**params, "head": head}
+    head = {**params["head"], "kernel": jnp.concatenate([kernel, new_kernel], axis=1)}
+    if "bias" in head:
+        bias = head["bias"]
+        head["bias"] = jnp.concatenate([bias, jnp.zeros((num_new,), bias.dtype)])
+    return {**params, "head": head}  # other head leaves (a cosine head's scale) are kept
 
 
 def _imprint(kernel: jax.Array, class_means: jax.Array | None, num_new: int) -> jax.Array:

@@ -118,7 +118,7 @@ def carry_opt_state(old: optax.OptState, fresh: optax.OptState, num_new: int):
 
 def apply_any_head(model: nn.Module, variables: PyTree, x: jax.Array, **kwargs):
     """`model.apply` for variables whose head has any number of columns (a teacher's, say)."""
-    num_classes = variables["params"]["head"]["bias"].shape[-1]
+    num_classes = variables["params"]["head"]["kernel"].shape[-1]
     return model.clone(num_classes=num_classes).apply(variables, x, **kwargs)
 
 
@@ -185,7 +185,7 @@ def make_train_epoch(
                 state.params, state.batch_stats, method_state, batch
             )
             updates, opt_state = tx.update(grads, state.opt_state, state.params)
-            params = optax.apply_updates(state.params, updates)
+            params = method.post_update(optax.apply_updates(state.params, updates))
             method_state = method.step_update(
                 method_state, params_before=state.params, params_after=params, grads=grads
             )
@@ -210,7 +210,8 @@ def make_apply_batches(
     @jax.jit
     def apply_batches(variables, method_state, x_batches):
         def one(x):
-            feats, logits = model.apply(variables, device.normalize(x, norm, dtype), train=False)
+            x = device.normalize(x, norm, dtype)
+            feats, logits = apply_any_head(model, variables, x, train=False)
             return fn(Outputs(feats, logits.astype(jnp.float32)), method_state)
 
         return jax.lax.map(one, x_batches)

@@ -29,6 +29,24 @@ def test_cifar100_config_runs_on_mock_data(tmp_path, protocol):
     assert [len(p["classes"]) for p in results["phases"]] == [50, 50]
 
 
+# One method of each kind, to keep CI short: a teacher (lwf), importances (ewc), no SGD after
+# phase 0 (analytic), exemplars with an extra stage (bic), a cosine head (lucir). The others share
+# these code paths and run end to end on digits in their own tests.
+@pytest.mark.parametrize("method", ["lwf", "ewc", "analytic", "bic", "lucir"])
+def test_every_method_runs_from_the_cifar100_config(tmp_path, method):
+    config = shrink(cifar100.get_config(f"method={method}"), "5,5")
+    config.dataset.classes = "seeded:10"  # 10 of the mock data's 100 classes, ~10 examples each
+    config.model.kwargs = {"depth": 8}
+    config.train_first.epochs = config.train.epochs = 1
+    if method == "bic":
+        config.method_args.bias_epochs = 2
+    if method == "analytic":
+        config.method_args.expansion = 64
+    with tfds.testing.mock_data(num_examples=1000, policy=tfds.testing.MockPolicy.USE_CODE):
+        results = run_lib.run(config, str(tmp_path))
+    assert results["complete"] and results["method"] == method
+
+
 def test_imagenet100_config_selects_100_classes():
     config = imagenet100.get_config("protocol=b50_inc10")
     assert config.dataset.classes == "seeded:100" and config.model.name == "resnet18"

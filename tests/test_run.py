@@ -123,3 +123,10 @@ def test_resume_with_another_config_is_refused_and_changes_nothing(tmp_path):
     ):
         run_lib.run(config, str(tmp_path))
     assert before == {p: os.path.getmtime(os.path.join(tmp_path, p)) for p in os.listdir(tmp_path)}
+
+
+def test_imprinted_head_init_runs_and_starts_new_columns_at_old_norms(tmp_path):
+    config = config_for("finetune", epochs=2)
+    config.head.init = "imprint"
+    results = run_lib.run(config, str(tmp_path), stop_after=1)
+    assert len(results["accuracy_matrix"]) == 2

@@ -10,7 +10,7 @@ from incremental import surgery
 from incremental.models import build_model, head_logits
 
 
-@settings(deadline=None, max_examples=25)
+@settings(deadline=None, max_examples=12)
 @given(
     dim=st.integers(1, 48),
     num_old=st.integers(1, 20),
@@ -70,7 +70,7 @@ def test_widen_head_rejects_bad_input(key):
         surgery.widen_head(params, 1, key, "orthogonal")
     with pytest.raises(ValueError, match="class_means"):
         surgery.widen_head(params, 1, key, "imprint")
-    with pytest.raises(ValueError, match="params\\['head'\\]"):
+    with pytest.raises(ValueError, match="params\\['head'\\]\\['kernel'\\]"):
         surgery.widen_head({"w": jnp.zeros(2)}, 1, key)
 
 
@@ -130,3 +130,18 @@ def test_select_and_map_paths():
     doubled = surgery.map_paths(lambda x: 2 * x, tree, "head/.*")
     np.testing.assert_array_equal(np.asarray(doubled["head"]["kernel"]), 2)
     assert doubled["backbone"]["conv"]["kernel"] is tree["backbone"]["conv"]["kernel"]
+
+
+def test_widen_cosine_head_keeps_old_logits_and_scale(key):
+    x = jax.random.normal(key, (6, 8, 8, 1))
+    model = build_model("mlp", 3, head="cosine", hidden=(16,))
+    variables = model.init(key, x, train=False)
+    assert set(variables["params"]["head"]) == {"kernel", "sigma"}
+    wide = surgery.widen_head(variables["params"], 2, key)
+    assert wide["head"]["sigma"] is variables["params"]["head"]["sigma"]
+    _, old = model.apply(variables, x, train=False)
+    _, new = build_model("mlp", 5, head="cosine", hidden=(16,)).apply(
+        {"params": wide}, x, train=False
+    )
+    np.testing.assert_array_equal(np.asarray(new[:, :3]), np.asarray(old))
+    assert float(jnp.abs(new).max()) <= float(variables["params"]["head"]["sigma"]) + 1e-6

@@ -4,6 +4,8 @@ import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
+from incremental.memory import MemoryConfig
+from incremental.methods.analytic import Analytic
 from incremental.methods.base import (
     Batch,
     Method,
@@ -12,13 +14,41 @@ from incremental.methods.base import (
     PhaseInfo,
     PhaseSetup,
 )
+from incremental.methods.bic import BiC
+from incremental.methods.ewc import EWC, OnlineEWC
 from incremental.methods.finetune import Finetune
 from incremental.methods.freeze_backbone import FreezeBackbone
+from incremental.methods.icarl import ICaRL
 from incremental.methods.joint import Joint
+from incremental.methods.lucir import LUCIR
+from incremental.methods.lwf import LwF
+from incremental.methods.mas import MAS
+from incremental.methods.ncm import NCM
 from incremental.methods.new_head_only import NewHeadOnly
+from incremental.methods.replay import Replay
+from incremental.methods.si import SI
+from incremental.methods.wa import WA
 
 METHODS: dict[str, type[Method]] = {
-    cls.name: cls for cls in (Finetune, Joint, FreezeBackbone, NewHeadOnly)
+    cls.name: cls
+    for cls in (
+        Finetune,
+        Joint,
+        FreezeBackbone,
+        NewHeadOnly,
+        SI,
+        NCM,
+        Analytic,
+        LwF,
+        EWC,
+        OnlineEWC,
+        MAS,
+        Replay,
+        BiC,
+        WA,
+        ICaRL,
+        LUCIR,
+    )
 }
 
 __all__ = [
@@ -48,12 +78,17 @@ def default_args(name: str) -> dict[str, Any]:
     return {
         f.name: f.default
         for f in dataclasses.fields(METHODS[name])
-        if f.default is not dataclasses.MISSING
+        if f.default is not dataclasses.MISSING and f.name != "memory"  # set by config.memory
     }
 
 
-def build(name: str, args: Mapping[str, Any] | None = None) -> Method:
-    """Builds the method `name` with hyper-parameters `args` (its dataclass fields)."""
+def build(
+    name: str, args: Mapping[str, Any] | None = None, memory: Mapping[str, Any] | None = None
+) -> Method:
+    """Builds the method `name` with hyper-parameters `args` (its dataclass fields).
+
+    `memory` (`config.memory`) configures the exemplar memory of methods that keep one.
+    """
     if name not in METHODS:
         raise ValueError(f"Unknown method {name!r}; valid methods: {', '.join(sorted(METHODS))}.")
     cls = METHODS[name]
@@ -65,4 +100,6 @@ def build(name: str, args: Mapping[str, Any] | None = None) -> Method:
             f"Method {name!r} has no hyper-parameter(s) {unknown}; "
             f"its config.method_args are: {sorted(fields) or 'none'}."
         )
+    if "memory" in fields and memory is not None:
+        args["memory"] = MemoryConfig(**dict(memory))
     return cls(**args)

@@ -58,6 +58,11 @@ class PhaseContext(NamedTuple):
     y_train: np.ndarray  # remapped labels of the whole training set
     x_train: np.ndarray  # the whole training set, host memory
     embed: Callable[[PyTree, np.ndarray], jax.Array]  # (variables, x) -> features, jitted
+    # `apply_fn(variables, x, train=False) -> (features, logits)` for any head width, traceable.
+    apply_fn: Callable | None = None
+    # `normalize(x_raw) -> x`: the model's inputs from stored ones (jax arrays, traceable).
+    normalize: Callable[[jax.Array], jax.Array] | None = None
+    seed: int = 0  # the run's seed (config.seed), for host-side randomness of hooks
 
 
 class Batch(NamedTuple):
@@ -76,6 +81,7 @@ class Method:
     """Plain training with cross-entropy on all seen classes; methods override what differs."""
 
     name = "base"
+    head = "linear"  # the model's head: linear | cosine (models.HEADS)
 
     def init_state(self) -> dict:
         """The method state before phase 0."""
@@ -113,6 +119,10 @@ class Method:
         ce = optax.softmax_cross_entropy_with_integer_labels(out.logits, batch.y)
         return ce, {"ce": ce}
 
+    def post_update(self, params: PyTree) -> PyTree:
+        """A projection applied to the params after every optimizer step (e.g. WA's clipping)."""
+        return params
+
     def step_update(
         self, method_state: dict, *, params_before: PyTree, params_after: PyTree, grads: PyTree
     ) -> dict:
@@ -126,6 +136,13 @@ class Method:
     def end_phase(self, ctx: PhaseContext, variables: PyTree, method_state: dict) -> dict:
         del ctx, variables
         return method_state
+
+    def extra_predictions(self) -> dict[str, Callable[[Outputs, dict], jax.Array]]:
+        """Other classifiers to evaluate beside `predict`, by name (e.g. `{"nme": ...}`).
+
+        Each is evaluated like `predict` and reported under `<name>_...` keys in results.json.
+        """
+        return {}
 
     def predict(self, out: Outputs, method_state: dict) -> jax.Array:
         """Class scores (B, num_seen); the argmax is the prediction."""

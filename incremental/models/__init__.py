@@ -6,7 +6,15 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from incremental.models.classifier import HEAD_BLOCK, Classifier, Head, head_logits
+from incremental.models.classifier import (
+    HEAD_BLOCK,
+    HEADS,
+    Classifier,
+    CosineHead,
+    Head,
+    cosine_logits,
+    head_logits,
+)
 from incremental.models.convnet import ConvNet
 from incremental.models.mlp import MLP
 from incremental.models.resnet import BasicBlock, CifarResNet, ResNet18
@@ -26,6 +34,9 @@ __all__ = [
     "Classifier",
     "ConvNet",
     "Head",
+    "CosineHead",
+    "HEADS",
+    "cosine_logits",
     "MLP",
     "ResNet18",
     "backbone_fields",
@@ -51,12 +62,13 @@ def _normalise(key: str, value: Any) -> Any:
     return value
 
 
-def build_model(name: str, num_classes: int, **kwargs: Any) -> Classifier:
+def build_model(name: str, num_classes: int, head: str = "linear", **kwargs: Any) -> Classifier:
     """Builds `Classifier(backbone=MODELS[name](**kwargs), num_classes=num_classes)`.
 
     Args:
       name: a key of MODELS ('mlp', 'convnet', 'resnet32', 'resnet18').
-      num_classes: width of the linear head.
+      num_classes: width of the head.
+      head: 'linear' (nn.Dense's params) or 'cosine' (LUCIR's cosine-normalised head, learnable scale).
       **kwargs: backbone fields, e.g. hidden=(64,), depth=32, small_input=True, dtype='bfloat16'.
 
     Returns:
@@ -71,4 +83,6 @@ def build_model(name: str, num_classes: int, **kwargs: Any) -> Classifier:
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
         raise ValueError(f"num_classes must be a positive int, got {num_classes!r}.")
     backbone = MODELS[name](**{k: _normalise(k, v) for k, v in kwargs.items()})
-    return Classifier(backbone=backbone, num_classes=num_classes)
+    if head not in HEADS:
+        raise ValueError(f"Unknown head {head!r}; valid heads are {sorted(HEADS)}.")
+    return Classifier(backbone=backbone, num_classes=num_classes, head_type=head)

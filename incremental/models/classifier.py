@@ -43,6 +43,34 @@ class Head(nn.Module):
         return head_logits(features_BxD, {"kernel": kernel, "bias": bias})
 
 
+class CosineHead(nn.Module):
+    """Cosine-normalised head with a learnable scale (LUCIR, Hou et al. 2019).
+
+    logits = sigma * <f / |f|, w_c / |w_c|>, so |logits| <= |sigma|. Params: `kernel` (D, C), `sigma`.
+    """
+
+    num_classes: int
+
+    @nn.compact
+    def __call__(self, features_BxD: jax.Array) -> jax.Array:
+        shape = (features_BxD.shape[-1], self.num_classes)
+        kernel = self.param("kernel", nn.initializers.lecun_normal(), shape, jnp.float32)
+        sigma = self.param("sigma", nn.initializers.ones_init(), (), jnp.float32)
+        return cosine_logits(features_BxD, {"kernel": kernel, "sigma": sigma})
+
+
+def cosine_logits(features_BxD: jax.Array, head: dict[str, jax.Array]) -> jax.Array:
+    """`sigma` times the cosine similarity of features and each column of `kernel` (float32)."""
+    feats = features_BxD.astype(jnp.float32)
+    feats = feats / jnp.linalg.norm(feats, axis=-1, keepdims=True).clip(1e-12)
+    kernel = head["kernel"] / jnp.linalg.norm(head["kernel"], axis=0, keepdims=True).clip(1e-12)
+    zeros = jnp.zeros((kernel.shape[1],), jnp.float32)
+    return head["sigma"] * head_logits(feats, {"kernel": kernel, "bias": zeros})
+
+
+HEADS = {"linear": Head, "cosine": CosineHead}
+
+
 class Classifier(nn.Module):
     """A backbone followed by a float32 linear head named `head`.
 
@@ -53,9 +81,10 @@ class Classifier(nn.Module):
 
     backbone: nn.Module
     num_classes: int
+    head_type: str = "linear"  # linear | cosine
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool) -> tuple[jax.Array, jax.Array]:
         """Returns `(features_BxD, logits_BxC)`, both float32."""
         features_BxD = self.backbone(x, train=train).astype(jnp.float32)
-        return features_BxD, Head(self.num_classes, name="head")(features_BxD)
+        return features_BxD, HEADS[self.head_type](self.num_classes, name="head")(features_BxD)

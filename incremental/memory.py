@@ -1,0 +1,168 @@
+"""Exemplar memory: which training examples of old classes a rehearsal method keeps.
+
+The memory is a pytree of two int32 arrays, `indices` into the training set and their remapped
+`labels`, grouped by class and, within a class, in priority order: reducing a class to `m` exemplars
+keeps its first `m` (for herding, the greedy order of iCaRL, so the kept set is the best m-subset the
+greedy rule would have chosen). It lives in the method state, so every checkpoint holds it.
+
+Budget rules (`config.memory`):
+  per_class > 0: that many exemplars for every seen class (FACIL's "20 per class").
+  otherwise: a fixed total `budget` split evenly, `budget // num_seen` per class, shrinking as classes
+  arrive (iCaRL; PyCIL's `fixed_memory: false`, 2000 for CIFAR-100).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+SELECTIONS = ("herding", "random", "closest_to_mean")
+
+
+@dataclasses.dataclass(frozen=True)
+class MemoryConfig:
+    budget: int = 2000  # total exemplars, split evenly over seen classes (iCaRL / PyCIL)
+    per_class: int = 0  # > 0: a fixed number per class instead of the total budget
+    selection: str = "herding"  # herding | random | closest_to_mean
+
+    def __post_init__(self):
+        if self.selection not in SELECTIONS:
+            raise ValueError(
+                f"Unknown memory.selection {self.selection!r}; choose one of {SELECTIONS}."
+            )
+        if self.per_class < 0 or self.budget < 0:
+            raise ValueError("memory.budget and memory.per_class must be >= 0.")
+        if self.per_class == 0 and self.budget == 0:
+            raise ValueError(
+                "This method keeps exemplars: set memory.budget (e.g. 2000) or memory.per_class."
+            )
+
+    def per_class_count(self, num_seen: int) -> int:
+        """Exemplars per class once `num_seen` classes have been learned."""
+        if self.per_class:
+            return self.per_class
+        count = self.budget // num_seen
+        if count == 0:
+            raise ValueError(
+                f"memory.budget={self.budget} is smaller than the {num_seen} classes seen; "
+                "raise the budget or use memory.per_class."
+            )
+        return count
+
+
+def empty() -> dict:
+    return {"indices": jnp.zeros((0,), jnp.int32), "labels": jnp.zeros((0,), jnp.int32)}
+
+
+def counts(memory: dict, num_classes: int) -> np.ndarray:
+    """Number of exemplars held for each class."""
+    return np.bincount(np.asarray(memory["labels"]), minlength=num_classes)
+
+
+def reduce(memory: dict, per_class: int) -> dict:
+    """Keeps the first `per_class` exemplars of every class (their priority order)."""
+    labels = np.asarray(memory["labels"])
+    keep = np.zeros(len(labels), bool)
+    for c in np.unique(labels):
+        keep[np.flatnonzero(labels == c)[:per_class]] = True
+    return {k: jnp.asarray(np.asarray(v)[keep]) for k, v in memory.items()}
+
+
+def add(memory: dict, indices: np.ndarray, labels: np.ndarray) -> dict:
+    return {
+        "indices": jnp.concatenate([memory["indices"], jnp.asarray(indices, jnp.int32)]),
+        "labels": jnp.concatenate([memory["labels"], jnp.asarray(labels, jnp.int32)]),
+    }
+
+
+def _bucket(n: int) -> int:
+    """Pads sizes to a few shapes so herding compiles a handful of times, not once per class."""
+    return max(16, 1 << (n - 1).bit_length())
+
+
+@functools.partial(jax.jit, static_argnames=("m",))
+def _herding(feats_NxD: jax.Array, valid_N: jax.Array, m: int) -> jax.Array:
+    feats = feats_NxD / jnp.linalg.norm(feats_NxD, axis=1, keepdims=True).clip(1e-12)
+    feats = jnp.where(valid_N[:, None], feats, 0.0)
+    mean_D = feats.sum(0) / valid_N.sum()
+
+    def pick(k, carry):
+        chosen, running_D, taken_N = carry
+        # Distance from the class mean of the mean of the exemplars with candidate i added.
+        dist = jnp.linalg.norm(mean_D[None, :] - (running_D[None, :] + feats) / (k + 1), axis=1)
+        dist = jnp.where(taken_N | ~valid_N, jnp.inf, dist)
+        best = jnp.argmin(dist)
+        return chosen.at[k].set(best), running_D + feats[best], taken_N.at[best].set(True)
+
+    init = (jnp.zeros((m,), jnp.int32), jnp.zeros_like(mean_D), jnp.zeros_like(valid_N))
+    return jax.lax.fori_loop(0, m, pick, init)[0]
+
+
+def herding(feats_NxD: np.ndarray, m: int) -> np.ndarray:
+    """iCaRL's herding: greedily pick exemplars whose running mean best matches the class mean.
+
+    Works on L2-normalised features; returns `min(m, N)` row indices in pick order.
+    """
+    n = len(feats_NxD)
+    m = min(m, n)
+    size = _bucket(n)
+    padded = np.zeros((size, feats_NxD.shape[1]), np.float32)
+    padded[:n] = feats_NxD
+    order = _herding(jnp.asarray(padded), jnp.arange(size) < n, m)
+    return np.asarray(order)
+
+
+def closest_to_mean(feats_NxD: np.ndarray, m: int) -> np.ndarray:
+    """The `m` examples whose normalised features are nearest the class mean, nearest first."""
+    feats = feats_NxD / np.linalg.norm(feats_NxD, axis=1, keepdims=True).clip(1e-12)
+    dist = np.linalg.norm(feats - feats.mean(0, keepdims=True), axis=1)
+    return np.argsort(dist, kind="stable")[: min(m, len(feats))]
+
+
+def select(
+    selection: str, feats_NxD: np.ndarray | None, m: int, rng: np.random.Generator
+) -> np.ndarray:
+    """Row indices of the chosen exemplars of one class, in priority order."""
+    if selection == "random":
+        n = len(feats_NxD)
+        return rng.permutation(n)[: min(m, n)]
+    if selection == "closest_to_mean":
+        return closest_to_mean(feats_NxD, m)
+    return herding(feats_NxD, m)
+
+
+def update(
+    memory: dict,
+    cfg: MemoryConfig,
+    *,
+    new_indices: np.ndarray,
+    new_labels: np.ndarray,
+    feats_fn,
+    num_seen: int,
+    seed: int,
+) -> dict:
+    """Shrinks old classes to the new per-class count and adds exemplars of the new classes.
+
+    Args:
+      memory: the current memory.
+      cfg: the budget rule and selection.
+      new_indices, new_labels: training indices and remapped labels of this phase's classes.
+      feats_fn: indices -> (N, D) features with the current model (unused by `random`).
+      num_seen: classes learned including this phase.
+      seed: seed for `random` selection (the run seed and phase).
+    """
+    m = cfg.per_class_count(num_seen)
+    memory = reduce(memory, m)
+    rng = np.random.default_rng(seed)
+    for c in np.unique(new_labels):
+        idx = new_indices[new_labels == c]
+        # Random selection needs only the count, not features.
+        random = cfg.selection == "random"
+        feats = np.zeros((len(idx), 1), np.float32) if random else feats_fn(idx)
+        chosen = idx[select(cfg.selection, feats, m, rng)]
+        memory = add(memory, chosen, np.full(len(chosen), c))
+    return memory

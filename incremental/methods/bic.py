@@ -1,0 +1,271 @@
+"""BiC: Wu, Chen, Wang, Ye, Liu, Guo & Fu 2019, "Large Scale Incremental Learning" (CVPR).
+
+A rehearsal method (exemplar memory, NME reported beside the head) in two stages per phase:
+
+1. Training, on the new classes' data plus the memory, minus a held-out validation set (below):
+       (1 - lambda) * CE(all seen classes) + lambda * KD(old classes),   lambda = num_old / num_seen,
+   KD = -sum_{c<old} softmax(t / T)_c log softmax(z_c / T), T = 2 (paper, PyCIL; no T^2 factor), t the
+   previous phase's model (the teacher: a snapshot taken at the end of each phase, BatchNorm in
+   inference mode, no gradient). Phase 0 is plain cross-entropy.
+2. Bias correction (phases > 0): with the network fixed, a two-parameter layer corrects the new
+   classes' logits, `alpha * z + beta`, old classes' logits unchanged (Eq. 5). alpha, beta are fitted
+   by cross-entropy over all seen classes on the validation set: `split_ratio` of every old class's
+   exemplars and as many examples of every new class, class-balanced, drawn at random from
+   `config.seed` and the phase; the held-out examples are not trained on in that phase (they stay in
+   the memory for later phases, as in PyCIL). The head's logits on the validation set are computed
+   once, so the fit is a small jitted loop over (alpha, beta) alone.
+
+The bias layers of all phases are kept (phase 0's classes have alpha = 1, beta = 0), stored per class
+in `method_state["bias"] = {"alpha": (num_seen,), "beta": (num_seen,)}` (every class of a phase holds
+its phase's values), and applied everywhere the network's logits are used, as PyCIL's
+`IncrementalNetWithBias` does: in `predict`, to the teacher's logits that are distilled (the old model
+with its bias correction, as the paper distils the corrected old model), and to the student's logits
+in stage 1 (where the current phase's layer is still the identity, so old classes are trained in the
+corrected space they are evaluated in).
+
+Choices where the paper and PyCIL (`models/bic.py`) differ, or where this code departs from them:
+- Validation size per class: PyCIL takes `int(split_ratio * memory_size / num_old)` examples, the
+  per-class exemplar count of a fixed total budget; here `int(split_ratio * m)` with `m` the smallest
+  number of exemplars an old class holds (the same count for a total budget, and also correct for
+  `memory.per_class`), and at least 1. The paper splits the exemplars 9:1 (split_ratio 0.1).
+- Bias-correction loss: the paper's cross-entropy on the corrected logits. PyCIL feeds softmax
+  probabilities into `F.cross_entropy` (a softmax applied twice), which only shrinks its gradients.
+- Bias-correction optimisation: PyCIL's stage-2 settings (SGD, momentum 0.9, lr 0.1, weight decay
+  2e-4, 250 epochs, lr divided by 10 at epochs 100, 150, 200), but one full-batch step per epoch,
+  where PyCIL takes batches of 128: the problem is convex in (alpha, beta) and the validation set is
+  small. The validation features are those of the un-augmented examples (PyCIL applies its training
+  augmentation to them).
+- Stage 1 uses the run's optimiser config; PyCIL's BiC trains 250 epochs, lr 0.1 divided by 10 at
+  epochs 100, 150, 200, weight decay 2e-4, batch 128, memory 2000 on CIFAR-100 (B0-Inc10).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from incremental import memory as memory_lib
+from incremental.methods.base import Batch, Outputs, PhaseContext, PhaseInfo, data_of_classes
+from incremental.methods.distill import kd_loss, snapshot
+from incremental.methods.rehearsal import Rehearsal
+from incremental.models import head_logits
+
+PyTree = Any
+
+
+def identity_bias(num_classes: int) -> dict:
+    return {
+        "alpha": jnp.ones((num_classes,), jnp.float32),
+        "beta": jnp.zeros((num_classes,), jnp.float32),
+    }
+
+
+def correct(logits_BxC: jax.Array, bias: dict) -> jax.Array:
+    """The bias layers: class c's logit becomes alpha_c * z_c + beta_c (identity for phase 0)."""
+    num = logits_BxC.shape[-1]
+    return logits_BxC * bias["alpha"][None, :num] + bias["beta"][None, :num]
+
+
+def validation_split(
+    memory: dict,
+    y_train: np.ndarray,
+    info: PhaseInfo,
+    *,
+    split_ratio: float,
+    seed: int,
+) -> tuple[np.ndarray, np.ndarray]:
+    """BiC's class-balanced held-out set of a phase > 0: `(indices, labels)`, as many of each class.
+
+    Old classes give part of their exemplars, new classes as many of their training examples.
+    """
+    held = memory_lib.counts(memory, info.num_old)
+    if held.min() < 2:
+        raise ValueError(
+            f"BiC holds out part of every old class's exemplars, but a class has {held.min()} in "
+            f"phase {info.phase}; raise memory.budget (or memory.per_class)."
+        )
+    # At least one example per class, and (as split_ratio < 1) at least one exemplar left to train on.
+    per_class = max(1, int(split_ratio * held.min()))
+    new = data_of_classes(y_train, info.num_old, info.num_seen)
+    mem_idx, mem_lab = np.asarray(memory["indices"]), np.asarray(memory["labels"])
+    pools = [mem_idx[mem_lab == c] for c in range(info.num_old)]
+    pools += [new[y_train[new] == c] for c in range(info.num_old, info.num_seen)]
+    if min(len(p) for p in pools[info.num_old :]) <= per_class:
+        raise ValueError(
+            f"A new class of phase {info.phase} has at most {per_class} training examples, too few "
+            "to hold out BiC's validation examples; lower method_args.split_ratio."
+        )
+    rng = np.random.default_rng([seed, info.phase])
+    chosen = [np.sort(rng.choice(pool, per_class, replace=False)) for pool in pools]
+    labels = np.repeat(np.arange(info.num_seen), per_class)
+    return np.concatenate(chosen).astype(np.int64), labels
+
+
+@functools.partial(
+    jax.jit, static_argnames=("epochs", "lr", "momentum", "weight_decay", "milestones", "lr_decay")
+)
+def fit_bias_layer(
+    logits_NxC: jax.Array,
+    labels_N: jax.Array,
+    is_new_C: jax.Array,
+    *,
+    epochs: int,
+    lr: float,
+    momentum: float,
+    weight_decay: float,
+    milestones: tuple[int, ...],
+    lr_decay: float,
+) -> jax.Array:
+    """Stage 2: `[alpha, beta]` minimising the CE of the corrected logits (full-batch SGD).
+
+    `logits_NxC` are the held-out examples' logits with the earlier phases' corrections applied;
+    `is_new_C` marks the classes this layer corrects.
+    """
+    schedule = optax.piecewise_constant_schedule(lr, {int(m): lr_decay for m in milestones})
+    tx = optax.chain(
+        optax.add_decayed_weights(weight_decay), optax.sgd(schedule, momentum=momentum or None)
+    )
+
+    def loss_fn(ab):
+        corrected = jnp.where(is_new_C[None, :], ab[0] * logits_NxC + ab[1], logits_NxC)
+        return optax.softmax_cross_entropy_with_integer_labels(corrected, labels_N).mean()
+
+    def step(carry, _):
+        ab, opt_state = carry
+        updates, opt_state = tx.update(jax.grad(loss_fn)(ab), opt_state, ab)
+        return (optax.apply_updates(ab, updates), opt_state), None
+
+    ab = jnp.array([1.0, 0.0], jnp.float32)
+    (ab, _), _ = jax.lax.scan(step, (ab, tx.init(ab)), None, length=epochs)
+    return ab
+
+
+@dataclasses.dataclass(frozen=True)
+class BiC(Rehearsal):
+    """Exemplars, lambda-weighted distillation, and a bias-correction layer per phase."""
+
+    name = "bic"
+
+    temperature: float = 2.0  # T of the distillation (paper, PyCIL)
+    split_ratio: float = 0.1  # share of each old class's exemplars held out (paper 9:1, PyCIL 0.1)
+    bias_epochs: int = 250  # stage-2 epochs (PyCIL: the stage-1 schedule, 250 on CIFAR-100)
+    bias_lr: float = 0.1  # stage-2 SGD learning rate (PyCIL)
+    bias_momentum: float = 0.9  # (PyCIL)
+    bias_weight_decay: float = 2e-4  # (PyCIL, on alpha and beta)
+    bias_milestones: tuple[int, ...] = (100, 150, 200)  # lr times bias_lr_decay here (PyCIL)
+    bias_lr_decay: float = 0.1  # (PyCIL)
+
+    def __post_init__(self):
+        # A config may hand over a list; a tuple keeps the method hashable.
+        object.__setattr__(self, "bias_milestones", tuple(int(m) for m in self.bias_milestones))
+        if self.temperature <= 0:
+            raise ValueError(f"method_args.temperature must be > 0, got {self.temperature}.")
+        if not 0 < self.split_ratio < 1:
+            raise ValueError(f"method_args.split_ratio must be in (0, 1), got {self.split_ratio}.")
+        if self.bias_epochs < 1 or self.bias_lr <= 0:
+            raise ValueError(
+                "method_args.bias_epochs must be >= 1 and bias_lr > 0, got "
+                f"{self.bias_epochs} and {self.bias_lr}."
+            )
+
+    def init_state(self) -> dict:
+        return {**super().init_state(), "bias": identity_bias(0)}
+
+    def begin_phase(self, ctx: PhaseContext, variables: PyTree, method_state: dict) -> dict:
+        """Appends the identity layer of this phase's classes; holds out the validation set."""
+        del variables
+        info = ctx.info
+        bias = method_state["bias"]
+        if bias["alpha"].shape[0] != info.num_old:
+            raise ValueError(
+                f"BiC's method state has bias layers for {bias['alpha'].shape[0]} classes at the "
+                f"start of phase {info.phase}, which follows {info.num_old}; resume from a checkpoint "
+                "written by bic with the same protocol."
+            )
+        new = identity_bias(info.num_new)
+        bias = {k: jnp.concatenate([bias[k], new[k]]) for k in bias}
+        method_state = {**method_state, "bias": bias}
+        if info.num_old == 0:
+            return method_state
+        indices, labels = validation_split(
+            method_state["memory"],
+            ctx.y_train,
+            info,
+            split_ratio=self.split_ratio,
+            seed=ctx.seed,
+        )
+        validation = {"indices": jnp.asarray(indices, jnp.int32), "labels": jnp.asarray(labels)}
+        return {**method_state, "validation": validation}
+
+    def train_indices(self, ctx: PhaseContext, method_state: dict) -> np.ndarray:
+        """New data plus memory, without this phase's held-out validation examples."""
+        idx = super().train_indices(ctx, method_state)
+        if ctx.info.num_old == 0:
+            return idx
+        return idx[~np.isin(idx, np.asarray(method_state["validation"]["indices"]))]
+
+    def loss(
+        self,
+        out: Outputs,
+        batch: Batch,
+        *,
+        params: PyTree,
+        method_state: dict,
+        info: PhaseInfo,
+        apply_fn: Callable,
+    ) -> tuple[jax.Array, dict[str, jax.Array]]:
+        del params
+        bias = method_state["bias"]
+        logits = correct(out.logits.astype(jnp.float32), bias)
+        ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch.y)
+        if info.num_old == 0:
+            return ce, {"ce": ce}
+        if "teacher" not in method_state:
+            raise ValueError(
+                f"BiC phase {info.phase} has no teacher in its method state; start the run from "
+                "phase 0 or resume from a checkpoint written by bic."
+            )
+        _, teacher_logits = apply_fn(method_state["teacher"], batch.x, train=False)
+        teacher_logits = correct(teacher_logits.astype(jnp.float32), bias)
+        kd = kd_loss(logits[:, : info.num_old], teacher_logits, self.temperature)
+        lam = info.num_old / info.num_seen
+        return (1 - lam) * ce + lam * kd, {"ce": ce, "kd": kd}
+
+    def fit_bias(self, ctx: PhaseContext, variables: PyTree, method_state: dict) -> dict:
+        """Stage 2: this phase's alpha, beta fitted on the validation set; returns all bias layers."""
+        info = ctx.info
+        bias = method_state["bias"]
+        validation = method_state["validation"]
+        feats = ctx.embed(variables, ctx.x_train[np.asarray(validation["indices"])])
+        logits = correct(head_logits(jnp.asarray(feats), variables["params"]["head"]), bias)
+        ab = fit_bias_layer(
+            logits,
+            validation["labels"],
+            jnp.arange(info.num_seen) >= info.num_old,
+            epochs=self.bias_epochs,
+            lr=self.bias_lr,
+            momentum=self.bias_momentum,
+            weight_decay=self.bias_weight_decay,
+            milestones=self.bias_milestones,
+            lr_decay=self.bias_lr_decay,
+        )
+        return {
+            "alpha": bias["alpha"].at[info.num_old :].set(ab[0]),
+            "beta": bias["beta"].at[info.num_old :].set(ab[1]),
+        }
+
+    def end_phase(self, ctx: PhaseContext, variables: PyTree, method_state: dict) -> dict:
+        if ctx.info.num_old:
+            method_state = {**method_state, "bias": self.fit_bias(ctx, variables, method_state)}
+        method_state = super().end_phase(ctx, variables, method_state)
+        return {**method_state, "teacher": snapshot(variables)}
+
+    def predict(self, out: Outputs, method_state: dict) -> jax.Array:
+        return correct(out.logits.astype(jnp.float32), method_state["bias"])

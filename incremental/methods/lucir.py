@@ -1,0 +1,157 @@
+"""LUCIR: Hou, Pan, Loy, Wang & Lin 2019, "Learning a Unified Classifier Incrementally via
+Rebalancing" (CVPR).
+
+A rehearsal method (exemplar memory, NME reported beside the head) with three changes to training:
+
+- Cosine normalisation: the head scores `sigma * cos(f(x), w_c)` (`head = "cosine"`, the model's
+  `CosineHead`), with one learnable scale `sigma` shared by all classes, initialised to 1 and carried
+  across phases (official code, PyCIL and FACIL).
+- Less-forget constraint (Eq. 6): `lambda * (1 - cos(f(x), f*(x)))` on every training example, with
+  `f*` the features of the previous phase's final model (the teacher, BatchNorm in inference mode)
+  and the adaptive weight of Eq. 7, `lambda = lambda_base * sqrt(num_old / num_new)`. That ratio is
+  what the official code, FACIL and PyCIL compute (PyCIL remarks that its reading of the paper's
+  printed formula differs and follows the code).
+- Inter-class separation (margin ranking, Eq. 8): for each example of an old class, its cosine score
+  (without sigma) for its own class should exceed each of the `top_k` highest new-class cosine scores
+  by `margin`: `relu(margin - cos_gt + cos_hard)`, averaged over the old-class examples of the batch
+  and their `top_k` negatives (PyTorch's MarginRankingLoss over the hard pairs, as in the official
+  code), times `lambda_mr`.
+
+The total is `CE(sigma * cos, y) + less_forget + margin_ranking` over all seen classes; phase 0 is
+plain cross-entropy. While the less-forget constraint is on, the old classes' head columns are frozen
+(learning rate and weight decay 0), as in the official code, PyCIL and FACIL (`freeze_old_columns`).
+
+Choices where the paper, its official code (hshustc/CVPR19_Incremental_Learning), PyCIL (`ucir.py`)
+and FACIL (`lucir.py`) differ, or where this code departs from them:
+- New-class weights: the official CIFAR-100 script imprints them (`--imprint_weights`: normalised
+  mean of the new classes' normalised features); PyCIL and FACIL draw them at random, FACIL noting it
+  makes no significant difference. A method hook cannot change the variables, so the default here is
+  the random initialisation of PyCIL and FACIL; `--config.head.init=imprint` gives imprinting
+  (`run.widen` averages the raw features before normalising, the official code the normalised ones).
+- The paper removes the last ReLU of the backbone so that features can be negative; the backbones
+  here keep it (that is a backbone option, not a method one), so features are non-negative.
+- `top_k` is capped at the number of new classes of the phase (PyTorch's `topk` would fail).
+- Class-balanced finetuning (the paper's optional last step, `cbf_*.py` in the official code) is not
+  done.
+- Memory: the paper keeps 20 exemplars per class (`--config.memory.per_class=20`); the run config's
+  memory (a fixed total by default) is used as it is.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from incremental.methods.base import Batch, Outputs, PhaseContext, PhaseInfo, PhaseSetup
+from incremental.methods.distill import snapshot
+from incremental.methods.rehearsal import Rehearsal, normalise
+from incremental.models import cosine_logits
+
+PyTree = Any
+
+
+def adaptive_lambda(lambda_base: float, num_old: int, num_new: int) -> float:
+    """Eq. 7: the less-forget weight grows with the ratio of old to new classes."""
+    return lambda_base * math.sqrt(num_old / num_new)
+
+
+def less_forget_loss(feats_BxD: jax.Array, teacher_feats_BxD: jax.Array) -> jax.Array:
+    """Eq. 6 per example: 1 - cos(f(x), f*(x)); the teacher's features carry no gradient."""
+    teacher = jax.lax.stop_gradient(normalise(teacher_feats_BxD))
+    return 1.0 - (normalise(feats_BxD) * teacher).sum(-1)
+
+
+def margin_ranking_loss(
+    cos_BxC: jax.Array,
+    y_B: jax.Array,
+    weight_B: jax.Array,
+    *,
+    num_old: int,
+    top_k: int,
+    margin: float,
+) -> jax.Array:
+    """Eq. 8 per example, scaled so that its weighted batch mean is the mean over hard pairs.
+
+    For an example of an old class (`y < num_old`), each of the `top_k` highest new-class cosines
+    gives a pair `relu(margin - cos_gt + cos_hard)`. The official code averages over the pairs of the
+    batch's old-class examples only, so each such example gets `mean_k(pairs) * B / num_hard`
+    (B and num_hard counted over real examples, `weight_B`); other examples get 0.
+    """
+    gt_B = jnp.take_along_axis(cos_BxC, y_B[:, None], axis=1)[:, 0]
+    hard_BxK, _ = jax.lax.top_k(cos_BxC[:, num_old:], top_k)
+    pairs_B = jax.nn.relu(margin - gt_B[:, None] + hard_BxK).mean(-1)
+    is_old_B = (y_B < num_old).astype(cos_BxC.dtype)
+    scale = weight_B.sum() / jnp.maximum((weight_B * is_old_B).sum(), 1.0)
+    return is_old_B * pairs_B * scale
+
+
+@dataclasses.dataclass(frozen=True)
+class LUCIR(Rehearsal):
+    name = "lucir"
+    head = "cosine"
+
+    lambda_base: float = 5.0  # paper, CIFAR-100 (10 for ImageNet); official code, PyCIL, FACIL
+    adaptive: bool = True  # Eq. 7, lambda_base * sqrt(num_old / num_new); official --adapt_lamda
+    margin: float = 0.5  # m of Eq. 8 (paper: 0.5 in all experiments)
+    top_k: int = 2  # K hard new classes per old-class example (paper: 2)
+    lambda_mr: float = 1.0  # weight of the margin ranking loss (official code's lw_mr; FACIL)
+    freeze_old_columns: bool = True  # old classes' weights fixed (official code, PyCIL, FACIL)
+
+    def __post_init__(self):
+        if self.lambda_base < 0 or self.lambda_mr < 0:
+            raise ValueError(
+                f"method_args.lambda_base and lambda_mr must be >= 0, got {self.lambda_base} "
+                f"and {self.lambda_mr}."
+            )
+        if self.top_k < 1:
+            raise ValueError(f"method_args.top_k must be >= 1, got {self.top_k}.")
+        if self.margin < 0:
+            raise ValueError(f"method_args.margin must be >= 0, got {self.margin}.")
+
+    def setup(self, info: PhaseInfo) -> PhaseSetup:
+        return PhaseSetup(freeze_old_columns=self.freeze_old_columns and info.num_old > 0)
+
+    def less_forget_weight(self, info: PhaseInfo) -> float:
+        if not self.adaptive:
+            return self.lambda_base
+        return adaptive_lambda(self.lambda_base, info.num_old, info.num_new)
+
+    def loss(
+        self,
+        out: Outputs,
+        batch: Batch,
+        *,
+        params: PyTree,
+        method_state: dict,
+        info: PhaseInfo,
+        apply_fn: Callable,
+    ) -> tuple[jax.Array, dict[str, jax.Array]]:
+        if "sigma" not in params["head"]:
+            raise ValueError("LUCIR needs the cosine head; build the model with head='cosine'.")
+        ce = optax.softmax_cross_entropy_with_integer_labels(out.logits, batch.y)
+        if info.num_old == 0 or "teacher" not in method_state:
+            return ce, {"ce": ce}
+        teacher_feats, _ = apply_fn(method_state["teacher"], batch.x, train=False)
+        lf = self.less_forget_weight(info) * less_forget_loss(out.features, teacher_feats)
+        unscaled = {**params["head"], "sigma": jnp.ones((), jnp.float32)}
+        mr = self.lambda_mr * margin_ranking_loss(
+            cosine_logits(out.features, unscaled),
+            batch.y,
+            batch.weight,
+            num_old=info.num_old,
+            top_k=min(self.top_k, info.num_new),
+            margin=self.margin,
+        )
+        return ce + lf + mr, {"ce": ce, "lf": lf, "mr": mr}
+
+    def end_phase(self, ctx: PhaseContext, variables: PyTree, method_state: dict) -> dict:
+        method_state = super().end_phase(ctx, variables, method_state)
+        # Empty collections (an MLP has no batch_stats) are left out: a checkpoint keeps only arrays.
+        teacher = snapshot(variables)
+        return {**method_state, "teacher": teacher}

@@ -1,0 +1,83 @@
+"""LwF: Li & Hoiem 2017, "Learning without Forgetting" (TPAMI), in its class-incremental form.
+
+At the end of every phase the model is kept as a teacher. In later phases, on the new data only, the
+loss is
+
+    CE(new-class logits, y) + strength * KD(old-class logits, teacher's logits)
+
+with the paper's distillation term: the cross-entropy between the teacher's and the student's softmax
+at temperature T over the old classes, -sum_j softmax(t / T)_j log softmax(s / T)_j, with no T^2
+factor. The teacher's logits are computed inside the step (BatchNorm in inference mode) and carry no
+gradient.
+
+Choices where implementations differ:
+- Classification loss: the paper trains the new task's own output layer, which in one head is a
+  softmax over this phase's classes only (`ce_classes='new'`); FACIL (no exemplars) and PyCIL do the
+  same. `ce_classes='seen'` uses a softmax over all seen classes instead.
+- Distillation: one softmax over all old classes (FACIL and PyCIL concatenate old heads the same way);
+  the paper, with one head per task, distils each old task's head separately.
+- Strength: the paper's lambda_o = 1, also FACIL's lamb; PyCIL uses 3. Temperature T = 2 (paper).
+- Omitted: the paper's optional warm-up step (training only the new head first), which the paper
+  reports matters little for LwF; FACIL and PyCIL also omit it by default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import optax
+
+from incremental.methods.base import Batch, Method, Outputs, PhaseContext, PhaseInfo
+from incremental.methods.distill import kd_loss, snapshot
+
+PyTree = Any
+CE_CLASSES = ("new", "seen")
+
+
+@dataclasses.dataclass(frozen=True)
+class LwF(Method):
+    name = "lwf"
+
+    strength: float = 1.0  # lambda_o of the paper (and FACIL's lamb); PyCIL uses 3
+    temperature: float = 2.0  # T of the paper, FACIL and PyCIL
+    ce_classes: str = "new"  # 'new': softmax over this phase's classes (paper) | 'seen': all seen
+
+    def __post_init__(self):
+        if self.ce_classes not in CE_CLASSES:
+            raise ValueError(
+                f"method_args.ce_classes must be one of {CE_CLASSES}, got {self.ce_classes!r}."
+            )
+        if self.temperature <= 0:
+            raise ValueError(f"method_args.temperature must be > 0, got {self.temperature}.")
+        if self.strength < 0:
+            raise ValueError(f"method_args.strength must be >= 0, got {self.strength}.")
+
+    def loss(
+        self,
+        out: Outputs,
+        batch: Batch,
+        *,
+        params: PyTree,
+        method_state: dict,
+        info: PhaseInfo,
+        apply_fn: Callable,
+    ) -> tuple[jax.Array, dict[str, jax.Array]]:
+        del params
+        old = info.num_old
+        if info.phase == 0 or "teacher" not in method_state:
+            ce = optax.softmax_cross_entropy_with_integer_labels(out.logits, batch.y)
+            return ce, {"ce": ce}
+        if self.ce_classes == "new":
+            ce = optax.softmax_cross_entropy_with_integer_labels(out.logits[:, old:], batch.y - old)
+        else:
+            ce = optax.softmax_cross_entropy_with_integer_labels(out.logits, batch.y)
+        _, teacher_logits = apply_fn(method_state["teacher"], batch.x, train=False)
+        kd = kd_loss(out.logits[:, :old], teacher_logits, self.temperature)
+        return ce + self.strength * kd, {"ce": ce, "kd": kd}
+
+    def end_phase(self, ctx: PhaseContext, variables: PyTree, method_state: dict) -> dict:
+        del ctx
+        return {**method_state, "teacher": snapshot(variables)}

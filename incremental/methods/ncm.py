@@ -1,0 +1,94 @@
+"""Nearest class mean (NCM): a frozen feature extractor and one prototype per class.
+
+The SimpleCIL baseline of Zhou et al. 2023, "Revisiting Class-Incremental Learning with Pre-Trained
+Models: Generalizability and Adaptivity are All You Need" (prototype classifier on frozen features), with
+the nearest-mean-of-exemplars rule of iCaRL (Rebuffi et al. 2017) applied to every training example of a
+new class instead of a memory. Phase 0 trains the network as usual (SimpleCIL instead starts from a
+pre-trained model: `train_first_phase=False`); later phases take no gradient step at all, so the
+backbone, and with it every stored mean, stays valid. The head is widened as usual but never used.
+
+Choices where implementations differ:
+  * A class mean is the mean of the L2-normalised features of the class's training examples, then
+    normalised again (iCaRL's NME); SimpleCIL averages raw features and compares them by cosine, which
+    also ignores the mean's norm but weights long feature vectors more.
+  * Scores are cosine similarities to the normalised means (monotone in the Euclidean distance between
+    unit vectors, so the argmax is the nearest mean).
+  * Every phase, phase 0 included, is evaluated with the nearest-mean rule.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from incremental.methods.base import (
+    Method,
+    Outputs,
+    PhaseContext,
+    PhaseInfo,
+    PhaseSetup,
+    PyTree,
+    data_of_classes,
+)
+
+
+def l2_normalize(x: jax.Array, axis: int = -1) -> jax.Array:
+    """`x / ||x||` along `axis`; zero vectors stay zero."""
+    norm = jnp.linalg.norm(x, axis=axis, keepdims=True)
+    return x / jnp.maximum(norm, 1e-12)
+
+
+@jax.jit
+def _sums_of_normalized(feats_NxD: jax.Array, onehot_NxK: jax.Array) -> jax.Array:
+    return jnp.dot(onehot_NxK.T, l2_normalize(feats_NxD), precision=jax.lax.Precision.HIGHEST)
+
+
+def class_means(feats_NxD: np.ndarray, labels_N: np.ndarray, num_classes: int) -> jax.Array:
+    """(num_classes, D) re-normalised means of the L2-normalised features of classes 0..num_classes-1."""
+    counts = np.bincount(labels_N, minlength=num_classes)
+    if len(counts) > num_classes or not counts.all():
+        raise ValueError(
+            f"Every class in [0, {num_classes}) needs training examples to have a mean; counts per "
+            f"class: {counts.tolist()}. Check the dataset's class subset and the protocol."
+        )
+    onehot_NxK = jax.nn.one_hot(labels_N, num_classes, dtype=jnp.float32)
+    sums_KxD = _sums_of_normalized(jnp.asarray(feats_NxD, jnp.float32), onehot_NxK)
+    return l2_normalize(sums_KxD / jnp.asarray(counts, jnp.float32)[:, None])
+
+
+@dataclasses.dataclass(frozen=True)
+class NCM(Method):
+    """Method state: `class_means` (num_seen, D), unit rows in class order."""
+
+    name = "ncm"
+
+    train_first_phase: bool = True  # False: phase 0 takes no step either (for a pre-trained model)
+
+    def setup(self, info: PhaseInfo) -> PhaseSetup:
+        if info.phase == 0 and self.train_first_phase:
+            return PhaseSetup()
+        return PhaseSetup(train=False)
+
+    def end_phase(self, ctx: PhaseContext, variables: PyTree, method_state: dict) -> dict:
+        info = ctx.info
+        idx = data_of_classes(ctx.y_train, info.num_old, info.num_seen)
+        feats = ctx.embed(variables, ctx.x_train[idx])
+        new = class_means(feats, ctx.y_train[idx] - info.num_old, info.num_new)
+        if "class_means" in method_state:
+            new = jnp.concatenate([method_state["class_means"], new])
+        if new.shape[0] != info.num_seen:
+            raise ValueError(
+                f"ncm holds {new.shape[0]} class means after phase {info.phase}, expected "
+                f"{info.num_seen}; the method state does not belong to this run."
+            )
+        return {"class_means": new}
+
+    def predict(self, out: Outputs, method_state: dict) -> jax.Array:
+        """Cosine similarity of each normalised feature to each class mean."""
+        feats_BxD = l2_normalize(out.features.astype(jnp.float32))
+        return jnp.dot(
+            feats_BxD, method_state["class_means"].T, precision=jax.lax.Precision.HIGHEST
+        )

@@ -1,0 +1,71 @@
+"""What every rehearsal method shares: an exemplar memory, training on new data plus the memory, and
+nearest-mean-of-exemplars (NME) evaluation beside the linear head.
+
+After each phase (with the final model of the phase) the memory drops old exemplars down to the new
+per-class count and selects the new classes' exemplars; the class means used by NME are the
+normalised means of the exemplars' normalised features, recomputed for every seen class (iCaRL).
+"""
+
+import dataclasses
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from incremental import memory as memory_lib
+from incremental.methods.base import Method, Outputs, PhaseContext, data_of_classes
+
+
+def normalise(x: jax.Array, axis: int = -1) -> jax.Array:
+    return x / jnp.linalg.norm(x, axis=axis, keepdims=True).clip(1e-12)
+
+
+def class_means(feats_NxD: jax.Array, labels_N: np.ndarray, num_classes: int) -> jax.Array:
+    """(num_classes, D) normalised means of normalised features, per class."""
+    onehot = jax.nn.one_hot(jnp.asarray(labels_N), num_classes, dtype=jnp.float32)
+    sums = onehot.T @ normalise(jnp.asarray(feats_NxD, jnp.float32))
+    return normalise(sums / onehot.sum(0)[:, None].clip(1.0))
+
+
+def nme_scores(out: Outputs, method_state: dict) -> jax.Array:
+    """Negative distance of the normalised features to each class mean (the NME classifier)."""
+    feats = normalise(out.features)
+    means = method_state["class_means"]
+    sq = (feats**2).sum(1, keepdims=True) - 2 * feats @ means.T + (means**2).sum(1)[None, :]
+    return -jnp.sqrt(jnp.maximum(sq, 0.0))
+
+
+@dataclasses.dataclass(frozen=True)
+class Rehearsal(Method):
+    """Base for methods that keep exemplars; `config.memory` sets `memory`."""
+
+    name = "rehearsal"
+    memory: memory_lib.MemoryConfig = memory_lib.MemoryConfig()
+
+    def init_state(self) -> dict:
+        return {"memory": memory_lib.empty()}
+
+    def train_indices(self, ctx: PhaseContext, method_state: dict) -> np.ndarray:
+        new = data_of_classes(ctx.y_train, ctx.info.num_old, ctx.info.num_seen)
+        return np.concatenate([new, np.asarray(method_state["memory"]["indices"], np.int64)])
+
+    def end_phase(self, ctx: PhaseContext, variables, method_state: dict) -> dict:
+        info = ctx.info
+        new = data_of_classes(ctx.y_train, info.num_old, info.num_seen)
+        memory = memory_lib.update(
+            method_state["memory"],
+            self.memory,
+            new_indices=new,
+            new_labels=ctx.y_train[new],
+            feats_fn=lambda idx: ctx.embed(variables, ctx.x_train[idx]),
+            num_seen=info.num_seen,
+            seed=ctx.seed * 1000 + info.phase,
+        )
+        idx = np.asarray(memory["indices"])
+        feats = ctx.embed(variables, ctx.x_train[idx])
+        means = class_means(feats, np.asarray(memory["labels"]), info.num_seen)
+        return {**method_state, "memory": memory, "class_means": means}
+
+    def extra_predictions(self) -> dict[str, Callable]:
+        return {"nme": nme_scores}

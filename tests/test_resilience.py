@@ -1,0 +1,253 @@
+"""Preemption, kills, damaged checkpoints and bad input: nothing finished is lost, numbers are exact."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from configs import digits
+from incremental import run as run_lib
+
+ROOT = Path(__file__).resolve().parent.parent
+# Short epochs, a checkpoint after every epoch: every kill lands near one.
+FLAGS = [
+    "--config=configs/digits.py:method=replay",
+    "--config.train.epochs=6",
+    "--config.train_first.epochs=6",
+    "--config.train.milestones=(4,)",
+    "--config.train_first.milestones=(4,)",
+    "--config.checkpoint.every_epochs=1",
+    "--config.log.plot=False",
+]
+NUMBERS = ("accuracy_matrix", "task_aware_matrix", "nme_accuracy_matrix", "accuracy")
+
+
+def cli(workdir, *extra):
+    cmd = [sys.executable, "-m", "incremental.main", "run", *FLAGS, f"--workdir={workdir}", *extra]
+    return subprocess.Popen(
+        cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+
+
+def numbers(workdir):
+    with open(Path(workdir) / "results.json") as f:
+        results = json.load(f)
+    losses = [p["final_loss"] for p in results["phases"]]
+    return {k: results[k] for k in NUMBERS} | {"losses": losses, "complete": results["complete"]}
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("whole")
+    proc = cli(workdir)
+    out, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, out[-3000:]
+    return numbers(workdir)
+
+
+def test_sigkill_at_many_points_loses_nothing(tmp_path, uninterrupted):
+    """Kill -9 after several delays (inside epochs, during saves, between phases), restart each time."""
+    workdir = tmp_path / "killed"
+    kills, finished_phases = 0, []
+    for delay in (4.0, 5.5, 7.0, 8.5, 10.0, 11.5, 13.0):
+        proc = cli(workdir)
+        time.sleep(delay)
+        if proc.poll() is not None:
+            break
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        kills += 1
+        results = workdir / "results.json"
+        if results.exists():
+            done = len(json.loads(results.read_text())["accuracy_matrix"])
+            assert done >= max(finished_phases, default=0)  # no finished phase is ever lost
+            finished_phases.append(done)
+    proc = cli(workdir)
+    out, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, out[-3000:]
+    assert kills >= 3
+    assert numbers(workdir) == uninterrupted
+
+
+def test_sigterm_saves_and_exits_cleanly_then_resumes(tmp_path, uninterrupted):
+    workdir = tmp_path / "term"
+    proc = cli(workdir)
+    for line in proc.stdout:  # wait until phase 1 is finished, then ask it to stop
+        if line.startswith("    1 "):
+            proc.send_signal(signal.SIGTERM)
+            break
+    out, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 3, out[-3000:]
+    assert "Re-run to resume" in out and f"--workdir={workdir}" in out
+    proc = cli(workdir)
+    out, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, out[-3000:]
+    assert "Resuming" in out
+    assert numbers(workdir) == uninterrupted
+
+
+def small_config(method="finetune"):
+    config = digits.get_config(f"method={method}")
+    config.train.epochs = config.train_first.epochs = 4
+    config.train.milestones = config.train_first.milestones = (3,)
+    config.checkpoint.every_epochs = 1
+    config.log.progress = config.log.plot = False
+    return config
+
+
+def test_resume_within_a_phase_is_exact(tmp_path):
+    config = small_config()
+    whole = run_lib.run(config, str(tmp_path / "whole"))
+    staged = str(tmp_path / "staged")
+    run_lib.run(config, staged, stop_after=1)
+    # Pretend the run died in phase 2 after epoch 1: train phase 2 for two epochs and save there.
+    from incremental import checkpoint
+
+    data, protocol, method = run_lib.validate(config, staged)
+    ckpts = checkpoint.Checkpoints(staged)
+    _, carried, method_state, records = run_lib.resume(ckpts, config, method, protocol, data)
+    pr, state, method_state = run_lib.begin_phase(
+        config, method, data, protocol, 2, carried, method_state
+    )
+    for _ in range(2):
+        state, method_state, _ = pr.train_epoch(state, method_state, pr.x, pr.y)
+    ckpts.save_epoch(2, 1, state, method_state, run_lib._meta(config, protocol, 2, records, 1))
+    ckpts.wait()
+    ckpts.close()
+    resumed = run_lib.run(config, staged)
+    assert resumed["accuracy_matrix"] == whole["accuracy_matrix"]
+    assert [p["final_loss"] for p in resumed["phases"]] == [
+        p["final_loss"] for p in whole["phases"]
+    ]
+
+
+def test_damaged_newest_checkpoint_is_skipped_and_named(tmp_path, capsys):
+    config = small_config()
+    config.checkpoint.every_epochs = 0
+    whole = run_lib.run(config, str(tmp_path / "whole"))
+    staged = tmp_path / "staged"
+    run_lib.run(config, str(staged), stop_after=2)
+    newest = staged / "checkpoints" / "phase" / "2"
+    files = sorted((p for p in newest.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+    with open(files[-1], "r+b") as f:  # truncate the biggest array file to half
+        f.truncate(files[-1].stat().st_size // 2)
+    resumed = run_lib.run(config, str(staged))
+    out = capsys.readouterr().out
+    assert "cannot be read" in out and str(newest) in out
+    assert resumed["accuracy_matrix"] == whole["accuracy_matrix"]
+    assert any((staged / "checkpoints" / "damaged").iterdir())  # kept aside, not deleted
+
+
+def test_changed_lr_is_refused_but_checkpoint_frequency_may_change(tmp_path):
+    config = small_config()
+    run_lib.run(config, str(tmp_path), stop_after=0)
+    config.checkpoint.every_epochs = 3
+    config.log.progress = True
+    run_lib.run(config, str(tmp_path), stop_after=1)  # accepted
+    config.train.lr = 0.5
+    with pytest.raises(ValueError, match=r"train.lr: 0.05 -> 0.5"):
+        run_lib.run(config, str(tmp_path))
+
+
+def test_nonfinite_loss_names_phase_and_epoch_and_keeps_checkpoints(tmp_path):
+    config = small_config()
+    run_lib.run(config, str(tmp_path), stop_after=0)
+    before = sorted(p.name for p in (tmp_path / "checkpoints" / "phase").iterdir())
+    config2 = small_config()
+    config2.train.lr = 1e30  # later phases diverge
+    with pytest.raises(FloatingPointError, match="phase 1, epoch 0"):
+        run_lib.run(config2, str(tmp_path / "other"))
+    assert sorted(p.name for p in (tmp_path / "checkpoints" / "phase").iterdir()) == before
+
+
+def write_npz(path, **overrides):
+    rng = np.random.default_rng(0)
+    arrays = {
+        "x_train": rng.normal(size=(40, 5)).astype(np.float32),
+        "y_train": np.arange(40) % 4,
+        "x_test": rng.normal(size=(8, 5)).astype(np.float32),
+        "y_test": np.arange(8) % 4,
+    }
+    arrays.update(overrides)
+    np.savez(path, **{k: v for k, v in arrays.items() if v is not None})
+    return path
+
+
+BAD_INPUTS = {
+    "unknown method": (["--config.method=icarll"], "Unknown method 'icarll'"),
+    "unknown dataset": (["--config.dataset.name=imagenet"], "imagenet"),
+    "unknown model": (["--config.model.name=vit"], "Unknown model.name 'vit'"),
+    "unknown optimizer": (["--config.train.optimizer=lion"], "Unknown train.optimizer 'lion'"),
+    "impossible protocol": (["--config.protocol.increment=3"], "increment=3"),
+    "memory smaller than classes": (
+        ["--config=configs/digits.py:method=replay", "--config.memory.budget=5"],
+        "smaller than the 10 classes",
+    ),
+    "unprepared tfds": (["--config.dataset.name=tfds:cifar10"], "prepare_tfds.py cifar10"),
+    "missing config file": (["--config=configs/nope.py"], "nope.py"),
+    "config without get_config": (["--config=incremental/__init__.py"], "get_config"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_INPUTS))
+def test_bad_input_fails_fast_and_changes_nothing(tmp_path, case):
+    args, message = BAD_INPUTS[case]
+    workdir = tmp_path / "existing"
+    workdir.mkdir()
+    (workdir / "results.json").write_text("{}")
+    start = time.perf_counter()
+    cmd = [sys.executable, "-m", "incremental.main", "run", *args, f"--workdir={workdir}"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    elapsed = time.perf_counter() - start
+    assert proc.returncode != 0
+    assert message in proc.stdout + proc.stderr
+    assert sorted(os.listdir(workdir)) == ["results.json"]
+    assert (workdir / "results.json").read_text() == "{}"
+    assert elapsed < 30  # seconds, with the interpreter's start; see the benchmark note in README
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (dict(y_train=None), "y_train"),
+        (dict(y_train=np.arange(39) % 4), "40 examples but y_train has 39"),
+        (dict(y_train=(np.arange(40) % 4) + 0.5), "integer"),
+        (dict(x_train=np.full((40, 5), np.nan, np.float32)), "NaN"),
+    ],
+)
+def test_bad_npz_is_refused_before_anything_is_written(tmp_path, overrides, message):
+    path = write_npz(tmp_path / "data.npz", **overrides)
+    config = small_config()
+    config.dataset.name = f"npz:{path}"
+    with pytest.raises(ValueError, match=message):
+        run_lib.run(config, str(tmp_path / "w"))
+    assert not (tmp_path / "w").exists()
+
+
+def test_conv_model_on_feature_vectors_is_refused(tmp_path):
+    config = small_config()
+    config.dataset.name = f"npz:{write_npz(tmp_path / 'data.npz')}"
+    config.protocol.init_classes = config.protocol.increment = 2
+    config.model.name, config.model.kwargs = "resnet32", {}
+    with pytest.raises(ValueError, match="cannot take examples of shape"):
+        run_lib.run(config, str(tmp_path / "w"))
+
+
+def test_unwritable_workdir_is_refused(tmp_path):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    config = small_config()
+    try:
+        if os.access(locked, os.W_OK):
+            pytest.skip("running as a user who can write anywhere (root)")
+        with pytest.raises(ValueError, match="cannot be written"):
+            run_lib.run(config, str(locked / "w"))
+    finally:
+        locked.chmod(0o700)
