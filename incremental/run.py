@@ -520,7 +520,13 @@ def run(config, workdir: str, *, stop_after: int | None = None) -> dict:
       Preempted: after SIGTERM/SIGINT, once the current epoch is saved.
     """
     data, protocol, method = validate(config, workdir)
-    os.makedirs(workdir, exist_ok=True)
+    try:
+        os.makedirs(workdir, exist_ok=True)
+    except OSError as error:
+        raise ValueError(
+            f"The work directory {workdir} cannot be created ({error.strerror}); pass a --workdir "
+            "you can write to."
+        ) from None
     ckpts = checkpoint.Checkpoints(workdir, config.checkpoint.keep)
     try:
         first, carried, method_state, records = resume(ckpts, config, method, protocol, data)
