@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 
-import matplotlib
 import numpy as np
 from rich import box
 from rich.console import Console
@@ -129,6 +128,8 @@ def print_summary(results: dict, workdir: str) -> None:
 
 def plot(results: dict, path: str) -> None:
     """Accuracy on all seen classes per phase, and each phase's classes over time (PNG)."""
+    import matplotlib  # imported here: the command line starts faster without it
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
