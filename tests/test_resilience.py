@@ -240,14 +240,9 @@ def test_conv_model_on_feature_vectors_is_refused(tmp_path):
 
 
 def test_unwritable_workdir_is_refused(tmp_path):
-    locked = tmp_path / "locked"
-    locked.mkdir()
-    locked.chmod(0o500)
-    config = small_config()
-    try:
-        if os.access(locked, os.W_OK):
-            pytest.skip("running as a user who can write anywhere (root)")
-        with pytest.raises(ValueError, match="cannot be written"):
-            run_lib.run(config, str(locked / "w"))
-    finally:
-        locked.chmod(0o700)
+    # Under a regular file no directory can be made, whoever runs the test (CI runs as root).
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a directory")
+    with pytest.raises(ValueError, match="cannot be written"):
+        run_lib.run(small_config(), str(blocker / "w"))
+    assert blocker.read_text() == "not a directory"

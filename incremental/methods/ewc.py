@@ -206,7 +206,8 @@ class QuadraticPenalty(Method):
             )
 
     def importance(self, ctx: PhaseContext, variables: PyTree) -> PyTree:
-        raise NotImplementedError
+        """The phase's per-parameter importance; EWC, online EWC and MAS each define theirs."""
+        raise TypeError(f"{type(self).__name__} must define importance(ctx, variables).")
 
     def merge(self, method_state: dict, importance: PyTree, params: PyTree) -> dict:
         """Default: the sum of the importances, anchored at the latest parameters."""
