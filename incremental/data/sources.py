@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import functools
+import importlib.metadata
 import os
 import random
 import zipfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -66,17 +67,57 @@ def load_source(
     raise ValueError(f"Unknown data source {name!r}; valid sources are {', '.join(SOURCES)}.")
 
 
+def _disk_cached(name: str, version: str, build: Callable[[], tuple[np.ndarray, ...]]):
+    """`build()`'s arrays, kept in `$INCREMENTAL_CACHE` (default ~/.cache/incremental) by version.
+
+    Building imports scikit-learn or generates MNIST-1D, which takes seconds; reading the cached,
+    identical arrays takes milliseconds, so a command that fails on bad input fails fast. Where the
+    cache cannot be written, the arrays are simply rebuilt each time.
+    """
+    root = os.environ.get("INCREMENTAL_CACHE") or os.path.join(
+        os.path.expanduser("~"), ".cache", "incremental"
+    )
+    path = os.path.join(root, f"{name}-{version}.npz")
+    try:
+        with np.load(path) as data:
+            return tuple(data[f"a{i}"] for i in range(len(data.files)))
+    except (OSError, ValueError, KeyError):
+        pass
+    arrays = build()
+    try:
+        os.makedirs(root, exist_ok=True)
+        tmp = f"{path}.{os.getpid()}.tmp.npz"
+        np.savez(tmp, **{f"a{i}": a for i, a in enumerate(arrays)})
+        os.replace(tmp, path)  # readers never see a half-written file
+    except OSError:
+        pass
+    return arrays
+
+
+def _package_version(name: str) -> str:
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
+
 def _load_digits() -> Source:
     """Scikit-learn's 8x8 digits with a fixed stratified 80/20 split."""
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
 
-    digits = load_digits()
-    x = digits.images.astype(np.uint8)[..., None]  # Values 0..16, kept unscaled.
-    y = digits.target.astype(np.int32)
-    x_train, x_test, y_train, y_test = train_test_split(
-        x, y, test_size=0.2, stratify=y, random_state=0
-    )
+    def build():
+        from sklearn.datasets import load_digits
+        from sklearn.model_selection import train_test_split
+
+        digits = load_digits()
+        x = digits.images.astype(np.uint8)[..., None]  # Values 0..16, kept unscaled.
+        y = digits.target.astype(np.int32)
+        x_train, x_test, y_train, y_test = train_test_split(
+            x, y, test_size=0.2, stratify=y, random_state=0
+        )
+        return x_train, y_train, x_test, y_test
+
+    version = f"sklearn{_package_version('scikit-learn')}-split1"
+    x_train, y_train, x_test, y_test = _disk_cached("digits", version, build)
     return Source(x_train, y_train, x_test, y_test, 10, "digits", True)
 
 
@@ -91,7 +132,12 @@ def _load_mnist1d() -> Source:
 
 @functools.cache
 def _mnist1d_arrays() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Generates MNIST-1D once per process (takes about two seconds)."""
+    """MNIST-1D, generated once (about two seconds) and then read from the disk cache."""
+    version = f"mnist1d{_package_version('mnist1d')}-defaults1"
+    return _disk_cached("mnist1d", version, _generate_mnist1d)
+
+
+def _generate_mnist1d() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     from mnist1d.data import get_dataset_args, make_dataset
 
     # make_dataset reseeds the global numpy and python RNGs; restore both for the caller.
