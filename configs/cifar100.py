@@ -21,9 +21,8 @@ finetune 9.2, EWC 12.5, LwF 23.3, replay 41.0, iCaRL 49.3, BiC 50.6, WA 52.3, jo
 incremental accuracy: EWC 29.8, LwF 43.7, BiC 64.9, WA 67.2.
 """
 
-from incremental.config import base_config, parse_arg, set_method
+from incremental.config import base_config, parse_arg, set_method, set_protocol
 
-PROTOCOLS = {"b0_inc10": (0, 10), "b0_inc20": (0, 20), "b50_inc10": (50, 10), "b50_inc5": (50, 5)}
 _FINETUNE = {"epochs": 80, "milestones": (40, 70)}
 _EWC = {"epochs": 180, "milestones": (70, 120, 150)}
 # Later phases (phase 0 is shared), from PyCIL's models/<method>.py; method_args where PyCIL differs.
@@ -61,14 +60,10 @@ METHOD_SETTINGS = {
 
 def get_config(arg: str | None = None):
     args = parse_arg(arg, {"method": "finetune", "protocol": "b0_inc10"})
-    if args["protocol"] not in PROTOCOLS:
-        raise ValueError(
-            f"Unknown protocol {args['protocol']!r}; choose one of {sorted(PROTOCOLS)}."
-        )
     config = base_config()
     set_method(config, args["method"])
     config.dataset.name = "tfds:cifar100"
-    config.protocol.init_classes, config.protocol.increment = PROTOCOLS[args["protocol"]]
+    set_protocol(config, args["protocol"])
 
     config.model.name = "resnet32"
     config.model.kwargs = {}

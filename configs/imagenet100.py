@@ -15,22 +15,16 @@ phase 0: 200 epochs, milestones 60/120/170, weight decay 5e-4; later phases: 80 
 weight decay 2e-4; random crop and horizontal flip.
 """
 
-from incremental.config import base_config, parse_arg, set_method
-
-PROTOCOLS = {"b0_inc10": (0, 10), "b0_inc20": (0, 20), "b50_inc10": (50, 10), "b50_inc5": (50, 5)}
+from incremental.config import base_config, parse_arg, set_method, set_protocol
 
 
 def get_config(arg: str | None = None):
     args = parse_arg(arg, {"method": "finetune", "protocol": "b0_inc10"})
-    if args["protocol"] not in PROTOCOLS:
-        raise ValueError(
-            f"Unknown protocol {args['protocol']!r}; choose one of {sorted(PROTOCOLS)}."
-        )
     config = base_config()
     set_method(config, args["method"])
     config.dataset.name = "tfds:imagenet_resized/64x64"
     config.dataset.classes = "seeded:100"
-    config.protocol.init_classes, config.protocol.increment = PROTOCOLS[args["protocol"]]
+    set_protocol(config, args["protocol"])
 
     config.model.name = "resnet18"
     config.model.kwargs = {"small_input": True}

@@ -22,6 +22,17 @@ def parse_arg(arg: str | None, defaults: dict[str, str]) -> dict[str, str]:
     return values
 
 
+# The field's protocols: (classes in phase 0, classes per later phase); 0 means B0 (equal phases).
+PROTOCOLS = {"b0_inc10": (0, 10), "b0_inc20": (0, 20), "b50_inc10": (50, 10), "b50_inc5": (50, 5)}
+
+
+def set_protocol(config: ml_collections.ConfigDict, name: str) -> None:
+    """Sets `config.protocol.{init_classes, increment}` from a name in PROTOCOLS."""
+    if name not in PROTOCOLS:
+        raise ValueError(f"Unknown protocol {name!r}; choose one of {sorted(PROTOCOLS)}.")
+    config.protocol.init_classes, config.protocol.increment = PROTOCOLS[name]
+
+
 def set_method(config: ml_collections.ConfigDict, name: str) -> None:
     """Sets `config.method` and fills `config.method_args` with that method's defaults.
 
