@@ -17,8 +17,11 @@ LwF uses lambda 3, EWC lambda 1000, WA a fixed KD weight 2 and no weight clippin
 own defaults are the papers'.
 
 Targets for a full GPU run, B0-Inc10 last accuracy read off PyCIL's figures (about +-1 point):
-finetune 9.2, EWC 12.5, LwF 23.3, replay 41.0, iCaRL 49.3, BiC 50.6, WA 52.3, joint 70.2. Average
-incremental accuracy: EWC 29.8, LwF 43.7, BiC 64.9, WA 67.2.
+finetune 9.2, EWC 12.5, LwF 23.3, replay 41.0, iCaRL 49.3, BiC 50.6, WA 52.3, DER 58.6, FOSTER 61.5,
+joint 70.2. Average incremental accuracy: EWC 29.8, LwF 43.7, BiC 64.9, WA 67.2, DER 69.7, FOSTER 72.8.
+B50-Inc10 (`protocol=b50_inc10`, PyCIL's "B50 5 steps") last accuracy: FOSTER 64.0, DER 62, WA 56,
+iCaRL 52, BiC 49.3, replay 41.3. DER, MEMO and FOSTER grow the network: DER's parameter count grows
+by one ResNet-32 (about 0.46M) per phase, MEMO's by one third stage, FOSTER's stays one backbone.
 """
 
 from incremental.config import base_config, parse_arg, set_method, set_protocol
@@ -47,6 +50,9 @@ METHOD_SETTINGS = {
         "milestones": (60, 100, 140),
         "method_args": {"kd_weighting": "fixed", "clip_weights": False},  # PyCIL: CE + 2 KD
     },
+    # DER and MEMO (PyCIL's der.py / memo.py): later phases 170 epochs, milestones 80/120/150.
+    "der": {"epochs": 170, "milestones": (80, 120, 150)},
+    "memo": {"epochs": 170, "milestones": (80, 120, 150)},
     # LUCIR: every phase 160 epochs, milestones 80/120, weight decay 5e-4, 20 exemplars per class.
     "lucir": {
         "epochs": 160,

@@ -19,4 +19,7 @@ def get_config(arg: str | None = None):
         # MAS's importances grow with the logits here; at the published strength 1 SGD with lr 0.05
         # diverges in phase 3 (lr * strength * importance must stay below about 3.8).
         config.method_args.strength = 0.01
+    if args["method"] == "memo":
+        # MEMO shares all layers but the last and copies the last per phase: it needs two.
+        config.model.kwargs.hidden = (256, 256)
     return config

@@ -1,11 +1,12 @@
 """Checkpoints of a work directory: orbax `CheckpointManager`s under `<workdir>/checkpoints/`.
 
 - `phase/<p>`: the end of every finished phase, all kept. Restored to resume after phase `p`.
-- `epoch/<n>`: within a phase, every `config.checkpoint.every_epochs` epochs and on preemption,
-  written asynchronously, the last `config.checkpoint.keep` kept; `n = phase * EPOCH_STRIDE + epoch`.
+- `step/<n>`: within a phase, every `config.checkpoint.every_steps` steps or `every_epochs` epochs
+  and on preemption, written asynchronously, the last `config.checkpoint.keep` kept;
+  `n = phase * STEP_STRIDE + step`, where `step` counts the optimizer steps taken in the phase.
 
 Each step holds `state` (params, batch_stats, opt_state, rng, ...), `method` (the method state, when it
-has any) and `meta` (JSON: phase, epoch, results so far, the config). Arrays are restored into the
+has any) and `meta` (JSON: phase, step, results so far, the config). Arrays are restored into the
 shapes of the phase that saved them; a wider head for the next phase is made afterwards by the
 explicit widening in `surgery`, never by orbax padding. A checkpoint that cannot be read is moved to
 `checkpoints/damaged/` with a warning and the next older one is used.
@@ -24,7 +25,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 
 PyTree = Any
-EPOCH_STRIDE = 1_000_000
+STEP_STRIDE = 1_000_000_000
 
 # Config keys that cannot change results; a resumed run may differ in these.
 IGNORED_KEYS = ("log", "checkpoint")
@@ -78,11 +79,11 @@ def _merge_empty(tree: dict, empty: dict) -> dict:
 class Checkpoints:
     """The phase-end and within-phase checkpoints of one work directory."""
 
-    def __init__(self, workdir: str, keep_epochs: int = 2):
+    def __init__(self, workdir: str, keep_within: int = 2):
         self.directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
         self.phases = _manager(os.path.join(self.directory, "phase"), None, async_save=False)
-        self.epochs = _manager(
-            os.path.join(self.directory, "epoch"), max(1, keep_epochs), async_save=True
+        self.within = _manager(
+            os.path.join(self.directory, "step"), max(1, keep_within), async_save=True
         )
 
     # Phase ends.
@@ -92,7 +93,7 @@ class Checkpoints:
 
     def save(self, phase: int, state: PyTree, method_state: dict, meta: dict) -> None:
         """Saves the end of `phase` and waits until it is complete on disk."""
-        self.epochs.wait_until_finished()
+        self.within.wait_until_finished()
         self.phases.save(phase, args=_items(state, method_state, meta))
         self.phases.wait_until_finished()
 
@@ -113,19 +114,18 @@ class Checkpoints:
         return self._newest(self.phases, lambda step: _restore(self.phases, step, target_fn(step)))
 
     # Within a phase.
-    def save_epoch(self, phase: int, epoch: int, state: PyTree, method_state: dict, meta: dict):
-        """Starts an asynchronous save after `epoch` of `phase`; `wait()` waits for it."""
-        step = phase * EPOCH_STRIDE + epoch
-        self.epochs.save(step, args=_items(state, method_state, meta))
+    def save_within(self, phase: int, step: int, state: PyTree, method_state: dict, meta: dict):
+        """Starts an asynchronous save after `step` steps of `phase`; `wait()` waits for it."""
+        self.within.save(phase * STEP_STRIDE + step, args=_items(state, method_state, meta))
 
-    def epoch_steps(self, phase: int) -> list[int]:
-        """Within-phase checkpoints of `phase`, newest first, as epoch numbers."""
-        steps = [s for s in self.epochs.all_steps() if s // EPOCH_STRIDE == phase]
-        return sorted((s % EPOCH_STRIDE for s in steps), reverse=True)
+    def within_steps(self, phase: int) -> list[int]:
+        """Within-phase checkpoints of `phase`, newest first, as step counts."""
+        steps = [s for s in self.within.all_steps() if s // STEP_STRIDE == phase]
+        return sorted((s % STEP_STRIDE for s in steps), reverse=True)
 
     def latest_meta(self) -> dict | None:
         """The meta of the newest checkpoint of either kind (for the config check), or None."""
-        for manager in (self.epochs, self.phases):
+        for manager in (self.within, self.phases):
             for step in sorted(manager.all_steps(), reverse=True):
                 try:
                     return self._meta(manager, step)
@@ -133,25 +133,22 @@ class Checkpoints:
                     continue
         return None
 
-    def restore_epoch(self, phase: int, state_target: PyTree) -> tuple[int, PyTree, dict] | None:
-        """The newest readable within-phase checkpoint of `phase` as `(epoch, state, method_state)`."""
+    def restore_within(self, phase: int, state_target: PyTree) -> tuple[PyTree, dict, dict] | None:
+        """The newest readable within-phase checkpoint of `phase` as `(state, method_state, meta)`."""
 
         def restore(step):
-            return _restore(self.epochs, step, state_target)
+            return _restore(self.within, step, state_target)
 
-        steps = [phase * EPOCH_STRIDE + e for e in self.epoch_steps(phase)]
-        found = self._newest(self.epochs, restore, steps)
-        if found is None:
-            return None
-        step, state, method_state, _ = found
-        return step % EPOCH_STRIDE, state, method_state
+        steps = [phase * STEP_STRIDE + s for s in self.within_steps(phase)]
+        found = self._newest(self.within, restore, steps)
+        return None if found is None else found[1:]
 
     def wait(self) -> None:
-        self.epochs.wait_until_finished()
+        self.within.wait_until_finished()
         self.phases.wait_until_finished()
 
     def close(self) -> None:
-        self.epochs.close()
+        self.within.close()
         self.phases.close()
 
     def _meta(self, manager, step: int) -> dict:

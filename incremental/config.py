@@ -84,6 +84,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.momentum = 0.9
     c.train.nesterov = False
     c.train.schedule = "multistep"  # multistep | cosine | constant
+    # scan: each epoch is one lax.scan; steps: a Python loop over one jitted step (the same steps);
+    # auto: steps for convolutional models on CPU (XLA:CPU's slow convolution gradients in loops).
+    c.train.loop = "auto"
     c.train.lr = 0.05
     c.train.epochs = 30
     c.train.milestones = (20,)  # epochs at which multistep multiplies the lr by lr_decay
@@ -109,6 +112,9 @@ def base_config() -> ml_collections.ConfigDict:
 
     c.checkpoint = ml_collections.ConfigDict()  # does not change results; may differ on resume
     c.checkpoint.every_epochs = 0  # also save within a phase every this many epochs (0: phase ends)
+    # Also save within a phase every this many steps (0: off). It is also how often SIGTERM/SIGINT
+    # is noticed: a call of the jitted step runs this many steps, or to the epoch's end when 0.
+    c.checkpoint.every_steps = 0
     c.checkpoint.keep = 2  # within-phase checkpoints kept (phase ends are all kept)
 
     c.log = ml_collections.ConfigDict()  # does not change results; may differ on resume

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
 
 import numpy as np
 from rich import box
@@ -61,13 +60,12 @@ class Progress:
     def __exit__(self, *exc):
         self.bars.__exit__(*exc)
 
-    def epochs(self, phase: int, num_epochs: int, start: int = 0) -> Iterator[int]:
+    def start_epochs(self, phase: int, num_epochs: int, start: int = 0) -> None:
         if self._epoch_task is not None:
             self.bars.remove_task(self._epoch_task)
         self._epoch_task = self.bars.add_task(
             f"phase {phase} epochs", total=num_epochs, completed=start, info=""
         )
-        yield from range(start, num_epochs)
 
     def epoch_done(self, metrics: dict) -> None:
         info = f"loss {metrics['loss']:.3f} acc {metrics['accuracy']:.3f}"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import os
 import signal
 import threading
@@ -17,10 +18,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from incremental import checkpoint, evaluate, methods, report, surgery, train
+from incremental import checkpoint, evaluate, methods, models, report, surgery, train
 from incremental.data import device, sources
 from incremental.methods import Method, PhaseContext, PhaseInfo
-from incremental.models import MODELS, build_model
+from incremental.models import MODELS, build_backbone, build_model
 from incremental.protocol import Protocol, make_protocol
 
 PyTree = Any
@@ -82,6 +83,46 @@ def make_model(config, num_classes: int, head: str = "linear"):
     )
 
 
+def train_loop(config) -> str:
+    """`config.train.loop`, with 'auto' resolved: a Python loop of steps for convolutional models on
+    CPU, where XLA runs convolution gradients far slower inside a scan; the scan elsewhere."""
+    loop = config.train.loop
+    if loop != "auto":
+        return loop
+    return "steps" if jax.default_backend() == "cpu" and config.model.name != "mlp" else "scan"
+
+
+def phase_model(config, method: Method, info: PhaseInfo, *, final: bool = False):
+    """The phase's model: the method's backbone (built from the config's) and `num_seen` classes."""
+    if config.dtype not in DTYPES:
+        raise ValueError(f"Unknown dtype {config.dtype!r}; choose one of {sorted(DTYPES)}.")
+    kwargs = dict(config.model.kwargs.to_dict())
+
+    def make(part: str = "all"):
+        extra = {} if part == "all" else {"part": part}
+        return build_backbone(config.model.name, dtype=DTYPES[config.dtype], **kwargs, **extra)
+
+    backbone = method.backbone(make, info, final=final)
+    return models.classifier(backbone, info.num_seen, method.head)
+
+
+def make_context(config, data: RunData, info: PhaseInfo, model) -> PhaseContext:
+    """The host-side context of the between-phase hooks, applying `model`."""
+    dtype = DTYPES[config.dtype]
+    embed = train.make_apply_batches(model, data.norm, lambda out, _: out.features, dtype)
+    return PhaseContext(
+        info,
+        data.y_train,
+        data.x_train,
+        lambda v, x: train.run_batched(embed, v, {}, x, config.eval.batch_size),
+        apply_fn=functools.partial(train.apply_any_head, model),
+        normalize=functools.partial(device.normalize, norm=data.norm, dtype=dtype),
+        seed=config.seed,
+        config=config,
+        norm=data.norm,
+    )
+
+
 def init_variables(config, model, x_example: np.ndarray, key: jax.Array) -> PyTree:
     variables = model.init(key, jnp.zeros((1, *x_example.shape), jnp.float32), train=False)
     variables = flax.core.unfreeze(variables)
@@ -94,11 +135,12 @@ class PhaseRun(NamedTuple):
     info: PhaseInfo
     ctx: PhaseContext
     model: Any
-    train_epoch: Any  # train.make_train_epoch(...)
+    train_epoch: Any  # train.make_train_epoch(...): one call runs up to an epoch's steps
     x: jax.Array  # the phase's training inputs, on the device
     y: jax.Array
     epochs: int
     num_train: int
+    steps_per_epoch: int
 
 
 def begin_phase(
@@ -113,22 +155,14 @@ def begin_phase(
     """Widens the model, runs the method's `begin_phase` and builds the phase's jitted epoch."""
     info = PhaseInfo(phase, protocol.offsets[phase], protocol.phase_sizes[phase])
     phase_key = jax.random.fold_in(jax.random.PRNGKey(config.seed), phase)
-    model = make_model(config, info.num_seen, method.head)
+    model = phase_model(config, method, info)
     dtype = DTYPES[config.dtype]
-    embed = train.make_apply_batches(model, data.norm, lambda out, _: out.features, dtype)
-    ctx = PhaseContext(
-        info,
-        data.y_train,
-        data.x_train,
-        lambda v, x: train.run_batched(embed, v, {}, x, config.eval.batch_size),
-        apply_fn=functools.partial(train.apply_any_head, model),
-        normalize=functools.partial(device.normalize, norm=data.norm, dtype=dtype),
-        seed=config.seed,
-    )
+    ctx = make_context(config, data, info, model)
     if carried is None:
         variables = init_variables(config, model, data.x_train[0], named_key(phase_key, "init"))
     else:
-        variables = widen(config, carried.variables, ctx, named_key(phase_key, "widen"))
+        variables = method.grow(ctx, carried.variables, named_key(phase_key, "grow"))
+        variables = widen(config, variables, ctx, named_key(phase_key, "widen"))
     method_state = method.begin_phase(ctx, variables, method_state)
 
     idx = method.train_indices(ctx, method_state)
@@ -162,11 +196,14 @@ def begin_phase(
         crop_padding=augment["crop_padding"],
         flip=augment["flip"],
         dtype=dtype,
+        steps_per_call=config.checkpoint.every_steps or None,
+        loop=train_loop(config),
     )
+    steps_per_epoch = -(-len(idx) // batch_size)
     x_dev, y_dev = jax.device_put(data.x_train[idx]), jax.device_put(data.y_train[idx])
     epochs = hp.epochs if setup.train else 0
     return (
-        PhaseRun(info, ctx, model, train_epoch, x_dev, y_dev, epochs, len(idx)),
+        PhaseRun(info, ctx, model, train_epoch, x_dev, y_dev, epochs, len(idx), steps_per_epoch),
         state,
         method_state,
     )
@@ -187,17 +224,31 @@ def finish_phase(
     start = time.perf_counter()
     info = run.info
     variables = {"params": state.params, "batch_stats": state.batch_stats}
-    method_state = method.end_phase(run.ctx, variables, method_state)
+    variables, method_state = method.compress(run.ctx, variables, method_state)
+    model, ctx, opt_state = run.model, run.ctx, state.opt_state
+    final = phase_model(config, method, info, final=True)
+    if final != model:
+        model, ctx = final, make_context(config, data, info, final)
+    if jax.tree.structure(variables["params"]) != jax.tree.structure(state.params):
+        tx = train.make_optimizer(
+            config.train,
+            train.phase_hparams(config, info.phase),
+            run.steps_per_epoch,
+            variables["params"],
+            method.setup(info),
+            info.num_old,
+        )
+        opt_state = tx.init(variables["params"])  # the trained one fits other params
+    method_state = method.end_phase(ctx, variables, method_state)
     train_seconds += time.perf_counter() - start
     start = time.perf_counter()
-    row = evaluate_phase(
-        config, run.model, method, data, protocol, info.phase, variables, method_state
-    )
+    row = evaluate_phase(config, model, method, data, protocol, info.phase, variables, method_state)
     record = {
         "phase": info.phase,
         "classes": [int(c) for c in protocol.class_order[info.num_old : info.num_seen]],
         "num_seen": info.num_seen,
         "num_train_examples": run.num_train,
+        "num_params": surgery.count_params(variables["params"], depth=1),
         "epochs": run.epochs,
         "final_loss": float(metrics["loss"]) if metrics else None,
         "final_train_accuracy": float(metrics["accuracy"]) if metrics else None,
@@ -205,7 +256,7 @@ def finish_phase(
         "eval_seconds": time.perf_counter() - start,
         **row,
     }
-    return PhaseResult(variables, state.opt_state, method_state, record)
+    return PhaseResult(variables, opt_state, method_state, record)
 
 
 def train_phase(
@@ -223,11 +274,10 @@ def train_phase(
     pr, state, method_state = begin_phase(
         config, method, data, protocol, phase, carried, method_state
     )
-    metrics = {}
-    for epoch in range(pr.epochs):
+    steps = Steps(pr)
+    while steps.remaining(state):
         state, method_state, metrics = pr.train_epoch(state, method_state, pr.x, pr.y)
-        metrics = jax.device_get(metrics)
-        check_finite(metrics, phase, epoch)
+        steps.add(metrics)
     return finish_phase(
         config,
         method,
@@ -236,17 +286,59 @@ def train_phase(
         pr,
         state,
         method_state,
-        metrics,
+        steps.last_epoch,
         time.perf_counter() - start,
     )
 
 
-def check_finite(metrics: dict, phase: int, epoch: int) -> None:
-    if not np.isfinite(metrics["loss"]):
-        raise FloatingPointError(
-            f"Non-finite loss {metrics['loss']} in phase {phase}, epoch {epoch}; lower the "
-            "learning rate or check the data. Checkpoints saved before it are kept."
-        )
+class Steps:
+    """Counts a phase's steps as the calls of `train_epoch` return, and averages each epoch's metrics.
+
+    An epoch's mean is exactly rounded (`math.fsum`) over its steps, so it does not depend on how
+    the epoch was split into calls; the values of an epoch that a checkpoint splits are carried in
+    the checkpoint (`state_dict`), so a resumed run reports the same means as an uninterrupted one.
+    """
+
+    def __init__(self, pr: PhaseRun, saved: dict | None = None):
+        self.phase, self.per_epoch = pr.info.phase, pr.steps_per_epoch
+        self.total = pr.epochs * pr.steps_per_epoch
+        saved = saved or {}
+        self.step = int(saved.get("step", 0))
+        self.values = {k: list(v) for k, v in saved.get("values", {}).items()}
+        self.last_epoch = dict(saved.get("last_epoch", {}))  # the last finished epoch's means
+
+    def remaining(self, state: train.TrainState) -> bool:
+        if int(state.step) != self.step:
+            raise ValueError(f"The train state is at step {int(state.step)}, expected {self.step}.")
+        return self.step < self.total
+
+    def add(self, metrics: dict) -> bool:
+        """Takes one call's metrics; returns whether it ended an epoch (its means: `last_epoch`)."""
+        metrics = jax.device_get(metrics)
+        n = int(metrics.pop("steps"))
+        loss = np.asarray(metrics["loss"])[:n]
+        if not np.isfinite(loss).all():
+            raise FloatingPointError(
+                f"Non-finite loss {loss[~np.isfinite(loss)][0]} in phase {self.phase}, epoch "
+                f"{self.step // self.per_epoch}, steps {self.step}-{self.step + n - 1}; lower the "
+                "learning rate or check the data. Checkpoints saved before it are kept."
+            )
+        self.step += n
+        for key, value in metrics.items():
+            self.values.setdefault(key, []).extend(float(v) for v in np.asarray(value)[:n])
+        if self.step % self.per_epoch:
+            return False
+        self.last_epoch = {k: math.fsum(v) / len(v) for k, v in self.values.items()}
+        self.values = {}
+        return True
+
+    @property
+    def epoch(self) -> int:
+        """Epochs finished so far."""
+        return self.step // self.per_epoch
+
+    def state_dict(self) -> dict:
+        return {"step": self.step, "values": self.values, "last_epoch": self.last_epoch}
 
 
 def widen(config, variables: PyTree, ctx: PhaseContext, key: jax.Array) -> PyTree:
@@ -354,7 +446,7 @@ def _json_default(value):
 def state_target(config, method, protocol, data, phase) -> PyTree:
     """Shapes and types of the state saved at the end of `phase`, for restoring it."""
     info = PhaseInfo(phase, protocol.offsets[phase], protocol.phase_sizes[phase])
-    model = make_model(config, info.num_seen, method.head)
+    model = phase_model(config, method, info, final=True)
     key = jax.random.PRNGKey(0)
     variables = jax.eval_shape(lambda: init_variables(config, model, data.x_train[0], key))
     hp = train.phase_hparams(config, phase)
@@ -370,7 +462,9 @@ class Preempted(Exception):
 
 
 class Preemption:
-    """Turns SIGTERM and SIGINT into a request to save and stop at the end of the current epoch.
+    """Turns SIGTERM and SIGINT into a request to save and stop after the current call of the step.
+
+    A call runs `config.checkpoint.every_steps` steps when that is set, else to the epoch's end.
 
     A second signal interrupts at once (the checkpoints already complete stay valid).
     """
@@ -384,7 +478,7 @@ class Preemption:
             raise KeyboardInterrupt
         self.requested = True
         report.console.print(
-            f"{signal.Signals(signum).name}: finishing this epoch, saving, then stopping "
+            f"{signal.Signals(signum).name}: finishing the current steps, saving, then stopping "
             "(signal again to stop at once)."
         )
 
@@ -406,6 +500,7 @@ def validate(config, workdir: str) -> tuple[RunData, Protocol, Method]:
         ("model.name", config.model.name, tuple(MODELS)),
         ("train.optimizer", config.train.optimizer, train.OPTIMIZERS),
         ("train.schedule", config.train.schedule, train.SCHEDULES),
+        ("train.loop", config.train.loop, ("auto", *train.LOOPS)),
         ("dtype", config.dtype, tuple(DTYPES)),
         ("head.init", config.head.init, surgery.HEAD_INITS),
     ):
@@ -430,7 +525,7 @@ def validate(config, workdir: str) -> tuple[RunData, Protocol, Method]:
 
 def check_model_fits(config, method, data: RunData) -> None:
     """Fails early when the data's example shape does not suit the model."""
-    model = make_model(config, 2, method.head)
+    model = phase_model(config, method, PhaseInfo(0, 0, 2))
     try:
         jax.eval_shape(
             lambda: model.init(
@@ -467,10 +562,10 @@ def resume(ckpts, config, method, protocol, data) -> tuple[int, PhaseResult | No
     return last + 1, carried, method_state, meta["records"]
 
 
-def _meta(config, protocol, phase, records, epoch=None) -> dict:
+def _meta(config, protocol, phase, records, steps: dict | None = None) -> dict:
     meta = {
         "phase": phase,
-        "epoch": epoch,
+        "steps": steps,  # within a phase: `Steps.state_dict()`; None at a phase's end
         "records": records,
         "config": config.to_dict(),
         "class_order": list(protocol.class_order),
@@ -481,29 +576,36 @@ def _meta(config, protocol, phase, records, epoch=None) -> dict:
 def run_epochs(
     config, ckpts, preempt, progress, protocol, records, pr: PhaseRun, state, method_state
 ):
-    """The phase's epochs, resuming after a within-phase checkpoint when there is one."""
-    phase, first = pr.info.phase, 0
-    restored = ckpts.restore_epoch(phase, state) if pr.epochs else None
+    """The phase's steps, resuming after a within-phase checkpoint when there is one."""
+    phase, saved = pr.info.phase, None
+    restored = ckpts.restore_within(phase, state) if pr.epochs else None
     if restored is not None:
-        epoch, state, method_state = restored
+        state, method_state, meta = restored
         state = train.TrainState(*state) if not isinstance(state, train.TrainState) else state
-        first = epoch + 1
-        report.console.print(f"Resuming phase {phase} after epoch {epoch}.")
-    metrics, every = {}, config.checkpoint.every_epochs
-    for epoch in progress.epochs(phase, pr.epochs, start=first):
+        saved = meta["steps"]
+        epoch = saved["step"] // pr.steps_per_epoch
+        report.console.print(f"Resuming phase {phase} at step {saved['step']} (epoch {epoch}).")
+    steps = Steps(pr, saved)
+    every_steps, every_epochs = config.checkpoint.every_steps, config.checkpoint.every_epochs
+    progress.start_epochs(phase, pr.epochs, start=steps.epoch)
+    while steps.remaining(state):
         state, method_state, metrics = pr.train_epoch(state, method_state, pr.x, pr.y)
-        metrics = jax.device_get(metrics)
-        check_finite(metrics, phase, epoch)
-        progress.epoch_done(metrics)
-        if epoch == pr.epochs - 1:
+        if steps.add(metrics):
+            progress.epoch_done(steps.last_epoch)
+        if steps.step == steps.total:
             break  # the phase-end checkpoint follows
-        if preempt.requested or (every and (epoch + 1) % every == 0):
-            meta = _meta(config, protocol, phase, records, epoch)
-            ckpts.save_epoch(phase, epoch, state, method_state, meta)
+        epoch_end = steps.step % pr.steps_per_epoch == 0
+        if (
+            preempt.requested
+            or every_steps
+            or (epoch_end and every_epochs and steps.epoch % every_epochs == 0)
+        ):
+            meta = _meta(config, protocol, phase, records, steps.state_dict())
+            ckpts.save_within(phase, steps.step, state, method_state, meta)
         if preempt.requested:
             ckpts.wait()
-            raise Preempted(f"Stopped in phase {phase} after epoch {epoch}, saved.")
-    return state, method_state, metrics
+            raise Preempted(f"Stopped in phase {phase} at step {steps.step}, saved.")
+    return state, method_state, steps.last_epoch
 
 
 def run(config, workdir: str, *, stop_after: int | None = None) -> dict:
@@ -513,11 +615,11 @@ def run(config, workdir: str, *, stop_after: int | None = None) -> dict:
       config: the run's ConfigDict (see `incremental.config.base_config`).
       workdir: where results.json, the plot and the checkpoints go; a directory that already holds
         checkpoints of the same config is resumed where it stopped (after the last finished phase,
-        or within a phase after the last saved epoch).
+        or within a phase after the last saved step).
       stop_after: stop after this phase (a staged run; calling again resumes).
 
     Raises:
-      Preempted: after SIGTERM/SIGINT, once the current epoch is saved.
+      Preempted: after SIGTERM/SIGINT, once the current steps are saved.
     """
     data, protocol, method = validate(config, workdir)
     try:

@@ -19,6 +19,9 @@ from incremental.methods import Batch, Method, Outputs, PhaseInfo, PhaseSetup
 PyTree = Any
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULES = ("multistep", "cosine", "constant")
+# `fold_in` tags of the two uses of a phase's training key.
+ORDER, AUGMENT = 0, 1
+LOOPS = ("scan", "steps")
 
 
 class TrainState(NamedTuple):
@@ -134,14 +137,28 @@ def make_train_epoch(
     crop_padding: int = 0,
     flip: bool = False,
     dtype=jnp.float32,
+    steps_per_call: int | None = None,
+    loop: str = "scan",
 ) -> Callable:
     """Returns `train_epoch(state, method_state, x, y) -> (state, method_state, metrics)`, jitted.
 
-    `state` is donated; `method_state` is not (it may hold a teacher the caller still needs).
+    `x`, `y` are the phase's device-resident training arrays. Every batch is a function of
+    `(state.rng, state.step)` alone: epoch `e = step // steps_per_epoch` is a permutation drawn from
+    `fold_in(state.rng, ORDER, e)`, and step `s` augments with `fold_in(state.rng, AUGMENT, s)`. So
+    the batches continue exactly from any saved `state`, and `state.rng` stays the phase's key.
 
-    `x`, `y` are the phase's device-resident training arrays; the epoch shuffles them, gathers each batch
-    by index, augments and normalises it on the device, and runs every step in one `lax.scan`.
+    One call runs from `state.step` to the end of its epoch, or `steps_per_call` steps if that
+    comes first, in one `lax.scan` of fixed length (steps past the epoch's end are skipped), so it
+    compiles once. `metrics` hold each step's values, of which the first `steps` are real.
+
+    `loop='steps'` runs the same steps as a Python loop over one jitted step instead: XLA:CPU runs
+    convolution gradients many times slower inside a loop than outside one, so convolutional models
+    train faster this way on CPU (see `scripts/benchmark.py`); elsewhere the scan is faster.
+
+    `state` is donated; `method_state` is not (it may hold a teacher the caller still needs).
     """
+    if loop not in LOOPS:
+        raise ValueError(f"Unknown train loop {loop!r}; choose one of {LOOPS}.")
 
     def loss_fn(params, batch_stats, method_state, batch):
         variables = {"params": params, "batch_stats": batch_stats}
@@ -168,35 +185,75 @@ def make_train_epoch(
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
+    def one_step(state, method_state, x_all, y_all, idx_b, weight_b):
+        aug_rng = jax.random.fold_in(jax.random.fold_in(state.rng, AUGMENT), state.step)
+        x = x_all[idx_b]
+        if crop_padding or flip:
+            x = device.augment(aug_rng, x, crop_padding=crop_padding, flip=flip)
+        batch = Batch(device.normalize(x, norm, dtype), y_all[idx_b], weight_b)
+        (loss, (batch_stats, metrics)), grads = grad_fn(
+            state.params, state.batch_stats, method_state, batch
+        )
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = method.post_update(optax.apply_updates(state.params, updates))
+        method_state = method.step_update(
+            method_state, params_before=state.params, params_after=params, grads=grads
+        )
+        new = TrainState(params, batch_stats, opt_state, state.rng, state.step + 1)
+        return new, method_state, {"loss": loss, **metrics}
+
+    def epoch_batches(state: TrainState, num_examples: int):
+        """The batches of `state.step`'s epoch, the step's position in it, and the epoch's length."""
+        per_epoch = -(-num_examples // batch_size)
+        epoch, first = jnp.divmod(state.step, per_epoch)
+        order_rng = jax.random.fold_in(jax.random.fold_in(state.rng, ORDER), epoch)
+        idx, weight = device.batch_indices(order_rng, num_examples, batch_size)
+        return idx, weight, first, per_epoch
+
+    @functools.partial(jax.jit, donate_argnames=("state",))
+    def single_step(state: TrainState, method_state: dict, x_all: jax.Array, y_all: jax.Array):
+        idx, weight, first, _ = epoch_batches(state, x_all.shape[0])
+        return one_step(state, method_state, x_all, y_all, idx[first], weight[first])
+
+    def train_steps(state: TrainState, method_state: dict, x_all: jax.Array, y_all: jax.Array):
+        per_epoch = -(-x_all.shape[0] // batch_size)
+        count = min(steps_per_call or per_epoch, per_epoch - int(state.step) % per_epoch)
+        metrics = []
+        for _ in range(count):
+            state, method_state, step_metrics = single_step(state, method_state, x_all, y_all)
+            metrics.append(step_metrics)
+        metrics = jax.tree.map(lambda *values: jnp.stack(values), *metrics)
+        return state, method_state, {**metrics, "steps": count}
+
     @functools.partial(jax.jit, donate_argnames=("state",))
     def train_epoch(state: TrainState, method_state: dict, x_all: jax.Array, y_all: jax.Array):
-        rng, perm_rng = jax.random.split(state.rng)
-        idx, weight = device.batch_indices(perm_rng, x_all.shape[0], batch_size)
+        idx, weight, first, per_epoch = epoch_batches(state, x_all.shape[0])
+        length = min(steps_per_call or per_epoch, per_epoch)
+        # Room for a call that starts late in the epoch; the rows past its end are never used.
+        idx = jnp.pad(idx, ((0, length), (0, 0)))
+        weight = jnp.pad(weight, ((0, length), (0, 0)))
+        idx = jax.lax.dynamic_slice_in_dim(idx, first, length)
+        weight = jax.lax.dynamic_slice_in_dim(weight, first, length)
+        count = jnp.minimum(length, per_epoch - first)
+
+        shapes = jax.eval_shape(one_step, state, method_state, x_all, y_all, idx[0], weight[0])
+        no_metrics = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes[2])
 
         def step(carry, inputs):
-            state, method_state = carry
-            idx_b, weight_b = inputs
-            rng, aug_rng = jax.random.split(state.rng)
-            x = x_all[idx_b]
-            if crop_padding or flip:
-                x = device.augment(aug_rng, x, crop_padding=crop_padding, flip=flip)
-            batch = Batch(device.normalize(x, norm, dtype), y_all[idx_b], weight_b)
-            (loss, (batch_stats, metrics)), grads = grad_fn(
-                state.params, state.batch_stats, method_state, batch
+            i, idx_b, weight_b = inputs
+            state, method_state, metrics = jax.lax.cond(
+                i < count,
+                lambda s, m: one_step(s, m, x_all, y_all, idx_b, weight_b),
+                lambda s, m: (s, m, no_metrics),
+                *carry,
             )
-            updates, opt_state = tx.update(grads, state.opt_state, state.params)
-            params = method.post_update(optax.apply_updates(state.params, updates))
-            method_state = method.step_update(
-                method_state, params_before=state.params, params_after=params, grads=grads
-            )
-            new = TrainState(params, batch_stats, opt_state, rng, state.step + 1)
-            return (new, method_state), {"loss": loss, **metrics}
+            return (state, method_state), metrics
 
-        carry = (state._replace(rng=rng), method_state)
-        (state, method_state), metrics = jax.lax.scan(step, carry, (idx, weight))
-        return state, method_state, jax.tree.map(jnp.mean, metrics)
+        inputs = (jnp.arange(length), idx, weight)
+        (state, method_state), metrics = jax.lax.scan(step, (state, method_state), inputs)
+        return state, method_state, {**metrics, "steps": count}
 
-    return train_epoch
+    return train_epoch if loop == "scan" else train_steps
 
 
 def make_apply_batches(

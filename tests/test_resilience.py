@@ -15,14 +15,14 @@ from configs import digits
 from incremental import run as run_lib
 
 ROOT = Path(__file__).resolve().parent.parent
-# Short epochs, a checkpoint after every epoch: every kill lands near one.
+# Short epochs, a checkpoint every 3 steps (and at epoch ends): every kill lands near one.
 FLAGS = [
     "--config=configs/digits.py:method=replay",
     "--config.train.epochs=6",
     "--config.train_first.epochs=6",
     "--config.train.milestones=(4,)",
     "--config.train_first.milestones=(4,)",
-    "--config.checkpoint.every_epochs=1",
+    "--config.checkpoint.every_steps=3",
     "--config.log.plot=False",
 ]
 NUMBERS = ("accuracy_matrix", "task_aware_matrix", "nme_accuracy_matrix", "accuracy")
@@ -101,12 +101,16 @@ def small_config(method="finetune"):
     return config
 
 
-def test_resume_within_a_phase_is_exact(tmp_path):
+@pytest.mark.parametrize("every_steps", [0, 3])
+def test_resume_within_a_phase_is_exact(tmp_path, every_steps):
+    """Whole epochs per call, or 3 steps per call: a run cut mid-phase ends bit-identical."""
     config = small_config()
+    config.checkpoint.every_epochs = 0
     whole = run_lib.run(config, str(tmp_path / "whole"))
+    config.checkpoint.every_steps = every_steps
     staged = str(tmp_path / "staged")
     run_lib.run(config, staged, stop_after=1)
-    # Pretend the run died in phase 2 after epoch 1: train phase 2 for two epochs and save there.
+    # Pretend the run died in phase 2 after three calls of the step.
     from incremental import checkpoint
 
     data, protocol, method = run_lib.validate(config, staged)
@@ -115,9 +119,17 @@ def test_resume_within_a_phase_is_exact(tmp_path):
     pr, state, method_state = run_lib.begin_phase(
         config, method, data, protocol, 2, carried, method_state
     )
-    for _ in range(2):
-        state, method_state, _ = pr.train_epoch(state, method_state, pr.x, pr.y)
-    ckpts.save_epoch(2, 1, state, method_state, run_lib._meta(config, protocol, 2, records, 1))
+    steps = run_lib.Steps(pr)
+    for _ in range(3):
+        state, method_state, metrics = pr.train_epoch(state, method_state, pr.x, pr.y)
+        steps.add(metrics)
+    if every_steps:
+        assert pr.steps_per_epoch == 5 and steps.step == 8  # calls of 3, 2 (epoch end), 3 steps
+    else:
+        assert steps.step == 3 * pr.steps_per_epoch
+    assert int(state.step) == steps.step
+    meta = run_lib._meta(config, protocol, 2, records, steps.state_dict())
+    ckpts.save_within(2, steps.step, state, method_state, meta)
     ckpts.wait()
     ckpts.close()
     resumed = run_lib.run(config, staged)
@@ -161,7 +173,7 @@ def test_nonfinite_loss_names_phase_and_epoch_and_keeps_checkpoints(tmp_path):
     before = sorted(p.name for p in (tmp_path / "checkpoints" / "phase").iterdir())
     config2 = small_config()
     config2.train.lr = 1e30  # later phases diverge
-    with pytest.raises(FloatingPointError, match="phase 1, epoch 0"):
+    with pytest.raises(FloatingPointError, match="phase 1, epoch 0, steps 0-"):
         run_lib.run(config2, str(tmp_path / "other"))
     assert sorted(p.name for p in (tmp_path / "checkpoints" / "phase").iterdir()) == before
 

@@ -120,7 +120,7 @@ def test_path_integral_inside_the_jitted_train_epoch():
     opt = optax.sgd(lr).init(params)
     ts = train.TrainState(before, {}, opt, jax.random.PRNGKey(2), jnp.zeros((), jnp.int32))
     ts, state, metrics = train_epoch(ts, state, jnp.asarray(x), jnp.asarray(y))
-    assert float(metrics["penalty"]) > 0.01
+    assert float(metrics["penalty"][0]) > 0.01
     delta = ravel_pytree(ts.params)[0] - ravel_pytree(params)[0]
     g_ce, importance = ravel_pytree(g_ce)[0], ravel_pytree(state["importance"])[0]
     offset = ravel_pytree(params)[0] - ravel_pytree(state["anchor"])[0]

@@ -40,16 +40,19 @@ def tiny_config(method="finetune", epochs=3):
     return config
 
 
-def test_train_and_eval_steps_trace_once_per_phase(tmp_path, monkeypatch):
+@pytest.mark.parametrize("every_steps", [0, 2])
+def test_train_and_eval_steps_trace_once_per_phase(tmp_path, monkeypatch, every_steps):
     trace_counts.clear()
     monkeypatch.setitem(METHODS, "counting", CountingMethod)
     config = tiny_config("counting", epochs=4)
+    config.checkpoint.every_steps = every_steps  # several calls of the step per epoch
     results = run_lib.run(config, str(tmp_path))
     num_phases = results["num_phases"]
     assert num_phases == 5
-    # One trace of the epoch (and so of the step inside its scan) and one of prediction per phase,
-    # although every phase runs 4 epochs and evaluates several batches.
-    assert trace_counts == {"loss": num_phases, "predict": num_phases}
+    # The step is traced twice per phase (once for the compile, once abstractly for the shapes
+    # of a skipped step's metrics) and prediction once, although every phase runs 4 epochs in
+    # one or more calls each and evaluates several batches.
+    assert trace_counts == {"loss": 2 * num_phases, "predict": num_phases}
 
 
 def test_batch_indices_cover_every_example_once_with_fixed_shapes(key):
@@ -119,3 +122,17 @@ def test_carried_adam_state_has_zero_moments_for_new_columns(tmp_path):
     np.testing.assert_array_equal(np.asarray(mu["head"]["kernel"][:, 2:]), 0)
     assert np.any(np.asarray(mu["head"]["kernel"][:, :2]) != 0)
     assert np.any(np.asarray(mu["backbone"]["dense0"]["kernel"]) != 0)
+
+
+def test_python_loop_of_steps_gives_the_scans_numbers(tmp_path):
+    """`train.loop=steps` (the CPU default for conv models) runs the same steps as the scan."""
+    config = tiny_config("replay", epochs=2)
+    config.checkpoint.every_steps = 3
+    results = {}
+    for loop in ("scan", "steps"):
+        config.train.loop = loop
+        results[loop] = run_lib.run(config, str(tmp_path / loop))
+    losses = {k: [p["final_loss"] for p in r["phases"]] for k, r in results.items()}
+    np.testing.assert_allclose(losses["steps"], losses["scan"], rtol=1e-4)
+    flat = {k: np.concatenate(r["accuracy_matrix"]) for k, r in results.items()}
+    np.testing.assert_allclose(flat["steps"], flat["scan"], atol=0.02)

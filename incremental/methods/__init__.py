@@ -15,6 +15,7 @@ from incremental.methods.base import (
     PhaseSetup,
 )
 from incremental.methods.bic import BiC
+from incremental.methods.der import DER
 from incremental.methods.ewc import EWC, OnlineEWC
 from incremental.methods.finetune import Finetune
 from incremental.methods.freeze_backbone import FreezeBackbone
@@ -23,6 +24,7 @@ from incremental.methods.joint import Joint
 from incremental.methods.lucir import LUCIR
 from incremental.methods.lwf import LwF
 from incremental.methods.mas import MAS
+from incremental.methods.memo import MEMO
 from incremental.methods.ncm import NCM
 from incremental.methods.new_head_only import NewHeadOnly
 from incremental.methods.replay import Replay
@@ -48,6 +50,8 @@ METHODS: dict[str, type[Method]] = {
         WA,
         ICaRL,
         LUCIR,
+        DER,
+        MEMO,
     )
 }
 

@@ -2,11 +2,14 @@
 
 A method states only what differs from plain training. The phase loop calls, for each phase:
 
+    backbone(make, info, final)               -> the phase's backbone (parallel branches, ...)
+    grow(ctx, variables, key)                 -> the previous phase's variables, fitted to it
     setup(info)                               -> PhaseSetup: what is frozen, BatchNorm mode
     begin_phase(ctx, variables, method_state) -> method_state   (snapshot a teacher, ...)
     train_indices(ctx, method_state)          -> which training examples this phase trains on
     loss(...)  inside the jitted step         -> per-example loss and metrics
     step_update(...) inside the jitted step   -> method_state   (per-step bookkeeping, e.g. SI)
+    compress(ctx, variables, method_state)    -> (variables, method_state) of the final model
     end_phase(ctx, variables, method_state)   -> method_state   (select exemplars, calibrate, ...)
     predict(...) inside the jitted eval step  -> class scores
 
@@ -63,6 +66,9 @@ class PhaseContext(NamedTuple):
     # `normalize(x_raw) -> x`: the model's inputs from stored ones (jax arrays, traceable).
     normalize: Callable[[jax.Array], jax.Array] | None = None
     seed: int = 0  # the run's seed (config.seed), for host-side randomness of hooks
+    # The run's config, for hooks that train on their own (batch size, augmentation, dtype, ...).
+    config: Any = None
+    norm: Any = None  # the data's `device.Normalizer`, for hooks that build their own train step
 
 
 class Batch(NamedTuple):
@@ -86,6 +92,37 @@ class Method:
     def init_state(self) -> dict:
         """The method state before phase 0."""
         return {}
+
+    def backbone(self, make: Callable[..., Any], info: PhaseInfo, *, final: bool = False):
+        """The backbone of the phase's model; `make(part='all')` builds the config's backbone.
+
+        `part` may be 'shallow' or 'deep' (`models.PARTS`) for backbones that split in two.
+        `final=False` gives the model trained in the phase, `final=True` the one the phase ends
+        with (evaluated, saved and carried into the next phase); they differ only for methods whose
+        `compress` changes the model's shape.
+        """
+        del info, final
+        return make()
+
+    def grow(self, ctx: PhaseContext, variables: PyTree, key: jax.Array) -> PyTree:
+        """The previous phase's final variables fitted to this phase's backbone (a new branch, ...).
+
+        Runs at the start of every phase after the first, before the head gets the new classes'
+        columns; `ctx.embed` and `ctx.apply_fn` already apply this phase's model. Default: unchanged.
+        """
+        del ctx, key
+        return variables
+
+    def compress(
+        self, ctx: PhaseContext, variables: PyTree, method_state: dict
+    ) -> tuple[PyTree, dict]:
+        """After the phase's training and before `end_phase`: the variables of the final model.
+
+        Returns variables shaped for `backbone(..., final=True)` (e.g. FOSTER's distillation into
+        one backbone, or dropping an auxiliary head). Default: unchanged.
+        """
+        del ctx
+        return variables, method_state
 
     def setup(self, info: PhaseInfo) -> PhaseSetup:
         del info

@@ -6,6 +6,7 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
+from incremental.models.branches import Branches
 from incremental.models.classifier import (
     HEAD_BLOCK,
     HEADS,
@@ -16,6 +17,7 @@ from incremental.models.classifier import (
     head_logits,
 )
 from incremental.models.convnet import ConvNet
+from incremental.models.layers import PARTS
 from incremental.models.mlp import MLP
 from incremental.models.resnet import BasicBlock, CifarResNet, ResNet18
 
@@ -30,16 +32,20 @@ __all__ = [
     "HEAD_BLOCK",
     "MODELS",
     "BasicBlock",
+    "Branches",
     "CifarResNet",
     "Classifier",
     "ConvNet",
     "Head",
     "CosineHead",
     "HEADS",
+    "classifier",
     "cosine_logits",
     "MLP",
+    "PARTS",
     "ResNet18",
     "backbone_fields",
+    "build_backbone",
     "build_model",
     "head_logits",
 ]
@@ -62,6 +68,17 @@ def _normalise(key: str, value: Any) -> Any:
     return value
 
 
+def build_backbone(name: str, **kwargs: Any) -> nn.Module:
+    """Builds `MODELS[name](**kwargs)`, checking the field names (see `backbone_fields`)."""
+    valid = backbone_fields(name)
+    unknown = sorted(set(kwargs) - set(valid))
+    if unknown:
+        raise ValueError(
+            f"Unknown argument(s) {unknown} for model {name!r}; valid fields are {list(valid)}."
+        )
+    return MODELS[name](**{k: _normalise(k, v) for k, v in kwargs.items()})
+
+
 def build_model(name: str, num_classes: int, head: str = "linear", **kwargs: Any) -> Classifier:
     """Builds `Classifier(backbone=MODELS[name](**kwargs), num_classes=num_classes)`.
 
@@ -74,15 +91,13 @@ def build_model(name: str, num_classes: int, head: str = "linear", **kwargs: Any
     Returns:
       An unbound Classifier; call `init`/`apply` with `train=...`.
     """
-    valid = backbone_fields(name)
-    unknown = sorted(set(kwargs) - set(valid))
-    if unknown:
-        raise ValueError(
-            f"Unknown argument(s) {unknown} for model {name!r}; valid fields are {list(valid)}."
-        )
+    return classifier(build_backbone(name, **kwargs), num_classes, head)
+
+
+def classifier(backbone: nn.Module, num_classes: int, head: str = "linear") -> Classifier:
+    """`Classifier(backbone, num_classes, head)`, checking the width and the head's name."""
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
         raise ValueError(f"num_classes must be a positive int, got {num_classes!r}.")
-    backbone = MODELS[name](**{k: _normalise(k, v) for k, v in kwargs.items()})
     if head not in HEADS:
         raise ValueError(f"Unknown head {head!r}; valid heads are {sorted(HEADS)}.")
     return Classifier(backbone=backbone, num_classes=num_classes, head_type=head)

@@ -60,3 +60,13 @@ def check_widths(widths: Sequence[int], field: str, model: str) -> None:
         raise ValueError(
             f"{model}.{field} must be a non-empty sequence of positive ints, got {widths!r}."
         )
+
+
+# A backbone in two parts (MEMO's shared shallow layers and per-phase deep layers): `part='shallow'`
+# gives the activations where `part='deep'` starts; `'all'` is the two in sequence.
+PARTS = ("all", "shallow", "deep")
+
+
+def check_part(part: str, model: str) -> None:
+    if part not in PARTS:
+        raise ValueError(f"{model}.part must be one of {PARTS}, got {part!r}.")

@@ -10,7 +10,13 @@ import jax
 import jax.numpy as jnp
 from jax.typing import DTypeLike
 
-from incremental.models.layers import batch_norm, check_image_batch, conv, global_avg_pool
+from incremental.models.layers import (
+    batch_norm,
+    check_image_batch,
+    check_part,
+    conv,
+    global_avg_pool,
+)
 
 
 class BasicBlock(nn.Module):
@@ -34,10 +40,20 @@ class BasicBlock(nn.Module):
 
 
 def _stages(
-    x: jax.Array, widths: tuple[int, ...], blocks: int, train: bool, dtype: DTypeLike
+    x: jax.Array,
+    widths: tuple[int, ...],
+    blocks: int,
+    train: bool,
+    dtype: DTypeLike,
+    stages: range | None = None,
 ) -> jax.Array:
-    """Runs `blocks` BasicBlocks per width; every stage after the first starts with stride 2."""
+    """Runs `blocks` BasicBlocks per width; every stage after the first starts with stride 2.
+
+    `stages` picks which of the stages to run (all by default), for backbones split in parts.
+    """
     for s, width in enumerate(widths):
+        if stages is not None and s not in stages:
+            continue
         for b in range(blocks):
             stride = 2 if s > 0 and b == 0 else 1
             block = BasicBlock(width, stride, dtype, name=f"stage{s + 1}_block{b}")
@@ -53,20 +69,24 @@ class CifarResNet(nn.Module):
 
     depth: int = 32
     dtype: DTypeLike = jnp.float32
+    part: str = "all"  # all | shallow (stem, stages 1-2) | deep (stage 3, pooling): see PARTS
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
-        """Returns features (B, 64)."""
+        """Returns features (B, 64), or stage 2's activations for `part='shallow'`."""
         if self.depth < 8 or (self.depth - 2) % 6 != 0:
             raise ValueError(
                 f"CifarResNet.depth must be 6n + 2 with n >= 1 (8, 14, 20, 32, 44, 56, 110), "
                 f"got {self.depth}."
             )
+        check_part(self.part, "CifarResNet")
         check_image_batch(x, "CifarResNet")
-        x = conv(16, 3, 1, self.dtype, "stem_conv")(x)
-        x = nn.relu(batch_norm(train, self.dtype, "stem_bn")(x))
-        x = _stages(x, (16, 32, 64), (self.depth - 2) // 6, train, self.dtype)
-        return global_avg_pool(x)
+        if self.part != "deep":
+            x = conv(16, 3, 1, self.dtype, "stem_conv")(x)
+            x = nn.relu(batch_norm(train, self.dtype, "stem_bn")(x))
+        stages = {"all": range(3), "shallow": range(2), "deep": range(2, 3)}[self.part]
+        x = _stages(x, (16, 32, 64), (self.depth - 2) // 6, train, self.dtype, stages)
+        return x if self.part == "shallow" else global_avg_pool(x)
 
 
 class ResNet18(nn.Module):
@@ -78,15 +98,19 @@ class ResNet18(nn.Module):
 
     small_input: bool = False
     dtype: DTypeLike = jnp.float32
+    part: str = "all"  # all | shallow (stem, stages 1-3) | deep (stage 4, pooling): see PARTS
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
-        """Returns features (B, 512)."""
+        """Returns features (B, 512), or stage 3's activations for `part='shallow'`."""
+        check_part(self.part, "ResNet18")
         check_image_batch(x, "ResNet18")
-        kernel, stride = (3, 1) if self.small_input else (7, 2)
-        x = conv(64, kernel, stride, self.dtype, "stem_conv")(x)
-        x = nn.relu(batch_norm(train, self.dtype, "stem_bn")(x))
-        if not self.small_input:
-            x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
-        x = _stages(x, (64, 128, 256, 512), 2, train, self.dtype)
-        return global_avg_pool(x)
+        if self.part != "deep":
+            kernel, stride = (3, 1) if self.small_input else (7, 2)
+            x = conv(64, kernel, stride, self.dtype, "stem_conv")(x)
+            x = nn.relu(batch_norm(train, self.dtype, "stem_bn")(x))
+            if not self.small_input:
+                x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+        stages = {"all": range(4), "shallow": range(3), "deep": range(3, 4)}[self.part]
+        x = _stages(x, (64, 128, 256, 512), 2, train, self.dtype, stages)
+        return x if self.part == "shallow" else global_avg_pool(x)

@@ -1,0 +1,91 @@
+"""Methods that grow the network (DER, MEMO): accuracy, growth per phase, frozen old branches, resume."""
+
+import jax
+import numpy as np
+import pytest
+
+from configs import digits
+from incremental import run as run_lib
+from incremental.methods import PhaseInfo
+
+
+def small_config(method, epochs=15):
+    config = digits.get_config(f"method={method}")
+    config.train.epochs = config.train_first.epochs = epochs
+    config.log.progress = config.log.plot = False
+    return config
+
+
+@pytest.fixture(scope="module")
+def finetune_last(tmp_path_factory):
+    results = run_lib.run(small_config("finetune"), str(tmp_path_factory.mktemp("finetune")))
+    return results["last_accuracy"]
+
+
+@pytest.fixture(scope="module", params=["der", "memo"])
+def grown(request, tmp_path_factory):
+    name = request.param
+    return name, run_lib.run(small_config(name), str(tmp_path_factory.mktemp(name)))
+
+
+def test_growing_methods_remember(grown, finetune_last):
+    name, results = grown
+    assert results["last_accuracy"] >= finetune_last + 0.40, (name, results["last_accuracy"])
+
+
+def test_parameters_grow_by_one_branch_per_phase(grown):
+    name, results = grown
+    counts = [r["num_params"] for r in results["phases"]]
+    backbone = np.array([c["backbone"] for c in counts])
+    steps = np.diff(backbone)
+    assert (steps > 0).all() and (steps == steps[0]).all(), backbone  # linear in phases
+    hidden = small_config(name).model.kwargs.hidden
+    if name == "der":  # a whole MLP per phase: 64 inputs -> 256
+        assert backbone[0] == steps[0] == 64 * hidden[0] + hidden[0]
+    else:  # MEMO copies the last layer only; the shared first layer is counted once
+        assert steps[0] == hidden[0] * hidden[1] + hidden[1]
+        assert backbone[0] == 64 * hidden[0] + hidden[0] + steps[0]
+    # The head spans every branch's features: kernel ((p + 1) * D, C_p) and bias (C_p,).
+    dim = hidden[-1]
+    seen = [r["num_seen"] for r in results["phases"]]
+    expected = [(p + 1) * dim * c + c for p, c in enumerate(seen)]
+    assert [c["head"] for c in counts] == expected
+
+
+def test_old_branches_are_frozen_and_keep_their_features(tmp_path):
+    """Phase 1 of DER: branch_0's params and its features on any input are exactly phase 0's."""
+    config = small_config("der", epochs=3)
+    data, protocol, method = run_lib.validate(config, str(tmp_path))
+    first = run_lib.train_phase(config, method, data, protocol, 0, None, method.init_state())
+    x = run_lib.device.normalize(data.x_test[:50], data.norm)
+    model0 = run_lib.phase_model(config, method, PhaseInfo(0, 0, 2), final=True)
+    feats0 = np.asarray(model0.apply(first.variables, x, train=False)[0])
+    old = jax.tree.map(np.array, first.variables["params"]["backbone"]["branch_0"])
+    # (phase 1's training donates the carried arrays, hence the copies above)
+    second = run_lib.train_phase(config, method, data, protocol, 1, first, first.method_state)
+    new = second.variables["params"]["backbone"]
+    assert sorted(new) == ["branch_0", "branch_1"] and "aux" not in second.variables["params"]
+    jax.tree.map(np.testing.assert_array_equal, old, new["branch_0"])
+    assert not all(
+        np.array_equal(a, b)
+        for a, b in zip(jax.tree.leaves(old), jax.tree.leaves(new["branch_1"]), strict=True)
+    )
+    model1 = run_lib.phase_model(config, method, PhaseInfo(1, 2, 2), final=True)
+    feats1, _ = model1.apply(second.variables, x, train=False)
+    np.testing.assert_array_equal(feats1[:, : feats0.shape[1]], feats0)
+
+
+def test_growth_resumes_exactly_after_a_phase(tmp_path):
+    config = small_config("der", epochs=3)
+    whole = run_lib.run(config, str(tmp_path / "whole"))
+    run_lib.run(config, str(tmp_path / "staged"), stop_after=1)
+    resumed = run_lib.run(config, str(tmp_path / "staged"))
+    assert resumed["accuracy_matrix"] == whole["accuracy_matrix"]
+    assert resumed["nme_accuracy_matrix"] == whole["nme_accuracy_matrix"]
+
+
+def test_memo_needs_a_backbone_that_splits(tmp_path):
+    config = small_config("memo")
+    config.model.kwargs.hidden = (64,)
+    with pytest.raises(ValueError, match="two or more hidden layers"):
+        run_lib.run(config, str(tmp_path))
