@@ -1,10 +1,17 @@
-"""The command line: `incremental run [--config=configs/NAME.py[:ARG]] [--config.x.y=V] [--workdir=DIR]`.
+"""The command line.
 
-Parses flags and calls `run.run`; re-running the same command with the same `--workdir` resumes.
+    incremental run [--config=configs/NAME.py[:ARG]] [--config.x.y=V] [--workdir=DIR]
+    incremental evaluate WORKDIR [--phase=P]
+    incremental surgery WORKDIR (--remove-classes=3,7 | --graft=REGEX:OTHER_WORKDIR) --out=NEWDIR
+    incremental benchmark [--models=mlp,wide_mlp,resnet32] [--quick] [--json=PATH]
+
+`run` parses absl flags and calls `run.run`; re-running the same command with the same `--workdir`
+resumes. `evaluate` and `surgery` take their own flags and call `workdirs`.
 """
 
 from __future__ import annotations
 
+import argparse
 import os
 import re
 import sys
@@ -18,7 +25,8 @@ from incremental import report
 from incremental import run as run_lib
 
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs", "digits.py")
-COMMANDS = ("run",)
+COMMANDS = ("run", "evaluate", "surgery", "benchmark")
+WORKDIR_COMMANDS = ("evaluate", "surgery")
 PREEMPTED_EXIT_CODE = 3  # stopped by SIGTERM/SIGINT after saving; the same command resumes
 
 config_flags.DEFINE_config_file(
@@ -69,7 +77,76 @@ def check_config_file(argv: list[str]) -> None:
                     )
 
 
+def workdir_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="incremental")
+    commands = parser.add_subparsers(dest="command", required=True)
+    evaluate = commands.add_parser("evaluate", help="evaluate a saved phase of a work directory")
+    evaluate.add_argument("workdir")
+    evaluate.add_argument("--phase", type=int, help="the phase to evaluate (default: the newest)")
+    edit = commands.add_parser("surgery", help="write an edited copy of a work directory")
+    edit.add_argument("workdir")
+    edit.add_argument("--out", required=True, help="the new work directory (must not exist)")
+    what = edit.add_mutually_exclusive_group(required=True)
+    what.add_argument("--remove-classes", metavar="IDS", help="class ids to remove, e.g. 3,7")
+    what.add_argument("--graft", metavar="REGEX:OTHER_WORKDIR", help="params to copy from a run")
+    return parser
+
+
+def class_ids(text: str) -> list[int]:
+    try:
+        return [int(c) for c in text.split(",") if c.strip()]
+    except ValueError:
+        raise ValueError(
+            f"--remove-classes={text!r} is not a comma-separated list of ids."
+        ) from None
+
+
+def workdir_command(argv: list[str]) -> None:
+    """`incremental evaluate|surgery ...`: bad input exits with code 2 and the message, as `run`."""
+    from incremental import workdirs
+
+    args = workdir_parser().parse_args(argv)
+    logging.set_verbosity(logging.WARNING)  # orbax logs every file operation at INFO
+    flags.FLAGS.mark_as_parsed()  # absl flags are not used here; libraries may read their defaults
+    try:
+        if args.command == "evaluate":
+            doc = workdirs.evaluate(args.workdir, args.phase)
+            report.console.print(workdirs.evaluation_table(doc))
+            return
+        if args.remove_classes is not None:
+            record = workdirs.remove_classes(args.workdir, class_ids(args.remove_classes), args.out)
+            done = f"removed classes {record['classes']}; new class ids {record['class_ids']}"
+        else:
+            pattern, sep, other = args.graft.rpartition(":")
+            if not sep or not pattern or not other:
+                raise ValueError(f"--graft={args.graft!r} is not REGEX:OTHER_WORKDIR.")
+            record = workdirs.graft(args.workdir, pattern, other, args.out)
+            done = f"grafted {len(record['paths'])} arrays from {other}"
+        report.console.print(f"{args.out}: {done}", soft_wrap=True, markup=False)
+        report.console.print(workdirs.evaluation_table(workdirs.evaluate(args.out)))
+        config = os.path.join(args.out, workdirs.CONFIG_FILE)
+        report.console.print(
+            f"Resume or extend it: incremental run --config={config} --workdir={args.out}",
+            soft_wrap=True,
+            markup=False,
+        )
+    except (ValueError, TypeError) as error:
+        report.console.print(f"[bold red]error:[/] {escape(str(error))}", soft_wrap=True)
+        sys.exit(2)
+
+
 def entry_point() -> None:
+    if sys.argv[1:2] == ["benchmark"]:
+        from incremental import bench
+
+        try:
+            bench.main(sys.argv[2:])
+        except ValueError as error:
+            sys.exit(f"error: {error}")
+        return
+    if sys.argv[1:2] and sys.argv[1] in WORKDIR_COMMANDS:
+        workdir_command(sys.argv[1:])
+        return
     check_config_file(sys.argv)
     app.run(main)
 
