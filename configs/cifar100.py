@@ -53,6 +53,15 @@ METHOD_SETTINGS = {
     # DER and MEMO (PyCIL's der.py / memo.py): later phases 170 epochs, milestones 80/120/150.
     "der": {"epochs": 170, "milestones": (80, 120, 150)},
     "memo": {"epochs": 170, "milestones": (80, 120, 150)},
+    # FOSTER (PyCIL's foster.json): cosine schedule, weight decay 5e-4; 170 boosting epochs per
+    # phase, then 130 compression epochs.
+    "foster": {
+        "epochs": 170,
+        "milestones": (),
+        "schedule": "cosine",
+        "weight_decay": 5e-4,
+        "method_args": {"compression_epochs": 130},
+    },
     # LUCIR: every phase 160 epochs, milestones 80/120, weight decay 5e-4, 20 exemplars per class.
     "lucir": {
         "epochs": 160,

@@ -22,4 +22,6 @@ def get_config(arg: str | None = None):
     if args["method"] == "memo":
         # MEMO shares all layers but the last and copies the last per phase: it needs two.
         config.model.kwargs.hidden = (256, 256)
+    if args["method"] == "foster":
+        config.method_args.compression_epochs = config.train.epochs  # 130 is CIFAR's
     return config

@@ -18,6 +18,7 @@ from incremental.methods.bic import BiC
 from incremental.methods.der import DER
 from incremental.methods.ewc import EWC, OnlineEWC
 from incremental.methods.finetune import Finetune
+from incremental.methods.foster import FOSTER
 from incremental.methods.freeze_backbone import FreezeBackbone
 from incremental.methods.icarl import ICaRL
 from incremental.methods.joint import Joint
@@ -52,6 +53,7 @@ METHODS: dict[str, type[Method]] = {
         LUCIR,
         DER,
         MEMO,
+        FOSTER,
     )
 }
 
