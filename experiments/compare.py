@@ -104,6 +104,20 @@ def main(argv):
         "",
         *table(rows),
     ]
+    counts = [(d, m, runs[0]["phases"]) for d, m, runs in rows if "phases" in runs[0]]
+    if counts and all("num_params" in p for _, _, phases in counts for p in phases):
+        lines += [
+            "",
+            "Parameters of the model each phase ends with (all seeds alike):",
+            "",
+            "| dataset | method | "
+            + " | ".join(f"phase {i}" for i in range(len(counts[0][2])))
+            + " |",
+            "|---|---|" + "---|" * len(counts[0][2]),
+        ]
+        for dataset, method, phases in counts:
+            cells = " | ".join(f"{p['num_params']['']:,}" for p in phases)
+            lines.append(f"| {dataset} | {method} | {cells} |")
     if f.note:
         lines += ["", f.note]
     text = "\n".join(lines) + "\n"
