@@ -217,7 +217,8 @@ def make_train_epoch(
 
     def train_steps(state: TrainState, method_state: dict, x_all: jax.Array, y_all: jax.Array):
         per_epoch = -(-x_all.shape[0] // batch_size)
-        count = min(steps_per_call or per_epoch, per_epoch - int(state.step) % per_epoch)
+        step = int(jax.device_get(state.step))  # an explicit read: one scalar per call
+        count = min(steps_per_call or per_epoch, per_epoch - step % per_epoch)
         metrics = []
         for _ in range(count):
             state, method_state, step_metrics = single_step(state, method_state, x_all, y_all)
