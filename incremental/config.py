@@ -52,6 +52,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.method = "finetune"
     c.method_args = ml_collections.ConfigDict()  # the method's hyper-parameters (dataclass fields)
     c.dtype = "float32"  # computation dtype; parameters and optimizer state stay float32
+    # JAX's persistent compilation cache, so a second or resumed run does not compile again:
+    # "auto" is $INCREMENTAL_CACHE/jax (default ~/.cache/incremental/jax); "" turns it off.
+    c.compile_cache = "auto"
 
     c.dataset = ml_collections.ConfigDict()
     c.dataset.name = "digits"  # digits | mnist1d | tfds:NAME | npz:PATH

@@ -18,7 +18,16 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from incremental import checkpoint, evaluate, methods, models, report, surgery, train
+from incremental import (
+    checkpoint,
+    compilation,
+    evaluate,
+    methods,
+    models,
+    report,
+    surgery,
+    train,
+)
 from incremental.data import device, sources
 from incremental.methods import Method, PhaseContext, PhaseInfo
 from incremental.models import MODELS, build_backbone, build_model
@@ -629,6 +638,7 @@ def run(config, workdir: str, *, stop_after: int | None = None) -> dict:
             f"The work directory {workdir} cannot be created ({error.strerror}); pass a --workdir "
             "you can write to."
         ) from None
+    compilation.use_cache(config.compile_cache)
     ckpts = checkpoint.Checkpoints(workdir, config.checkpoint.keep)
     try:
         first, carried, method_state, records = resume(ckpts, config, method, protocol, data)
@@ -642,24 +652,27 @@ def run(config, workdir: str, *, stop_after: int | None = None) -> dict:
         with Preemption() as preempt, progress:
             for phase in range(first, last + 1):
                 start = time.perf_counter()
-                pr, state, method_state = begin_phase(
-                    config, method, data, protocol, phase, carried, method_state
-                )
-                state, method_state, metrics = run_epochs(
-                    config, ckpts, preempt, progress, protocol, records, pr, state, method_state
-                )
-                carried = finish_phase(
-                    config,
-                    method,
-                    data,
-                    protocol,
-                    pr,
-                    state,
-                    method_state,
-                    metrics,
-                    time.perf_counter() - start,
-                )
+                with compilation.CompileTimer() as compiled:
+                    pr, state, method_state = begin_phase(
+                        config, method, data, protocol, phase, carried, method_state
+                    )
+                    state, method_state, metrics = run_epochs(
+                        config, ckpts, preempt, progress, protocol, records, pr, state, method_state
+                    )
+                    carried = finish_phase(
+                        config,
+                        method,
+                        data,
+                        protocol,
+                        pr,
+                        state,
+                        method_state,
+                        metrics,
+                        time.perf_counter() - start,
+                    )
                 method_state = carried.method_state
+                carried.record["compile_seconds"] = compiled.seconds  # inside train + eval seconds
+                carried.record["compile_cache_hits"] = compiled.cache_hits
                 records.append(carried.record)
                 results = results_from_records(config, protocol, records)
                 write_results(workdir, results)

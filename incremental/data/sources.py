@@ -67,6 +67,13 @@ def load_source(
     raise ValueError(f"Unknown data source {name!r}; valid sources are {', '.join(SOURCES)}.")
 
 
+def cache_root() -> str:
+    """`$INCREMENTAL_CACHE`, by default ~/.cache/incremental: generated data, compiled programs."""
+    return os.environ.get("INCREMENTAL_CACHE") or os.path.join(
+        os.path.expanduser("~"), ".cache", "incremental"
+    )
+
+
 def _disk_cached(name: str, version: str, build: Callable[[], tuple[np.ndarray, ...]]):
     """`build()`'s arrays, kept in `$INCREMENTAL_CACHE` (default ~/.cache/incremental) by version.
 
@@ -74,9 +81,7 @@ def _disk_cached(name: str, version: str, build: Callable[[], tuple[np.ndarray, 
     identical arrays takes milliseconds, so a command that fails on bad input fails fast. Where the
     cache cannot be written, the arrays are simply rebuilt each time.
     """
-    root = os.environ.get("INCREMENTAL_CACHE") or os.path.join(
-        os.path.expanduser("~"), ".cache", "incremental"
-    )
+    root = cache_root()
     path = os.path.join(root, f"{name}-{version}.npz")
     try:
         with np.load(path) as data:

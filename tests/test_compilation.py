@@ -1,0 +1,32 @@
+"""The persistent compilation cache: a second run reads its programs instead of compiling them."""
+
+import jax
+from jax.experimental.compilation_cache import compilation_cache
+
+from configs import digits
+from incremental import compilation
+from incremental import run as run_lib
+
+
+def test_second_run_reads_compiled_programs_from_the_cache(tmp_path):
+    config = digits.get_config("method=replay")
+    config.train.epochs = config.train_first.epochs = 2
+    config.log.progress = config.log.plot = False
+    config.compile_cache = str(tmp_path / "cache")
+    previous = jax.config.jax_compilation_cache_dir
+    try:
+        first = run_lib.run(config, str(tmp_path / "first"))
+        second = run_lib.run(config, str(tmp_path / "second"))
+    finally:
+        jax.config.update("jax_compilation_cache_dir", previous)
+        compilation_cache.reset_cache()
+    assert any((tmp_path / "cache").iterdir())
+    hits = [[p["compile_cache_hits"] for p in r["phases"]] for r in (first, second)]
+    # The first run finds only what it wrote itself; the second finds every phase's programs.
+    assert all(h2 > h1 for h1, h2 in zip(*hits, strict=True)), hits
+    assert all(p["compile_seconds"] > 0 for p in first["phases"])
+    assert second["accuracy_matrix"] == first["accuracy_matrix"]
+
+
+def test_the_cache_can_be_turned_off():
+    assert compilation.use_cache("") is None
