@@ -28,7 +28,7 @@ PyTree = Any
 STEP_STRIDE = 1_000_000_000
 
 # Config keys that cannot change results; a resumed run may differ in these.
-IGNORED_KEYS = ("log", "checkpoint", "compile_cache")
+IGNORED_KEYS = ("log", "checkpoint", "compile_cache", "parallel")
 
 
 def _manager(directory: str, keep: int | None, async_save: bool) -> ocp.CheckpointManager:

@@ -55,6 +55,13 @@ def base_config() -> ml_collections.ConfigDict:
     # JAX's persistent compilation cache, so a second or resumed run does not compile again:
     # "auto" is $INCREMENTAL_CACHE/jax (default ~/.cache/incremental/jax); "" turns it off.
     c.compile_cache = "auto"
+    c.parallel = ml_collections.ConfigDict()
+    c.parallel.devices = (
+        0  # data-parallel over this many devices (0: all; see incremental.parallel)
+    )
+    c.parallel.coordinator = ""  # "host:port" of process 0 starts jax.distributed (several hosts)
+    c.parallel.num_processes = 1
+    c.parallel.process_id = 0
 
     c.dataset = ml_collections.ConfigDict()
     c.dataset.name = "digits"  # digits | mnist1d | tfds:NAME | npz:PATH

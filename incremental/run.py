@@ -24,6 +24,7 @@ from incremental import (
     evaluate,
     methods,
     models,
+    parallel,
     report,
     surgery,
     train,
@@ -178,6 +179,7 @@ def begin_phase(
     if len(idx) == 0:
         raise ValueError(f"Phase {phase} has no training examples; check the dataset and protocol.")
     batch_size = config.train.batch_size
+    mesh = parallel.make_mesh(config.parallel.devices)
     hp = train.phase_hparams(config, phase)
     setup = method.setup(info)
     tx = train.make_optimizer(
@@ -207,9 +209,11 @@ def begin_phase(
         dtype=dtype,
         steps_per_call=config.checkpoint.every_steps or None,
         loop=train_loop(config),
+        batch_sharding=parallel.batch_sharding(mesh) if mesh.size > 1 else None,
     )
     steps_per_epoch = -(-len(idx) // batch_size)
-    x_dev, y_dev = jax.device_put(data.x_train[idx]), jax.device_put(data.y_train[idx])
+    state, method_state = parallel.replicate((state, method_state), mesh)
+    x_dev, y_dev = parallel.replicate((data.x_train[idx], data.y_train[idx]), mesh)
     epochs = hp.epochs if setup.train else 0
     return (
         PhaseRun(info, ctx, model, train_epoch, x_dev, y_dev, epochs, len(idx), steps_per_epoch),
@@ -317,13 +321,14 @@ class Steps:
         self.last_epoch = dict(saved.get("last_epoch", {}))  # the last finished epoch's means
 
     def remaining(self, state: train.TrainState) -> bool:
-        if int(state.step) != self.step:
-            raise ValueError(f"The train state is at step {int(state.step)}, expected {self.step}.")
+        step = int(parallel.to_host(state.step))
+        if step != self.step:
+            raise ValueError(f"The train state is at step {step}, expected {self.step}.")
         return self.step < self.total
 
     def add(self, metrics: dict) -> bool:
         """Takes one call's metrics; returns whether it ended an epoch (its means: `last_epoch`)."""
-        metrics = jax.device_get(metrics)
+        metrics = parallel.to_host(metrics)
         n = int(metrics.pop("steps"))
         loss = np.asarray(metrics["loss"])[:n]
         if not np.isfinite(loss).all():
@@ -518,6 +523,7 @@ def validate(config, workdir: str) -> tuple[RunData, Protocol, Method]:
     for key in ("batch_size",):
         if config.train[key] <= 0:
             raise ValueError(f"train.{key} must be positive, got {config.train[key]}.")
+    parallel.check_batch(parallel.make_mesh(config.parallel.devices), config.train.batch_size)
     data, protocol, _ = load_data(config)
     if hasattr(method, "memory"):
         method.memory.per_class_count(protocol.num_classes)
@@ -561,7 +567,10 @@ def resume(ckpts, config, method, protocol, data) -> tuple[int, PhaseResult | No
                 "Differences:\n  " + "\n  ".join(diffs)
             )
     found = ckpts.restore_latest_phase(
-        lambda phase: state_target(config, method, protocol, data, phase)
+        lambda phase: parallel.with_sharding(
+            state_target(config, method, protocol, data, phase),
+            parallel.make_mesh(config.parallel.devices),
+        )
     )
     if found is None:
         return 0, None, method.init_state(), []
@@ -630,6 +639,7 @@ def run(config, workdir: str, *, stop_after: int | None = None) -> dict:
     Raises:
       Preempted: after SIGTERM/SIGINT, once the current steps are saved.
     """
+    parallel.initialize(config)
     data, protocol, method = validate(config, workdir)
     try:
         os.makedirs(workdir, exist_ok=True)
@@ -639,10 +649,12 @@ def run(config, workdir: str, *, stop_after: int | None = None) -> dict:
             "you can write to."
         ) from None
     compilation.use_cache(config.compile_cache)
+    mesh = parallel.make_mesh(config.parallel.devices)
     ckpts = checkpoint.Checkpoints(workdir, config.checkpoint.keep)
     try:
         first, carried, method_state, records = resume(ckpts, config, method, protocol, data)
-        progress = report.Progress(protocol, enabled=config.log.progress, start=first)
+        main = parallel.is_main_process()  # the others train alongside and write no files
+        progress = report.Progress(protocol, enabled=config.log.progress and main, start=first)
         results = results_from_records(config, protocol, records) if records else None
         last = (
             protocol.num_phases - 1
@@ -675,14 +687,18 @@ def run(config, workdir: str, *, stop_after: int | None = None) -> dict:
                 carried.record["compile_cache_hits"] = compiled.cache_hits
                 records.append(carried.record)
                 results = results_from_records(config, protocol, records)
-                write_results(workdir, results)
+                if main:
+                    write_results(workdir, results)
                 saved = {**carried.variables, "opt_state": carried.opt_state, "rng": state.rng}
+                # Every array on the mesh: orbax saves arrays that span all processes, not ones
+                # a hook computed on one.
+                saved, method_state = parallel.replicate((saved, method_state), mesh)
                 ckpts.save(phase, saved, method_state, _meta(config, protocol, phase, records))
                 progress.phase_done(carried.record)
                 if preempt.requested and phase < last:
                     raise Preempted(f"Stopped after phase {phase}, saved.")
     finally:
         ckpts.close()
-    if config.log.plot and results is not None:
+    if config.log.plot and results is not None and parallel.is_main_process():
         report.plot(results, os.path.join(workdir, "accuracy.png"))
     return results

@@ -12,7 +12,7 @@ import numpy as np
 import optax
 from flax import linen as nn
 
-from incremental import surgery
+from incremental import parallel, surgery
 from incremental.data import device
 from incremental.methods import Batch, Method, Outputs, PhaseInfo, PhaseSetup
 
@@ -139,6 +139,7 @@ def make_train_epoch(
     dtype=jnp.float32,
     steps_per_call: int | None = None,
     loop: str = "scan",
+    batch_sharding: jax.sharding.Sharding | None = None,
 ) -> Callable:
     """Returns `train_epoch(state, method_state, x, y) -> (state, method_state, metrics)`, jitted.
 
@@ -154,6 +155,9 @@ def make_train_epoch(
     `loop='steps'` runs the same steps as a Python loop over one jitted step instead: XLA:CPU runs
     convolution gradients many times slower inside a loop than outside one, so convolutional models
     train faster this way on CPU (see `scripts/benchmark.py`); elsewhere the scan is faster.
+
+    `batch_sharding` (`parallel.batch_sharding(mesh)`) shards each gathered batch over the devices
+    of a mesh: with replicated state and data, XLA partitions the step (data parallelism).
 
     `state` is donated; `method_state` is not (it may hold a teacher the caller still needs).
     """
@@ -187,10 +191,12 @@ def make_train_epoch(
 
     def one_step(state, method_state, x_all, y_all, idx_b, weight_b):
         aug_rng = jax.random.fold_in(jax.random.fold_in(state.rng, AUGMENT), state.step)
-        x = x_all[idx_b]
+        x, y, weight_b = x_all[idx_b], y_all[idx_b], weight_b
+        if batch_sharding is not None:
+            x, y, weight_b = jax.lax.with_sharding_constraint((x, y, weight_b), batch_sharding)
         if crop_padding or flip:
             x = device.augment(aug_rng, x, crop_padding=crop_padding, flip=flip)
-        batch = Batch(device.normalize(x, norm, dtype), y_all[idx_b], weight_b)
+        batch = Batch(device.normalize(x, norm, dtype), y, weight_b)
         (loss, (batch_stats, metrics)), grads = grad_fn(
             state.params, state.batch_stats, method_state, batch
         )
@@ -217,7 +223,7 @@ def make_train_epoch(
 
     def train_steps(state: TrainState, method_state: dict, x_all: jax.Array, y_all: jax.Array):
         per_epoch = -(-x_all.shape[0] // batch_size)
-        step = int(jax.device_get(state.step))  # an explicit read: one scalar per call
+        step = int(parallel.to_host(state.step))  # an explicit read: one scalar per call
         count = min(steps_per_call or per_epoch, per_epoch - step % per_epoch)
         metrics = []
         for _ in range(count):
@@ -280,6 +286,8 @@ def make_apply_batches(
 def run_batched(apply_batches: Callable, variables, method_state, x: np.ndarray, batch_size: int):
     """Applies a `make_apply_batches` function to host data in fixed-size batches; returns numpy."""
     batches, n = device.padded_batches(x, batch_size)
-    out = apply_batches(variables, method_state, batches)
-    out = np.asarray(jax.device_get(out))
+    mesh = parallel.mesh_of(variables)
+    if mesh is not None and jax.process_count() > 1:  # every input must span the same processes
+        batches = parallel.replicate(batches, mesh)
+    out = parallel.to_host(apply_batches(variables, method_state, batches))
     return out.reshape(-1, *out.shape[2:])[:n]

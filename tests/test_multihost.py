@@ -1,0 +1,73 @@
+"""Two local processes joined by jax.distributed give one process's results; one results file."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+SCRIPT = r"""
+import json, sys
+sys.path.insert(0, ".")
+from configs import digits
+from incremental import run as run_lib
+process_id, num_processes, port, workdir = sys.argv[1:5]
+config = digits.get_config("method=replay")
+config.train.epochs = config.train_first.epochs = 3
+config.protocol.init_classes, config.protocol.increment = 4, 3
+config.log.progress = config.log.plot = False
+if int(num_processes) > 1:
+    config.parallel.coordinator = f"127.0.0.1:{port}"
+    config.parallel.num_processes, config.parallel.process_id = int(num_processes), int(process_id)
+results = run_lib.run(config, workdir)
+import jax
+print(json.dumps({"processes": jax.process_count(), "devices": jax.device_count(),
+                  "matrix": results["accuracy_matrix"], "nme": results["nme_accuracy_matrix"]}))
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(process_id, num_processes, port, workdir):
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one CPU device each
+    args = [str(process_id), str(num_processes), str(port), str(workdir)]
+    return subprocess.Popen(
+        [sys.executable, "-c", SCRIPT, *args],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def result(proc):
+    out, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err[-3000:]
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def test_two_processes_give_one_process_results(tmp_path):
+    port = free_port()
+    procs = [launch(i, 2, port, tmp_path / "two") for i in range(2)]
+    single = result(launch(0, 1, 0, tmp_path / "one"))
+    both = [result(p) for p in procs]
+    assert [b["processes"] for b in both] == [2, 2] and both[0]["devices"] == 2
+    assert single["processes"] == 1
+    for b in both:  # every process holds the same numbers, those of one process
+        assert b["matrix"] == single["matrix"] and b["nme"] == single["nme"]
+    written = json.loads((tmp_path / "two" / "results.json").read_text())
+    assert written["accuracy_matrix"] == single["matrix"]
+    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == ["checkpoints", "results.json"]
+    assert sorted(p.name for p in (tmp_path / "two" / "checkpoints" / "phase").iterdir()) == [
+        "0",
+        "1",
+        "2",
+    ]

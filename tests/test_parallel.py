@@ -1,0 +1,95 @@
+"""Data parallelism on 4 CPU devices: the batch is sharded and the numbers are one device's."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# Runs in a fresh process: the device count is fixed when JAX starts.
+SCRIPT = r"""
+import dataclasses, json, sys
+import jax
+sys.path.insert(0, ".")
+from configs import digits
+from incremental import run as run_lib
+from incremental.methods import METHODS
+from incremental.methods.replay import Replay
+
+seen = []
+
+@dataclasses.dataclass(frozen=True)
+class Inspecting(Replay):
+    name = "inspecting"
+
+    def loss(self, out, batch, **kwargs):
+        jax.debug.inspect_array_sharding(batch.x, callback=lambda s: seen.append(str(s.spec)))
+        jax.debug.inspect_array_sharding(out.logits, callback=lambda s: seen.append(str(s.spec)))
+        return super().loss(out, batch, **kwargs)
+
+METHODS["inspecting"] = Inspecting
+out = {"device_count": jax.device_count()}
+for devices in (1, 4):
+    config = digits.get_config("method=inspecting")
+    config.train.epochs = config.train_first.epochs = 3
+    config.protocol.init_classes, config.protocol.increment = 4, 3
+    config.log.progress = config.log.plot = False
+    config.parallel.devices = devices
+    seen.clear()
+    results = run_lib.run(config, sys.argv[1] + f"/{devices}")
+    out[devices] = {
+        "matrix": results["accuracy_matrix"],
+        "nme": results["nme_accuracy_matrix"],
+        "losses": [p["final_loss"] for p in results["phases"]],
+        "specs": sorted(set(seen)),
+    }
+config.parallel.devices = 4
+config.train.batch_size = 30
+try:
+    run_lib.run(config, sys.argv[1] + "/bad")
+except ValueError as error:
+    out["bad_batch"] = str(error)
+print(json.dumps(out))
+"""
+
+
+@pytest.fixture(scope="module")
+def four_devices(tmp_path_factory):
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+    workdir = tmp_path_factory.mktemp("parallel")
+    proc = subprocess.run(
+        [sys.executable, "-c", SCRIPT, str(workdir)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_the_batch_is_sharded_over_the_devices(four_devices):
+    assert four_devices["device_count"] == 4
+    # The step's batch and its logits are split on the mesh's `data` axis; one device: nothing is.
+    assert four_devices["4"]["specs"] == ["P('data',)"]
+    assert "P('data',)" not in four_devices["1"]["specs"]
+
+
+def test_four_devices_give_one_devices_numbers(four_devices):
+    one, four = four_devices["1"], four_devices["4"]
+    # Gradients are summed in another order, so losses agree to float32 rounding; on this run
+    # every test prediction is the same.
+    assert four["matrix"] == one["matrix"]
+    assert four["nme"] == one["nme"]
+    for a, b in zip(one["losses"], four["losses"], strict=True):
+        assert abs(a - b) <= 1e-5 * max(1.0, abs(a))
+
+
+def test_a_batch_that_does_not_divide_is_refused(four_devices):
+    message = four_devices["bad_batch"]
+    assert "train.batch_size=30" in message and "4 devices" in message
