@@ -30,6 +30,7 @@ from incremental import (
     train,
 )
 from incremental.data import device, sources
+from incremental.data.stream import StreamingBatches
 from incremental.methods import Method, PhaseContext, PhaseInfo
 from incremental.models import MODELS, build_backbone, build_model
 from incremental.protocol import Protocol, make_protocol
@@ -196,6 +197,19 @@ def begin_phase(
         jnp.zeros((), jnp.int32),
     )
     augment = config.augment if data.is_image else {"crop_padding": 0, "flip": False}
+    stream = None
+    if config.dataset.stream:
+        if jax.process_count() > 1:
+            raise ValueError(
+                "dataset.stream does not feed several processes yet; run one process per host "
+                "with parallel.coordinator unset, or keep the data on the device (stream=False)."
+            )
+        stream = StreamingBatches(
+            (data.x_train, data.y_train),
+            idx,
+            batch_size,
+            sharding=parallel.batch_sharding(mesh) if mesh.size > 1 else None,
+        )
     train_epoch = train.make_train_epoch(
         model=model,
         tx=tx,
@@ -208,12 +222,16 @@ def begin_phase(
         flip=augment["flip"],
         dtype=dtype,
         steps_per_call=config.checkpoint.every_steps or None,
-        loop=train_loop(config),
+        loop="stream" if config.dataset.stream else train_loop(config),
         batch_sharding=parallel.batch_sharding(mesh) if mesh.size > 1 else None,
+        stream=stream,
     )
     steps_per_epoch = -(-len(idx) // batch_size)
     state, method_state = parallel.replicate((state, method_state), mesh)
-    x_dev, y_dev = parallel.replicate((data.x_train[idx], data.y_train[idx]), mesh)
+    if stream is None:
+        x_dev, y_dev = parallel.replicate((data.x_train[idx], data.y_train[idx]), mesh)
+    else:
+        x_dev = y_dev = None  # batches come from the host, one at a time
     epochs = hp.epochs if setup.train else 0
     return (
         PhaseRun(info, ctx, model, train_epoch, x_dev, y_dev, epochs, len(idx), steps_per_epoch),

@@ -140,6 +140,7 @@ def make_train_epoch(
     steps_per_call: int | None = None,
     loop: str = "scan",
     batch_sharding: jax.sharding.Sharding | None = None,
+    stream: Any = None,
 ) -> Callable:
     """Returns `train_epoch(state, method_state, x, y) -> (state, method_state, metrics)`, jitted.
 
@@ -156,13 +157,20 @@ def make_train_epoch(
     convolution gradients many times slower inside a loop than outside one, so convolutional models
     train faster this way on CPU (see `scripts/benchmark.py`); elsewhere the scan is faster.
 
+    `loop='stream'` takes the batches from `stream` (a `data.stream.StreamingBatches` over the
+    phase's examples, read on the host and prefetched to the device) instead of gathering them from
+    device-resident `x`, `y` (pass None): the same batches in the same order, for datasets that do
+    not fit on the device.
+
     `batch_sharding` (`parallel.batch_sharding(mesh)`) shards each gathered batch over the devices
     of a mesh: with replicated state and data, XLA partitions the step (data parallelism).
 
     `state` is donated; `method_state` is not (it may hold a teacher the caller still needs).
     """
-    if loop not in LOOPS:
+    if loop not in (*LOOPS, "stream"):
         raise ValueError(f"Unknown train loop {loop!r}; choose one of {LOOPS}.")
+    if (loop == "stream") != (stream is not None):
+        raise ValueError("loop='stream' and a `stream` of batches go together.")
 
     def loss_fn(params, batch_stats, method_state, batch):
         variables = {"params": params, "batch_stats": batch_stats}
@@ -190,8 +198,10 @@ def make_train_epoch(
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
     def one_step(state, method_state, x_all, y_all, idx_b, weight_b):
+        return batch_step(state, method_state, x_all[idx_b], y_all[idx_b], weight_b)
+
+    def batch_step(state, method_state, x, y, weight_b):
         aug_rng = jax.random.fold_in(jax.random.fold_in(state.rng, AUGMENT), state.step)
-        x, y, weight_b = x_all[idx_b], y_all[idx_b], weight_b
         if batch_sharding is not None:
             x, y, weight_b = jax.lax.with_sharding_constraint((x, y, weight_b), batch_sharding)
         if crop_padding or flip:
@@ -221,14 +231,23 @@ def make_train_epoch(
         idx, weight, first, _ = epoch_batches(state, x_all.shape[0])
         return one_step(state, method_state, x_all, y_all, idx[first], weight[first])
 
+    streamed_step = jax.jit(batch_step, donate_argnames=("state",))
+
     def train_steps(state: TrainState, method_state: dict, x_all: jax.Array, y_all: jax.Array):
-        per_epoch = -(-x_all.shape[0] // batch_size)
+        per_epoch = stream.steps_per_epoch if stream else -(-x_all.shape[0] // batch_size)
         step = int(parallel.to_host(state.step))  # an explicit read: one scalar per call
         count = min(steps_per_call or per_epoch, per_epoch - step % per_epoch)
         metrics = []
+        batches = stream.batches(state.rng, step) if stream else None
         for _ in range(count):
-            state, method_state, step_metrics = single_step(state, method_state, x_all, y_all)
+            if stream:
+                x, y, weight = next(batches)
+                state, method_state, step_metrics = streamed_step(state, method_state, x, y, weight)
+            else:
+                state, method_state, step_metrics = single_step(state, method_state, x_all, y_all)
             metrics.append(step_metrics)
+        if batches is not None:
+            batches.close()  # stops the host readers of the rest of the epoch
         metrics = jax.tree.map(lambda *values: jnp.stack(values), *metrics)
         return state, method_state, {**metrics, "steps": count}
 

@@ -144,3 +144,21 @@ def test_bad_inputs_raise_clear_errors(key, phase, tmp_path):
     with pytest.raises(ValueError, match=r"scripts/prepare_tfds.py mnist --data_dir"):
         stream.open_tfds_split("mnist", data_dir=str(tmp_path))
     assert time.perf_counter() - start < 5
+
+
+def test_a_streamed_run_trains_on_the_same_batches(tmp_path):
+    """dataset.stream=True: the run's batches come from the host, with the device path's numbers."""
+    from configs import digits
+    from incremental import run as run_lib
+
+    results = {}
+    for stream in (False, True):
+        config = digits.get_config("method=replay")
+        config.train.epochs = config.train_first.epochs = 2
+        config.log.progress = config.log.plot = False
+        config.train.loop = "steps"  # the device path's Python loop: the same program per step
+        config.dataset.stream = stream
+        results[stream] = run_lib.run(config, str(tmp_path / str(stream)))
+    losses = {k: [p["final_loss"] for p in r["phases"]] for k, r in results.items()}
+    np.testing.assert_allclose(losses[True], losses[False], rtol=1e-5)
+    assert results[True]["accuracy_matrix"] == results[False]["accuracy_matrix"]
