@@ -26,7 +26,7 @@ def get_config(arg: str | None = None):
     set_method(config, args["method"])
     config.dataset.name = "tfds:imagenet_resized/64x64"
     config.dataset.classes = "seeded:100"
-    config.dataset.stream = True  # batches stream from host memory (data.stream), not kept on device
+    config.dataset.stream = True  # batches stream from host memory, not kept on the device
     set_protocol(config, args["protocol"])
 
     config.model.name = "resnet18"

@@ -152,13 +152,13 @@ def test_a_streamed_run_trains_on_the_same_batches(tmp_path):
     from incremental import run as run_lib
 
     results = {}
-    for stream in (False, True):
+    for streamed in (False, True):
         config = digits.get_config("method=replay")
         config.train.epochs = config.train_first.epochs = 2
         config.log.progress = config.log.plot = False
         config.train.loop = "steps"  # the device path's Python loop: the same program per step
-        config.dataset.stream = stream
-        results[stream] = run_lib.run(config, str(tmp_path / str(stream)))
+        config.dataset.stream = streamed
+        results[streamed] = run_lib.run(config, str(tmp_path / str(streamed)))
     losses = {k: [p["final_loss"] for p in r["phases"]] for k, r in results.items()}
     np.testing.assert_allclose(losses[True], losses[False], rtol=1e-5)
     assert results[True]["accuracy_matrix"] == results[False]["accuracy_matrix"]
