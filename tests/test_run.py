@@ -130,3 +130,24 @@ def test_imprinted_head_init_runs_and_starts_new_columns_at_old_norms(tmp_path):
     config.head.init = "imprint"
     results = run_lib.run(config, str(tmp_path), stop_after=1)
     assert len(results["accuracy_matrix"]) == 2
+
+
+def test_bfloat16_computes_in_bf16_and_keeps_float32_state(tmp_path):
+    """config.dtype=bfloat16: the backbone computes in bf16; params and optimizer state stay f32."""
+    import jax.numpy as jnp
+
+    config = digits.get_config("method=replay")
+    config.train.epochs = config.train_first.epochs = 5
+    config.log.progress = config.log.plot = False
+    config.dtype = "bfloat16"
+    results = run_lib.run(config, str(tmp_path))
+    data, protocol, method = run_lib.validate(config, str(tmp_path))
+    model = run_lib.phase_model(config, method, run_lib.PhaseInfo(0, 0, 2))
+    assert model.backbone.dtype == jnp.bfloat16
+    ckpts = checkpoint.Checkpoints(str(tmp_path))
+    target = run_lib.state_target(config, method, protocol, data, 4)
+    state, _, _ = ckpts.restore(4, target)
+    ckpts.close()
+    dtypes = {leaf.dtype for leaf in jax.tree.leaves((state["params"], state["opt_state"]))}
+    assert dtypes <= {jnp.dtype("float32"), jnp.dtype("int32")}, dtypes
+    assert results["last_accuracy"] > 0.85  # replay in float32 here: about 0.96
