@@ -231,6 +231,9 @@ def test_bad_input_fails_fast_and_changes_nothing(tmp_path, case):
         (dict(y_train=np.arange(39) % 4), "40 examples but y_train has 39"),
         (dict(y_train=(np.arange(40) % 4) + 0.5), "integer"),
         (dict(x_train=np.full((40, 5), np.nan, np.float32)), "NaN"),
+        (dict(x_test=np.full((8, 5), np.inf, np.float32)), "infinite"),
+        (dict(y_test=np.arange(8) % 4 - 1), "negative class ids"),
+        (dict(x_test=np.zeros((8, 6), np.float32)), "x_test"),
     ],
 )
 def test_bad_npz_is_refused_before_anything_is_written(tmp_path, overrides, message):
