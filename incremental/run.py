@@ -309,17 +309,8 @@ def train_phase(
     while steps.remaining(state):
         state, method_state, metrics = pr.train_epoch(state, method_state, pr.x, pr.y)
         steps.add(metrics)
-    return finish_phase(
-        config,
-        method,
-        data,
-        protocol,
-        pr,
-        state,
-        method_state,
-        steps.last_epoch,
-        time.perf_counter() - start,
-    )
+    args = (pr, state, method_state, steps.last_epoch, time.perf_counter() - start)
+    return finish_phase(config, method, data, protocol, *args)
 
 
 class Steps:

@@ -166,19 +166,21 @@ def _prepare_command(name: str, data_dir: str | None) -> str:
     return f"pip install -e '.[prepare]' && python scripts/prepare_tfds.py {name}{dir_flag}"
 
 
-def _load_tfds(name: str, *, data_dir: str | None, download: bool) -> Source:
-    """Reads the train and test splits of a TFDS dataset through `tfds.data_source`."""
+def tfds_data_source(name: str, *, data_dir: str | None, download: bool = False, **kwargs):
+    """`tfds.data_source(name, ...)`, with a missing or unprepared dataset as a clear ValueError.
+
+    With download=False it never touches the network, so a missing dataset fails in milliseconds.
+    """
     import tensorflow_datasets as tfds  # Imported here: only "tfds:" sources need it.
 
     try:
-        # download=False never touches the network, so a missing dataset fails in milliseconds.
-        splits = tfds.data_source(
+        return tfds.data_source(
             name,
-            split=["train", "test"],
             data_dir=data_dir,
             download=download,
             # Without this, a download into an explicit data_dir is written as unreadable TFRecord.
             download_and_prepare_kwargs={"file_format": "array_record"} if download else None,
+            **kwargs,
         )
     except tfds.core.registered.DatasetNotFoundError as e:
         raise ValueError(
@@ -192,6 +194,11 @@ def _load_tfds(name: str, *, data_dir: str | None, download: bool) -> Source:
             f"Prepare it once (needs TensorFlow and network) with:\n"
             f"  {_prepare_command(name, data_dir)}\nTFDS said: {type(e).__name__}: {e}"
         ) from e
+
+
+def _load_tfds(name: str, *, data_dir: str | None, download: bool) -> Source:
+    """Reads the train and test splits of a TFDS dataset through `tfds.data_source`."""
+    splits = tfds_data_source(name, split=["train", "test"], data_dir=data_dir, download=download)
     train, test = splits
     features = train.dataset_info.features
     for key in ("image", "label"):

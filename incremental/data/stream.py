@@ -69,22 +69,7 @@ def epoch_key(state_rng: jax.Array, epoch: int) -> jax.Array:
 
 def open_tfds_split(name: str, split: str = "train", *, data_dir: str | None = None) -> Any:
     """A `tfds.data_source` split for streaming; never downloads, fails fast if not prepared."""
-    import tensorflow_datasets as tfds  # Imported here: only TFDS sources need it.
-
-    try:
-        return tfds.data_source(name, split=split, data_dir=data_dir, download=False)
-    except tfds.core.registered.DatasetNotFoundError as e:
-        raise ValueError(
-            f"TFDS has no dataset {name!r}; see https://www.tensorflow.org/datasets/catalog."
-        ) from e
-    # As in sources._load_tfds: the error for missing data depends on data_dir and the disk.
-    except (AssertionError, FileNotFoundError, KeyError, NotImplementedError) as e:
-        where = data_dir or "the default TFDS data_dir"
-        raise ValueError(
-            f"TFDS dataset {name!r} is not prepared in array_record format in {where}. "
-            f"Prepare it once (needs TensorFlow and network) with:\n"
-            f"  {sources._prepare_command(name, data_dir)}\nTFDS said: {type(e).__name__}: {e}"
-        ) from e
+    return sources.tfds_data_source(name, split=split, data_dir=data_dir)
 
 
 class PhaseRecords:
