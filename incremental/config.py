@@ -49,6 +49,9 @@ def base_config() -> ml_collections.ConfigDict:
     """Every key the phase loop reads, with the digits defaults; config files change what differs."""
     c = ml_collections.ConfigDict()
     c.seed = 0
+    # Several seeds in one program (incremental.seeds): every seed's train steps run together under
+    # jax.vmap, and results.json reports each seed and the mean and std. Empty: just `seed`.
+    c.seeds = ()
     c.method = "finetune"
     c.method_args = ml_collections.ConfigDict()  # the method's hyper-parameters (dataclass fields)
     c.dtype = "float32"  # computation dtype; parameters and optimizer state stay float32

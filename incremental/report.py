@@ -101,6 +101,9 @@ def summary_table(results: dict) -> Table:
 
 
 def print_summary(results: dict, workdir: str) -> None:
+    if "per_seed" in results:
+        print_seeds(results, workdir)
+        return
     console.print(summary_table(results))
     seconds = sum(p["train_seconds"] + p["eval_seconds"] for p in results["phases"])
     console.print(
@@ -146,3 +149,25 @@ def plot(results: dict, path: str) -> None:
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
+
+
+def print_seeds(results: dict, workdir: str) -> None:
+    """Each seed's last and average incremental accuracy, and their mean and std over seeds."""
+    table = Table(box=box.SIMPLE_HEAD)
+    for column in ("seed", "last", "avg incremental", "forgetting"):
+        table.add_column(column, justify="right")
+    for seed, r in results["per_seed"].items():
+        table.add_row(
+            seed,
+            _pct(r["last_accuracy"]),
+            _pct(r["average_incremental_accuracy"]),
+            _pct(r["forgetting"]),
+        )
+    console.print(table)
+    mean = lambda key: f"{_pct(results[key + '_mean'])} ± {_pct(results[key + '_std'])}"  # noqa: E731
+    console.print(
+        f"last accuracy {mean('last_accuracy')}% | average incremental accuracy "
+        f"{mean('average_incremental_accuracy')}% over seeds {results['seeds']} | results: "
+        f"{workdir}/results.json (each seed: {workdir}/seed_<s>/results.json)",
+        soft_wrap=True,
+    )

@@ -648,6 +648,10 @@ def run(config, workdir: str, *, stop_after: int | None = None) -> dict:
     Raises:
       Preempted: after SIGTERM/SIGINT, once the current steps are saved.
     """
+    if config.seeds:
+        from incremental import seeds  # noqa: PLC0415 -- seeds builds on this module
+
+        return seeds.run_seeds(config, workdir)
     parallel.initialize(config)
     data, protocol, method = validate(config, workdir)
     try:

@@ -1,0 +1,175 @@
+"""Several seeds in one program: each phase's train steps of every seed run together under `jax.vmap`.
+
+`config.seeds=(0, 1, 2)` runs the seeds side by side. The between-phase hooks (teacher snapshots,
+exemplar selection, evaluation) run for each seed in turn, as in a single run; the epochs, where the
+time goes, run once for all seeds: parameters, optimizer state, method state and the train key are
+stacked on a leading seed axis, and the training data are shared when every seed trains on the same
+examples (stacked otherwise, as when exemplar memories differ). Each seed has its own work directory
+`<workdir>/seed_<s>/` (checkpoints and results.json, as a run with `config.seed=s` would write), and
+`<workdir>/results.json` reports every seed and the mean and standard deviation over seeds.
+
+A seed's numbers are those of a separate run with that seed up to float rounding: batched matmuls
+may sum in another order. The epochs run as one scan (`train.loop='scan'`), without within-phase
+checkpoints or streaming; a killed run resumes after the last phase that every seed finished.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from incremental import checkpoint, compilation
+from incremental import run as run_lib
+
+SUMMARY_KEYS = ("last_accuracy", "average_incremental_accuracy", "forgetting", "backward_transfer")
+
+
+def seed_config(config, seed: int):
+    """`config` for one seed: `seed` set, `seeds` emptied, the epochs as one scan."""
+    c = config.copy_and_resolve_references()
+    c.seed, c.seeds, c.train.loop = seed, (), "scan"
+    return c
+
+
+def check(config) -> list[int]:
+    seeds = [int(s) for s in config.seeds]
+    if len(set(seeds)) != len(seeds):
+        raise ValueError(f"config.seeds has repeated seeds: {seeds}.")
+    if config.checkpoint.every_steps or config.checkpoint.every_epochs:
+        raise ValueError(
+            "config.seeds saves at phase ends only; set checkpoint.every_steps and "
+            "checkpoint.every_epochs to 0."
+        )
+    if config.dataset.stream:
+        raise ValueError("config.seeds keeps the data on the device; set dataset.stream=False.")
+    return seeds
+
+
+def stack(trees: list) -> object:
+    return jax.tree.map(lambda *leaves: jnp.stack(leaves), *trees)
+
+
+def unstack(tree, count: int) -> list:
+    return [jax.tree.map(lambda leaf, i=i: leaf[i], tree) for i in range(count)]
+
+
+def run_seeds(config, workdir: str) -> dict:
+    """Runs (or resumes) every seed of `config.seeds`; returns the document of `results.json`."""
+    seeds = check(config)
+    configs = [seed_config(config, s) for s in seeds]
+    data, protocol, method = run_lib.validate(configs[0], workdir)
+    dirs = [os.path.join(workdir, f"seed_{s}") for s in seeds]
+    for d in dirs:
+        os.makedirs(d, exist_ok=True)
+    compilation.use_cache(config.compile_cache)
+    ckpts = [checkpoint.Checkpoints(d, config.checkpoint.keep) for d in dirs]
+    try:
+        found = [
+            run_lib.resume(k, c, method, protocol, data)
+            for k, c in zip(ckpts, configs, strict=True)
+        ]
+        first = min(f[0] for f in found)
+        found = [
+            f if f[0] == first else restore(k, c, method, protocol, data, first - 1)
+            for f, k, c in zip(found, ckpts, configs, strict=True)
+        ]
+        carried = [f[1] for f in found]
+        method_states = [f[2] for f in found]
+        records = [f[3][:first] for f in found]
+        for phase in range(first, protocol.num_phases):
+            start = time.perf_counter()
+            begun = [
+                run_lib.begin_phase(c, method, data, protocol, phase, carried[i], method_states[i])
+                for i, c in enumerate(configs)
+            ]
+            prs = [b[0] for b in begun]
+            states, method_states = train_together(
+                prs, [b[1] for b in begun], [b[2] for b in begun]
+            )
+            elapsed = time.perf_counter() - start
+            for i, (c, pr) in enumerate(zip(configs, prs, strict=True)):
+                steps = states[i][1]
+                carried[i] = run_lib.finish_phase(
+                    c, method, data, protocol, pr, states[i][0], method_states[i],
+                    steps.last_epoch, elapsed / len(seeds),
+                )  # fmt: skip
+                method_states[i] = carried[i].method_state
+                records[i].append(carried[i].record)
+                results = run_lib.results_from_records(c, protocol, records[i])
+                run_lib.write_results(dirs[i], results)
+                saved = {
+                    **carried[i].variables,
+                    "opt_state": carried[i].opt_state,
+                    "rng": states[i][0].rng,
+                }
+                meta = run_lib._meta(c, protocol, phase, records[i])
+                ckpts[i].save(phase, saved, method_states[i], meta)
+    finally:
+        for k in ckpts:
+            k.close()
+    per_seed = [
+        run_lib.results_from_records(c, protocol, r) for c, r in zip(configs, records, strict=True)
+    ]
+    doc = summarize(config, seeds, per_seed)
+    run_lib.write_results(workdir, doc)
+    return doc
+
+
+def restore(ckpts, config, method, protocol, data, phase):
+    """What a seed that finished later phases left after `phase` (so every seed starts together)."""
+    target = run_lib.state_target(config, method, protocol, data, phase)
+    state, method_state, meta = ckpts.restore(phase, target)
+    variables = {"params": state["params"], "batch_stats": state["batch_stats"]}
+    records = meta["records"][: phase + 1]
+    carried = run_lib.PhaseResult(variables, state["opt_state"], method_state, records[-1])
+    return phase + 1, carried, method_state, records
+
+
+def train_together(prs, states, method_states):
+    """The phase's epochs of every seed in one vmapped scan; returns [(state, Steps)], states."""
+    pr = prs[0]
+    if len({p.x.shape for p in prs}) != 1:
+        raise ValueError(
+            "config.seeds needs every seed to train on as many examples in a phase; got "
+            f"{[p.x.shape[0] for p in prs]}."
+        )
+    shared = all(bool(jnp.array_equal(p.x, pr.x)) and bool(jnp.array_equal(p.y, pr.y)) for p in prs)
+    data_axis = None if shared else 0
+    xs = (pr.x, pr.y) if shared else (stack([p.x for p in prs]), stack([p.y for p in prs]))
+    epoch = jax.jit(jax.vmap(pr.train_epoch, in_axes=(0, 0, data_axis, data_axis)))
+    state, method_state = stack(list(states)), stack(list(method_states))
+    steps = [run_lib.Steps(p) for p in prs]
+    while steps[0].step < steps[0].total:
+        state, method_state, metrics = epoch(state, method_state, *xs)
+        for i, m in enumerate(unstack(metrics, len(prs))):
+            steps[i].add(m)
+    states = list(zip(unstack(state, len(prs)), steps, strict=True))
+    return states, unstack(method_state, len(prs))
+
+
+def summarize(config, seeds: list[int], per_seed: list[dict]) -> dict:
+    """Each seed's headline numbers and matrices, and the mean and std over seeds."""
+    doc = {
+        "format_version": 1,
+        "method": config.method,
+        "dataset": config.dataset.name,
+        "seeds": seeds,
+        "complete": all(r["complete"] for r in per_seed),
+        "per_seed": {
+            str(s): {k: r[k] for k in (*SUMMARY_KEYS, "accuracy", "accuracy_matrix") if k in r}
+            for s, r in zip(seeds, per_seed, strict=True)
+        },
+        "config": config.to_dict(),
+        "versions": run_lib.versions(),
+    }
+    for key in SUMMARY_KEYS + tuple(k for k in per_seed[0] if k.endswith("_last_accuracy")):
+        values = [r.get(key) for r in per_seed]
+        if all(v is not None for v in values):
+            doc[f"{key}_mean"] = float(np.mean(values))
+            doc[f"{key}_std"] = float(np.std(values))
+    doc["accuracy_mean"] = np.mean([r["accuracy"] for r in per_seed], axis=0).tolist()
+    return doc

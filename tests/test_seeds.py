@@ -1,0 +1,71 @@
+"""config.seeds: the seeds train together under jax.vmap, each with a separate run's numbers."""
+
+import json
+
+import numpy as np
+import pytest
+
+from configs import digits
+from incremental import run as run_lib
+
+
+def small_config(method):
+    config = digits.get_config(f"method={method}")
+    config.train.epochs = config.train_first.epochs = 2
+    config.protocol.init_classes, config.protocol.increment = 4, 3
+    config.log.progress = config.log.plot = False
+    return config
+
+
+# finetune: every seed trains on the same examples (shared data); replay: the exemplar memories
+# differ per seed (stacked data), and the method state (the memory) is stacked too.
+@pytest.mark.parametrize("method", ["finetune", "replay"])
+def test_each_seed_has_the_numbers_of_its_own_run(tmp_path, method):
+    config = small_config(method)
+    config.seeds = (0, 1, 2)
+    doc = run_lib.run(config, str(tmp_path / "together"))
+    assert doc["seeds"] == [0, 1, 2] and doc["complete"]
+    lasts = []
+    for seed in (0, 1, 2):
+        single = small_config(method)
+        single.seed = seed
+        alone = run_lib.run(single, str(tmp_path / f"alone_{seed}"))
+        together = json.loads((tmp_path / "together" / f"seed_{seed}" / "results.json").read_text())
+        assert together["accuracy_matrix"] == alone["accuracy_matrix"]
+        assert doc["per_seed"][str(seed)]["accuracy_matrix"] == alone["accuracy_matrix"]
+        if method == "replay":
+            assert together["nme_accuracy_matrix"] == alone["nme_accuracy_matrix"]
+        np.testing.assert_allclose(
+            [p["final_loss"] for p in together["phases"]],
+            [p["final_loss"] for p in alone["phases"]],
+            rtol=1e-5,
+        )
+        lasts.append(alone["last_accuracy"])
+    assert doc["last_accuracy_mean"] == pytest.approx(np.mean(lasts))
+    assert doc["last_accuracy_std"] == pytest.approx(np.std(lasts))
+    assert len(set(lasts)) > 1  # the seeds really differ
+
+
+def test_seeds_resume_after_the_last_phase_every_seed_finished(tmp_path):
+    config = small_config("replay")
+    config.seeds = (0, 1)
+    whole = run_lib.run(config, str(tmp_path / "whole"))
+    staged = tmp_path / "staged"
+    run_lib.run(config, str(staged))
+    for phase in ("1", "2"):  # seed 1 lost its last two phases, seed 0 its last
+        for seed, lost in (("0", ("2",)), ("1", ("1", "2"))):
+            if phase in lost:
+                path = staged / f"seed_{seed}" / "checkpoints" / "phase" / phase
+                for f in sorted(path.rglob("*"), reverse=True):
+                    f.unlink() if f.is_file() else f.rmdir()
+                path.rmdir()
+    resumed = run_lib.run(config, str(staged))
+    assert resumed["per_seed"] == whole["per_seed"]
+
+
+def test_seeds_refuse_within_phase_checkpoints(tmp_path):
+    config = small_config("finetune")
+    config.seeds = (0, 1)
+    config.checkpoint.every_steps = 5
+    with pytest.raises(ValueError, match="phase ends only"):
+        run_lib.run(config, str(tmp_path))
