@@ -9,7 +9,7 @@ from incremental import run as run_lib
 from incremental.methods import PhaseInfo
 
 
-def small_config(method, epochs=15):
+def small_config(method, epochs=10):
     config = digits.get_config(f"method={method}")
     config.train.epochs = config.train_first.epochs = epochs
     config.log.progress = config.log.plot = False

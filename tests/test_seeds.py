@@ -22,11 +22,11 @@ def small_config(method):
 @pytest.mark.parametrize("method", ["finetune", "replay"])
 def test_each_seed_has_the_numbers_of_its_own_run(tmp_path, method):
     config = small_config(method)
-    config.seeds = (0, 1, 2)
+    config.seeds = (0, 1)
     doc = run_lib.run(config, str(tmp_path / "together"))
-    assert doc["seeds"] == [0, 1, 2] and doc["complete"]
+    assert doc["seeds"] == [0, 1] and doc["complete"]
     lasts = []
-    for seed in (0, 1, 2):
+    for seed in (0, 1):
         single = small_config(method)
         single.seed = seed
         alone = run_lib.run(single, str(tmp_path / f"alone_{seed}"))
