@@ -226,9 +226,12 @@ def make_train_epoch(
         idx, weight = device.batch_indices(order_rng, num_examples, batch_size)
         return idx, weight, first, per_epoch
 
+    # The epoch's order is drawn once per call; each step picks its row of it.
+    epoch_order = jax.jit(lambda state, n: epoch_batches(state, n)[:2], static_argnums=1)
+
     @functools.partial(jax.jit, donate_argnames=("state",))
-    def single_step(state: TrainState, method_state: dict, x_all: jax.Array, y_all: jax.Array):
-        idx, weight, first, _ = epoch_batches(state, x_all.shape[0])
+    def single_step(state, method_state, x_all, y_all, idx, weight):
+        first = state.step % idx.shape[0]
         return one_step(state, method_state, x_all, y_all, idx[first], weight[first])
 
     streamed_step = jax.jit(batch_step, donate_argnames=("state",))
@@ -239,12 +242,14 @@ def make_train_epoch(
         count = min(steps_per_call or per_epoch, per_epoch - step % per_epoch)
         metrics = []
         batches = stream.batches(state.rng, step) if stream else None
+        order = None if stream else epoch_order(state, x_all.shape[0])
         for _ in range(count):
             if stream:
                 x, y, weight = next(batches)
                 state, method_state, step_metrics = streamed_step(state, method_state, x, y, weight)
             else:
-                state, method_state, step_metrics = single_step(state, method_state, x_all, y_all)
+                args = (x_all, y_all, *order)
+                state, method_state, step_metrics = single_step(state, method_state, *args)
             metrics.append(step_metrics)
         if batches is not None:
             batches.close()  # stops the host readers of the rest of the epoch
