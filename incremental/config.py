@@ -59,9 +59,11 @@ def base_config() -> ml_collections.ConfigDict:
     # "auto" is $INCREMENTAL_CACHE/jax (default ~/.cache/incremental/jax); "" turns it off.
     c.compile_cache = "auto"
     c.parallel = ml_collections.ConfigDict()
-    c.parallel.devices = (
-        0  # data-parallel over this many devices (0: all; see incremental.parallel)
-    )
+    c.parallel.devices = 0  # data-parallel over this many devices (0: all)
+    # FSDP-style: split parameters (and optimizer moments) of at least `shard_min_size` elements
+    # over the devices instead of replicating them, for backbones too large to copy on each device.
+    c.parallel.shard_params = False
+    c.parallel.shard_min_size = 1 << 16
     c.parallel.coordinator = ""  # "host:port" of process 0 starts jax.distributed (several hosts)
     c.parallel.num_processes = 1
     c.parallel.process_id = 0

@@ -72,13 +72,36 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
 
 def replicate(tree: PyTree, mesh: Mesh) -> PyTree:
     """Every array leaf of `tree` (host or device) as a copy on every device of the mesh."""
-    sharding = replicated(mesh)
+    return place(tree, mesh, lambda leaf: replicated(mesh))
+
+
+def shard_large(tree: PyTree, mesh: Mesh, min_size: int) -> PyTree:
+    """FSDP-style placement: a leaf of at least `min_size` elements whose first axis divides over
+    the devices is split along that axis over `data`; the others are replicated. XLA gathers the
+    pieces where the step needs them, so each device holds a share of the large parameters (and of
+    their optimizer moments) between steps."""
+    n = mesh.shape[DATA]
+
+    def sharding(leaf):
+        shape = np.shape(leaf)
+        if shape and shape[0] % n == 0 and np.size(leaf) >= min_size:
+            return batch_sharding(mesh)
+        return replicated(mesh)
+
+    return place(tree, mesh, sharding)
+
+
+def place(tree: PyTree, mesh: Mesh, sharding_of) -> PyTree:
+    """Every array leaf of `tree` put on `mesh` with `sharding_of(leaf)`, on one host or many."""
 
     def put(leaf):
+        sharding = sharding_of(leaf)
         if isinstance(leaf, jax.Array) and leaf.sharding == sharding:
             return leaf
-        if jax.process_count() == 1:
-            return jax.device_put(leaf, sharding)
+        if jax.process_count() == 1 or (
+            isinstance(leaf, jax.Array) and not leaf.is_fully_addressable
+        ):
+            return jax.device_put(leaf, sharding)  # one host, or a global array resharded
         host = np.asarray(to_host(leaf))  # the same value in every process
         return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
 

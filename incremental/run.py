@@ -228,6 +228,10 @@ def begin_phase(
     )
     steps_per_epoch = -(-len(idx) // batch_size)
     state, method_state = parallel.replicate((state, method_state), mesh)
+    if config.parallel.shard_params:
+        large = (state.params, state.opt_state)
+        large = parallel.shard_large(large, mesh, config.parallel.shard_min_size)
+        state = state._replace(params=large[0], opt_state=large[1])
     if stream is None:
         x_dev, y_dev = parallel.replicate((data.x_train[idx], data.y_train[idx]), mesh)
     else:

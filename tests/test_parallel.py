@@ -20,32 +20,38 @@ from incremental import run as run_lib
 from incremental.methods import METHODS
 from incremental.methods.replay import Replay
 
-seen = []
+seen, kernels = [], []
 
 @dataclasses.dataclass(frozen=True)
 class Inspecting(Replay):
     name = "inspecting"
 
-    def loss(self, out, batch, **kwargs):
+    def loss(self, out, batch, *, params, **kwargs):
         jax.debug.inspect_array_sharding(batch.x, callback=lambda s: seen.append(str(s.spec)))
         jax.debug.inspect_array_sharding(out.logits, callback=lambda s: seen.append(str(s.spec)))
-        return super().loss(out, batch, **kwargs)
+        kernel = params["backbone"]["dense0"]["kernel"]
+        jax.debug.inspect_array_sharding(kernel, callback=lambda s: kernels.append(str(s.spec)))
+        return super().loss(out, batch, params=params, **kwargs)
 
 METHODS["inspecting"] = Inspecting
 out = {"device_count": jax.device_count()}
-for devices in (1, 4):
+for devices, shard in ((1, False), (4, False), (4, True)):
     config = digits.get_config("method=inspecting")
     config.train.epochs = config.train_first.epochs = 3
     config.protocol.init_classes, config.protocol.increment = 4, 3
     config.log.progress = config.log.plot = False
     config.parallel.devices = devices
+    config.parallel.shard_params, config.parallel.shard_min_size = shard, 1000
     seen.clear()
-    results = run_lib.run(config, sys.argv[1] + f"/{devices}")
-    out[devices] = {
+    kernels.clear()
+    name = f"{devices}" + ("-sharded" if shard else "")
+    results = run_lib.run(config, sys.argv[1] + "/" + name)
+    out[name] = {
         "matrix": results["accuracy_matrix"],
         "nme": results["nme_accuracy_matrix"],
         "losses": [p["final_loss"] for p in results["phases"]],
         "specs": sorted(set(seen)),
+        "kernel_specs": sorted(set(kernels)),
     }
 config.parallel.devices = 4
 config.train.batch_size = 30
@@ -93,3 +99,12 @@ def test_four_devices_give_one_devices_numbers(four_devices):
 def test_a_batch_that_does_not_divide_is_refused(four_devices):
     message = four_devices["bad_batch"]
     assert "train.batch_size=30" in message and "4 devices" in message
+
+
+def test_large_parameters_can_be_split_over_the_devices(four_devices):
+    """parallel.shard_params: the (64, 256) first-layer kernel is split over `data`, numbers kept."""
+    sharded, replicated = four_devices["4-sharded"], four_devices["4"]
+    assert sharded["kernel_specs"] == ["P('data',)"] and replicated["kernel_specs"] == ["P()"]
+    assert sharded["matrix"] == replicated["matrix"] and sharded["nme"] == replicated["nme"]
+    for a, b in zip(sharded["losses"], replicated["losses"], strict=True):
+        assert abs(a - b) <= 1e-5 * max(1.0, abs(a))
