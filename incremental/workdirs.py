@@ -320,8 +320,8 @@ def edit_method_state(
     Known entries are edited: exemplar sets (`memory`, `validation`) lose the exemplars of removed
     classes and are renumbered (`label_map`: old position -> new position or -1; `index_map`: old
     training index -> new one or -1); per-class rows (`class_means`, `scale`, `bias/alpha`,
-    `bias/beta`) lose their rows; entries shaped like the params (a teacher, importances) lose
-    their head columns (`surgery.remove_classes_like`). Any other leaf with an axis of `num_seen`
+    `bias/beta`) lose their rows; entries shaped like the params (a teacher, importances), and heads
+    kept on their own (a key ending in `head`), lose their head columns. Any other leaf with an axis of `num_seen`
     entries raises `ValueError`: its meaning is unknown, so it cannot be edited safely.
     """
     out = {}
@@ -330,6 +330,9 @@ def edit_method_state(
             out[key] = _edit_exemplars(value, label_map, index_map)
         elif removed and _has_head(value):
             out[key] = surgery.remove_classes_like(value, removed, num_seen)
+        elif removed and key.endswith("head") and _has_head({"head": value}):
+            # A head kept on its own (FOSTER's `old_head`): its columns are the seen classes.
+            out[key] = surgery.remove_classes_like({"head": value}, removed, num_seen)["head"]
         elif removed:
             out[key] = _edit_rows(value, key, removed, num_seen, method)
         else:

@@ -138,6 +138,7 @@ def test_method_state_edit_keeps_known_entries_and_refuses_unknown_ones():
         "class_means": jnp.arange(18.0).reshape(6, 3),
         "teacher": {"params": {"backbone": {"w": jnp.ones((6, 6))}, "head": head}},
         "bias": {"alpha": jnp.arange(6.0), "beta": jnp.zeros(6)},
+        "old_head": head,  # FOSTER keeps the last head on its own
     }
     label_map = np.array([0, 1, -1, 2, 3, 4])
     index_map = np.array([0, 1, 2, -1, 3, 4, 5, 6, 7, 8])
@@ -150,6 +151,8 @@ def test_method_state_edit_keeps_known_entries_and_refuses_unknown_ones():
     assert out["teacher"]["params"]["head"]["bias"].tolist() == [0.0, 1.0, 3.0, 4.0, 5.0]
     assert out["teacher"]["params"]["backbone"]["w"].shape == (6, 6)  # not a head: kept
     assert out["bias"]["alpha"].tolist() == [0.0, 1.0, 3.0, 4.0, 5.0]
+    assert out["old_head"]["bias"].tolist() == [0.0, 1.0, 3.0, 4.0, 5.0]
+    assert out["old_head"]["kernel"][1].tolist() == [6.0, 7.0, 9.0, 10.0, 11.0]
     unknown = {"projection": jnp.ones((4, 8)), "weight": jnp.ones((8, 6))}  # analytic's state
     with pytest.raises(ValueError, match="'weight' has shape \\(8, 6\\)"):
         workdirs.edit_method_state(unknown, [2], 6, label_map=label_map, index_map=index_map)
