@@ -396,9 +396,14 @@ def benchmark_model(
 
 
 def resolve_specs(
-    names: Sequence[str], *, quick: bool = False, batches_per_epoch: int | None = None
+    names: Sequence[str],
+    *,
+    quick: bool = False,
+    batches_per_epoch: int | None = None,
+    batch_size: int | None = None,
 ) -> dict[str, Spec]:
-    """The specs to run, by name; `batches_per_epoch` resizes every dataset to whole batches."""
+    """The specs to run, by name; `batch_size` replaces every model's batch size (the dataset keeps
+    its batches per epoch), and `batches_per_epoch` resizes every dataset to whole batches."""
     table = QUICK_SPECS if quick else SPECS
     unknown = [n for n in names if n not in table]
     if unknown or not names:
@@ -406,6 +411,16 @@ def resolve_specs(
     if batches_per_epoch is not None and batches_per_epoch < 1:
         raise ValueError(f"--batches_per_epoch must be at least 1, got {batches_per_epoch}.")
     specs = {n: table[n] for n in names}
+    if batch_size is not None:
+        if batch_size < 1:
+            raise ValueError(f"--batch_size must be at least 1, got {batch_size}.")
+        specs = {
+            n: s._replace(
+                batch_size=batch_size,
+                num_examples=-(-s.num_examples // s.batch_size) * batch_size,
+            )
+            for n, s in specs.items()
+        }
     if batches_per_epoch:
         specs = {
             n: s._replace(num_examples=batches_per_epoch * s.batch_size) for n, s in specs.items()
@@ -419,6 +434,7 @@ def run(
     epochs: int = 2,
     step_repeats: int = 5,
     batches_per_epoch: int | None = None,
+    batch_size: int | None = None,
     matmul_size: int = 2048,
     quick: bool = False,
     loop: str = "auto",
@@ -428,7 +444,9 @@ def run(
         raise ValueError(
             f"--epochs and --step_repeats must be at least 1, got {epochs}, {step_repeats}."
         )
-    specs = resolve_specs(names, quick=quick, batches_per_epoch=batches_per_epoch)
+    specs = resolve_specs(
+        names, quick=quick, batches_per_epoch=batches_per_epoch, batch_size=batch_size
+    )
     peak = matmul_peak(matmul_size)
     results = {name: {} for name in specs}
     for name, spec in specs.items():
@@ -535,6 +553,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--batches_per_epoch", type=int, default=None,
         help="Batches per epoch for every model (default: each model's own dataset size).",
     )  # fmt: skip
+    parser.add_argument(
+        "--batch_size", type=int, default=None,
+        help="Batch size for every model (default: each model's own: 64, 512, 128).",
+    )  # fmt: skip
     parser.add_argument("--matmul_size", type=int, default=2048, help="Side of the peak matmul.")
     parser.add_argument("--json", default="runs/benchmark.json", help="Where to write the results.")
     parser.add_argument("--quick", action="store_true", help="Shrunken models and data (tests).")
@@ -554,6 +576,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         epochs=args.epochs,
         step_repeats=args.step_repeats,
         batches_per_epoch=args.batches_per_epoch,
+        batch_size=args.batch_size,
         matmul_size=args.matmul_size,
         quick=args.quick,
         loop=args.loop,

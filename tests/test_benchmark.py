@@ -61,3 +61,13 @@ def test_quick_benchmark_writes_positive_figures_and_makes_no_transfers(tmp_path
 def test_unknown_model_is_named():
     with pytest.raises(ValueError, match=r"Unknown model\(s\) \['vit'\].*resnet32"):
         bench.main(["--models=mlp,vit", "--json="])
+
+
+def test_batch_size_override_keeps_the_batches_per_epoch():
+    specs = bench.resolve_specs(["resnet32", "mlp"], batch_size=512)
+    for name, spec in specs.items():
+        original = bench.SPECS[name]
+        assert spec.batch_size == 512
+        assert -(-spec.num_examples // 512) == -(-original.num_examples // original.batch_size)
+    with pytest.raises(ValueError, match="--batch_size must be at least 1"):
+        bench.resolve_specs(["mlp"], batch_size=0)
