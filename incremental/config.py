@@ -95,6 +95,10 @@ def base_config() -> ml_collections.ConfigDict:
 
     c.head = ml_collections.ConfigDict()
     c.head.init = "default"  # new columns: default (the layer's initialiser) | zeros | imprint
+    # 0: widen the head each phase (its steps compile again for each width). C >= the number of
+    # classes: a head of C columns from the start, unseen classes masked, so the train and eval
+    # steps compile once for the whole run (incremental/capacity.py; finetune, joint, replay).
+    c.head.capacity = 0
 
     c.train = ml_collections.ConfigDict()  # phases 1, 2, ...
     c.train.batch_size = 64

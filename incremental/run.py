@@ -19,6 +19,7 @@ import numpy as np
 import optax
 
 from incremental import (
+    capacity,
     checkpoint,
     compilation,
     evaluate,
@@ -31,7 +32,7 @@ from incremental import (
 )
 from incremental.data import device, sources
 from incremental.data.stream import StreamingBatches
-from incremental.methods import Method, PhaseContext, PhaseInfo
+from incremental.methods import Method, PhaseContext, PhaseInfo, base
 from incremental.models import MODELS, build_backbone, build_model
 from incremental.protocol import Protocol, make_protocol
 
@@ -103,8 +104,14 @@ def train_loop(config) -> str:
     return "steps" if jax.default_backend() == "cpu" and config.model.name != "mlp" else "scan"
 
 
-def phase_model(config, method: Method, info: PhaseInfo, *, final: bool = False):
-    """The phase's model: the method's backbone (built from the config's) and `num_seen` classes."""
+def phase_model(
+    config, method: Method, info: PhaseInfo, *, final: bool = False, num_classes: int = 0
+):
+    """The phase's model: the method's backbone (built from the config's) and its head's classes.
+
+    The head has `num_classes` columns if given, else `config.head.capacity` if set, else the
+    phase's `num_seen`.
+    """
     if config.dtype not in DTYPES:
         raise ValueError(f"Unknown dtype {config.dtype!r}; choose one of {sorted(DTYPES)}.")
     kwargs = dict(config.model.kwargs.to_dict())
@@ -114,7 +121,8 @@ def phase_model(config, method: Method, info: PhaseInfo, *, final: bool = False)
         return build_backbone(config.model.name, dtype=DTYPES[config.dtype], **kwargs, **extra)
 
     backbone = method.backbone(make, info, final=final)
-    return models.classifier(backbone, info.num_seen, method.head)
+    width = num_classes or config.head.capacity or info.num_seen
+    return models.classifier(backbone, width, method.head)
 
 
 def make_context(config, data: RunData, info: PhaseInfo, model) -> PhaseContext:
@@ -162,33 +170,51 @@ def begin_phase(
     phase: int,
     carried: PhaseResult | None,
     method_state: dict,
+    programs: capacity.Programs | None = None,
 ) -> tuple[PhaseRun, train.TrainState, dict]:
-    """Widens the model, runs the method's `begin_phase` and builds the phase's jitted epoch."""
+    """Widens the model, runs the method's `begin_phase` and builds the phase's jitted epoch.
+
+    Under `head.capacity` the epoch comes from `programs` (one for the run) when it already holds
+    it, so that every phase runs the same compiled program.
+    """
     info = PhaseInfo(phase, protocol.offsets[phase], protocol.phase_sizes[phase])
     phase_key = jax.random.fold_in(jax.random.PRNGKey(config.seed), phase)
+    wide = config.head.capacity
+    programs = programs or capacity.Programs()
     model = phase_model(config, method, info)
     dtype = DTYPES[config.dtype]
     ctx = make_context(config, data, info, model)
     if carried is None:
-        variables = init_variables(config, model, data.x_train[0], named_key(phase_key, "init"))
+        narrow = phase_model(config, method, info, num_classes=info.num_seen)
+        variables = init_variables(config, narrow, data.x_train[0], named_key(phase_key, "init"))
+        variables = capacity.initial(variables, wide) if wide else variables
     else:
         variables = method.grow(ctx, carried.variables, named_key(phase_key, "grow"))
-        variables = widen(config, variables, ctx, named_key(phase_key, "widen"))
+        widen_fn = lambda v: widen(config, v, ctx, named_key(phase_key, "widen"))  # noqa: E731
+        variables = capacity.add_classes(variables, info, widen_fn) if wide else widen_fn(variables)
     method_state = method.begin_phase(ctx, variables, method_state)
 
     idx = method.train_indices(ctx, method_state)
     if len(idx) == 0:
         raise ValueError(f"Phase {phase} has no training examples; check the dataset and protocol.")
     batch_size = config.train.batch_size
+    steps_per_epoch = -(-len(idx) // batch_size)
     mesh = parallel.make_mesh(config.parallel.devices)
     hp = train.phase_hparams(config, phase)
     setup = method.setup(info)
     tx = train.make_optimizer(
-        config.train, hp, -(-len(idx) // batch_size), variables["params"], setup, info.num_old
+        config.train,
+        hp,
+        steps_per_epoch,
+        variables["params"],
+        setup,
+        info.num_old,
+        dynamic=bool(wide),
     )
     opt_state = tx.init(variables["params"])
     if carried is not None and config.train.carry_opt_state:
-        opt_state = train.carry_opt_state(carried.opt_state, opt_state, info.num_new) or opt_state
+        num_new = 0 if wide else info.num_new  # a wide head's new columns have zero moments
+        opt_state = train.carry_opt_state(carried.opt_state, opt_state, num_new) or opt_state
     state = train.TrainState(
         variables["params"],
         variables["batch_stats"],
@@ -210,38 +236,64 @@ def begin_phase(
             batch_size,
             sharding=parallel.batch_sharding(mesh) if mesh.size > 1 else None,
         )
-    train_epoch = train.make_train_epoch(
-        model=model,
-        tx=tx,
-        method=method,
-        info=info,
-        setup=setup,
-        norm=data.norm,
-        batch_size=batch_size,
-        crop_padding=augment["crop_padding"],
-        flip=augment["flip"],
-        dtype=dtype,
-        steps_per_call=config.checkpoint.every_steps or None,
-        loop="stream" if config.dataset.stream else train_loop(config),
-        batch_sharding=parallel.batch_sharding(mesh) if mesh.size > 1 else None,
-        stream=stream,
-    )
-    steps_per_epoch = -(-len(idx) // batch_size)
+
+    def build_epoch():
+        return train.make_train_epoch(
+            model=model,
+            tx=tx,
+            method=method,
+            info=None if wide else info,
+            setup=setup,
+            norm=data.norm,
+            batch_size=batch_size,
+            crop_padding=augment["crop_padding"],
+            flip=augment["flip"],
+            dtype=dtype,
+            steps_per_call=config.checkpoint.every_steps or None,
+            loop="stream" if config.dataset.stream else train_loop(config),
+            batch_sharding=parallel.batch_sharding(mesh) if mesh.size > 1 else None,
+            stream=stream,
+            hyperparams=train.phase_hyperparams(config) if wide else None,
+        )
+
     state, method_state = parallel.replicate((state, method_state), mesh)
     if config.parallel.shard_params:
         large = (state.params, state.opt_state)
         large = parallel.shard_large(large, mesh, config.parallel.shard_min_size)
         state = state._replace(params=large[0], opt_state=large[1])
-    if stream is None:
-        x_dev, y_dev = parallel.replicate((data.x_train[idx], data.y_train[idx]), mesh)
+    args = None
+    if wide:  # the whole training set, once for the run, and the phase's rows of it
+        epoch_fn = programs.get(("train", setup), build_epoch)
+        x_dev, y_dev = programs.get(
+            "train_data", lambda: parallel.replicate((data.x_train, data.y_train), mesh)
+        )
+        args = parallel.replicate(capacity.phase_args(info, idx, len(data.x_train)), mesh)
     else:
-        x_dev = y_dev = None  # batches come from the host, one at a time
+        epoch_fn = build_epoch()
+        if stream is None:
+            x_dev, y_dev = parallel.replicate((data.x_train[idx], data.y_train[idx]), mesh)
+        else:
+            x_dev = y_dev = None  # batches come from the host, one at a time
     epochs = hp.epochs if setup.train else 0
+    train_epoch = bind_epoch(epoch_fn, method, args)
     return (
         PhaseRun(info, ctx, model, train_epoch, x_dev, y_dev, epochs, len(idx), steps_per_epoch),
         state,
         method_state,
     )
+
+
+def bind_epoch(epoch_fn, method: Method, args: train.PhaseArgs | None):
+    """`train_epoch(state, method_state, x, y)` over `epoch_fn`, passing the jitted step only the
+    method's `train_keys` (the rest of the method state is returned as it was) and `args`."""
+
+    def train_epoch(state, method_state, x, y):
+        part = base.select_state(method_state, method.train_keys)
+        extra = () if args is None else (args,)
+        state, part, metrics = epoch_fn(state, part, x, y, *extra)
+        return state, {**method_state, **part}, metrics
+
+    return train_epoch
 
 
 def finish_phase(
@@ -254,6 +306,7 @@ def finish_phase(
     method_state: dict,
     metrics: dict,
     train_seconds: float,
+    programs: capacity.Programs | None = None,
 ) -> PhaseResult:
     """Runs the method's `end_phase`, evaluates, and returns the phase's results record."""
     start = time.perf_counter()
@@ -272,12 +325,15 @@ def finish_phase(
             variables["params"],
             method.setup(info),
             info.num_old,
+            dynamic=bool(config.head.capacity),
         )
         opt_state = tx.init(variables["params"])  # the trained one fits other params
     method_state = method.end_phase(ctx, variables, method_state)
     train_seconds += time.perf_counter() - start
     start = time.perf_counter()
-    row = evaluate_phase(config, model, method, data, protocol, info.phase, variables, method_state)
+    row = evaluate_phase(
+        config, model, method, data, protocol, info.phase, variables, method_state, programs
+    )
     record = {
         "phase": info.phase,
         "classes": [int(c) for c in protocol.class_order[info.num_old : info.num_seen]],
@@ -383,21 +439,34 @@ def widen(config, variables: PyTree, ctx: PhaseContext, key: jax.Array) -> PyTre
     return {"params": params, "batch_stats": variables["batch_stats"]}
 
 
-def evaluate_phase(config, model, method, data, protocol, phase, variables, method_state) -> dict:
+def evaluate_phase(
+    config, model, method, data, protocol, phase, variables, method_state, programs=None
+) -> dict:
     """Scores the test data of every seen class and returns the phase's rows of the matrices.
 
     The method's extra classifiers (e.g. nearest-mean) are evaluated the same way, under `extra`.
+    Under `head.capacity` the whole test set is scored, a shape that does not change with the
+    phase, with the classes not seen yet masked, by functions kept in `programs` for later phases.
     """
-    seen = data.y_test < protocol.num_seen(phase)
+    num_seen = protocol.num_seen(phase)
+    seen = data.y_test < num_seen
+    wide = bool(config.head.capacity)
+    programs = programs or capacity.Programs()
+    eval_state = base.select_state(method_state, method.eval_keys)
+    dtype = DTYPES[config.dtype]
 
-    def rows(predict_fn):
-        apply = train.make_apply_batches(model, data.norm, predict_fn, DTYPES[config.dtype])
-        x = data.x_test[seen]
-        scores = train.run_batched(apply, variables, method_state, x, config.eval.batch_size)
+    def rows(name, predict_fn):
+        build = lambda: train.make_apply_batches(model, data.norm, predict_fn, dtype, mask=wide)  # noqa: E731
+        apply = programs.get(("eval", name), build) if wide else build()
+        x = data.x_test if wide else data.x_test[seen]
+        extra = (num_seen,) if wide else ()
+        bs = config.eval.batch_size
+        scores = train.run_batched(apply, variables, eval_state, x, bs, *extra)
+        scores = scores[seen] if wide else scores
         return evaluate.evaluate_phase(scores, data.y_test[seen], protocol, phase)
 
-    row = rows(method.predict)
-    extra = {name: rows(fn) for name, fn in method.extra_predictions().items()}
+    row = rows("predict", method.predict)
+    extra = {name: rows(name, fn) for name, fn in method.extra_predictions().items()}
     return {**row, "extra": extra} if extra else row
 
 
@@ -478,7 +547,13 @@ def state_target(config, method, protocol, data, phase) -> PyTree:
     variables = jax.eval_shape(lambda: init_variables(config, model, data.x_train[0], key))
     hp = train.phase_hparams(config, phase)
     tx = train.make_optimizer(
-        config.train, hp, 1, variables["params"], method.setup(info), info.num_old
+        config.train,
+        hp,
+        1,
+        variables["params"],
+        method.setup(info),
+        info.num_old,
+        dynamic=bool(config.head.capacity),
     )
     opt_state = jax.eval_shape(tx.init, variables["params"])
     return {**variables, "opt_state": opt_state, "rng": jax.eval_shape(lambda: key)}
@@ -540,9 +615,13 @@ def validate(config, workdir: str) -> tuple[RunData, Protocol, Method]:
     data, protocol, _ = load_data(config)
     if hasattr(method, "memory"):
         method.memory.per_class_count(protocol.num_classes)
+    capacity.check(config, method, protocol.num_classes)
     check_model_fits(config, method, data)
-    parent = os.path.dirname(os.path.abspath(workdir))
-    probe = workdir if os.path.isdir(workdir) else parent
+    # The nearest existing directory on the path: `os.makedirs` creates the rest (`runs/...` on a
+    # fresh checkout). Anything else that exists there (a file) blocks it.
+    probe = os.path.abspath(workdir)
+    while not os.path.exists(probe):
+        probe = os.path.dirname(probe)
     if not os.path.isdir(probe) or not os.access(probe, os.W_OK):
         raise ValueError(
             f"The work directory {workdir} cannot be written ({probe} is not a writable "
@@ -678,12 +757,13 @@ def run(config, workdir: str, *, stop_after: int | None = None) -> dict:
             if stop_after is None
             else min(stop_after, protocol.num_phases - 1)
         )
+        programs = capacity.Programs()  # head.capacity: the programs every phase shares
         with Preemption() as preempt, progress:
             for phase in range(first, last + 1):
                 start = time.perf_counter()
                 with compilation.CompileTimer() as compiled:
                     pr, state, method_state = begin_phase(
-                        config, method, data, protocol, phase, carried, method_state
+                        config, method, data, protocol, phase, carried, method_state, programs
                     )
                     state, method_state, metrics = run_epochs(
                         config, ckpts, preempt, progress, protocol, records, pr, state, method_state
@@ -698,6 +778,7 @@ def run(config, workdir: str, *, stop_after: int | None = None) -> dict:
                         method_state,
                         metrics,
                         time.perf_counter() - start,
+                        programs,
                     )
                 method_state = carried.method_state
                 carried.record["compile_seconds"] = compiled.seconds  # inside train + eval seconds

@@ -8,7 +8,8 @@ whole path. A pattern that matches nothing, or a leaf whose shape does not fit, 
 the paths, never a silent no-op.
 
 - the head: `widen_head`, `remove_classes` (and `widen_like`, `remove_classes_like` for optimizer and
-  method state shaped like the params);
+  method state shaped like the params), `narrow_head` and `fill_head` (a head with a column for every
+  class, of which the first are in use);
 - subtrees by path: `select`, `map_paths`, `replace`, `graft`, `graft_from_checkpoint`;
 - the backbone: `add_branch`, `add_branch_like` (parallel branches whose features are concatenated);
 - training: `freeze` (an optax optimizer that leaves frozen paths unchanged), `freeze_head_columns`;
@@ -369,6 +370,54 @@ def widen_like(tree: PyTree, num_new: int, fill: float = 0.0) -> PyTree:
         return jnp.pad(leaf, pad, constant_values=fill)
 
     return jax.tree_util.tree_map_with_path(widen, tree)
+
+
+def narrow_head(params: PyTree, num_classes: int) -> PyTree:
+    """Returns `params` with only the first `num_classes` head columns (kernel and bias).
+
+    The kept columns' logits are bit-identical (see `models.head_logits`); other head leaves (a
+    cosine head's scale) are kept. It undoes `widen_head`.
+
+    >>> params = {'head': {'kernel': jnp.arange(6.0).reshape(2, 3), 'bias': jnp.arange(3.0)}}
+    >>> narrow_head(params, 2)['head']['kernel'].tolist()
+    [[0.0, 1.0], [3.0, 4.0]]
+    """
+    head = params.get("head", {}) if isinstance(params, Mapping) else {}
+    if np.ndim(head.get("kernel")) != 2:
+        raise ValueError("narrow_head expects params['head']['kernel'] of shape (D, C).")
+    width = head["kernel"].shape[-1]
+    if not 1 <= num_classes <= width:
+        raise ValueError(f"narrow_head: cannot keep {num_classes} of the head's {width} columns.")
+    new_head = {**head, "kernel": head["kernel"][:, :num_classes]}
+    if "bias" in head:
+        new_head["bias"] = head["bias"][:num_classes]
+    return {**params, "head": new_head}
+
+
+def fill_head(params: PyTree, narrow: PyTree) -> PyTree:
+    """Returns `params` with its first head columns replaced by those of `narrow`'s head.
+
+    `narrow` is a tree like `params` whose head has no more columns; the other columns and every
+    other leaf of `params` are kept. With `narrow_head`, a wide head (`head.capacity`) takes the
+    columns that `widen_head` gives a narrow one:
+    `fill_head(wide, widen_head(narrow_head(wide, c), k, rng))`.
+
+    >>> wide = {'head': {'kernel': jnp.zeros((1, 4)), 'bias': jnp.zeros(4)}}
+    >>> narrow = {'head': {'kernel': jnp.ones((1, 2)), 'bias': jnp.ones(2)}}
+    >>> fill_head(wide, narrow)['head']['bias'].tolist()
+    [1.0, 1.0, 0.0, 0.0]
+    """
+    head, new = params["head"], narrow["head"]
+    num, width = new["kernel"].shape[-1], head["kernel"].shape[-1]
+    if new["kernel"].shape[0] != head["kernel"].shape[0] or num > width:
+        raise ValueError(
+            f"fill_head: a head of shape {new['kernel'].shape} does not fit into one of shape "
+            f"{head['kernel'].shape}."
+        )
+    out = {**head, "kernel": head["kernel"].at[:, :num].set(new["kernel"])}
+    if "bias" in head:
+        out["bias"] = head["bias"].at[:num].set(new["bias"])
+    return {**params, "head": out}
 
 
 def _kept_columns(classes: Sequence[int], num_classes: int) -> np.ndarray:

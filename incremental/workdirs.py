@@ -191,10 +191,12 @@ def _dataset_labels(config, num_classes: int) -> np.ndarray:
     return labels
 
 
-def _scores(rs: RunSetup, model, predict_fn, variables, method_state, x) -> np.ndarray:
+def _scores(rs: RunSetup, model, predict_fn, variables, method_state, x, num_seen) -> np.ndarray:
     dtype = run_lib.DTYPES[rs.config.dtype]
-    apply = train.make_apply_batches(model, rs.data.norm, predict_fn, dtype)
-    return train.run_batched(apply, variables, method_state, x, rs.config.eval.batch_size)
+    wide = bool(rs.config.head.capacity)  # a column for every class: mask those not seen yet
+    apply = train.make_apply_batches(model, rs.data.norm, predict_fn, dtype, mask=wide)
+    extra = (num_seen,) if wide else ()
+    return train.run_batched(apply, variables, method_state, x, rs.config.eval.batch_size, *extra)
 
 
 def evaluate_saved(rs: RunSetup, saved: Saved, *, predictions: bool = False):
@@ -215,8 +217,9 @@ def evaluate_saved(rs: RunSetup, saved: Saved, *, predictions: bool = False):
         return row
     x = rs.data.x_test[rs.data.y_test < num_seen]
     fns = {"head": rs.method.predict, **rs.method.extra_predictions()}
+    state = methods.base.select_state(method_state, rs.method.eval_keys)
     predicted = {
-        name: _scores(rs, model, fn, variables, method_state, x).argmax(axis=1)
+        name: _scores(rs, model, fn, variables, state, x, num_seen).argmax(axis=1)
         for name, fn in fns.items()
     }
     return row, predicted
@@ -598,6 +601,12 @@ def remove_classes(workdir: str, classes: Sequence[int], out: str) -> dict:
     phases = saved_phases(workdir)
     with _checkpoints(workdir) as ckpts:
         old = setup(config_from_dict(ckpts.read_meta(phases[-1])["config"]))
+        if old.config.head.capacity:
+            raise ValueError(
+                f"{workdir} was run with head.capacity={old.config.head.capacity}, a head with a "
+                "column for every class; removing classes is only defined for a widened head. "
+                "Run it again with head.capacity=0."
+            )
         positions = _removed_positions(old.protocol, classes, old.protocol.num_seen(phases[-1]))
         new = setup(_config_without(old, positions))
         label_map, index_map = _maps(old, positions)

@@ -35,16 +35,17 @@ class Inspecting(Replay):
 
 METHODS["inspecting"] = Inspecting
 out = {"device_count": jax.device_count()}
-for devices, shard in ((1, False), (4, False), (4, True)):
+for devices, shard, wide in ((1, False, 0), (4, False, 0), (4, True, 0), (4, False, 10)):
     config = digits.get_config("method=inspecting")
     config.train.epochs = config.train_first.epochs = 3
     config.protocol.init_classes, config.protocol.increment = 4, 3
     config.log.progress = config.log.plot = False
     config.parallel.devices = devices
     config.parallel.shard_params, config.parallel.shard_min_size = shard, 1000
+    config.head.capacity = wide
     seen.clear()
     kernels.clear()
-    name = f"{devices}" + ("-sharded" if shard else "")
+    name = f"{devices}" + ("-sharded" if shard else "") + ("-capacity" if wide else "")
     results = run_lib.run(config, sys.argv[1] + "/" + name)
     out[name] = {
         "matrix": results["accuracy_matrix"],
@@ -54,6 +55,7 @@ for devices, shard in ((1, False), (4, False), (4, True)):
         "kernel_specs": sorted(set(kernels)),
     }
 config.parallel.devices = 4
+config.head.capacity = 0
 config.train.batch_size = 30
 try:
     run_lib.run(config, sys.argv[1] + "/bad")
@@ -107,4 +109,13 @@ def test_large_parameters_can_be_split_over_the_devices(four_devices):
     assert sharded["kernel_specs"] == ["P('data',)"] and replicated["kernel_specs"] == ["P()"]
     assert sharded["matrix"] == replicated["matrix"] and sharded["nme"] == replicated["nme"]
     for a, b in zip(sharded["losses"], replicated["losses"], strict=True):
+        assert abs(a - b) <= 1e-5 * max(1.0, abs(a))
+
+
+def test_capacity_programs_shard_the_batch_and_keep_the_numbers(four_devices):
+    """head.capacity on 4 devices: the phase's rows are gathered from the whole training set."""
+    wide, widened = four_devices["4-capacity"], four_devices["4"]
+    assert wide["specs"] == ["P('data',)"]
+    assert wide["matrix"] == widened["matrix"] and wide["nme"] == widened["nme"]
+    for a, b in zip(wide["losses"], widened["losses"], strict=True):
         assert abs(a - b) <= 1e-5 * max(1.0, abs(a))

@@ -274,3 +274,12 @@ def test_unwritable_workdir_is_refused(tmp_path):
     with pytest.raises(ValueError, match="cannot be written"):
         run_lib.run(small_config(), str(blocker / "w"))
     assert blocker.read_text() == "not a directory"
+
+
+def test_a_workdir_whose_parents_do_not_exist_yet_is_created(tmp_path):
+    """The default `runs/<name>` on a fresh checkout, where `runs/` does not exist."""
+    config = small_config()
+    config.train.epochs = config.train_first.epochs = 1
+    workdir = tmp_path / "runs" / "nested" / "w"
+    results = run_lib.run(config, str(workdir), stop_after=0)
+    assert (workdir / "results.json").exists() and len(results["accuracy_matrix"]) == 1

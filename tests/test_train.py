@@ -90,6 +90,46 @@ def test_schedules_follow_epoch_milestones(kind):
         assert float(schedule(49)) == pytest.approx(0.1)
 
 
+@pytest.mark.parametrize("kind", ["multistep", "cosine", "constant"])
+def test_schedules_give_the_same_rates_for_a_traced_epoch_length(kind):
+    """A program compiled once for phases of any length (head.capacity) gets each phase's rates."""
+    hp = train.PhaseHparams(epochs=7, lr=0.1, milestones=(3, 5), weight_decay=0.0)
+    steps = jnp.arange(7 * 13 + 4, dtype=jnp.int32)
+    for per_epoch in (1, 5, 13):
+        static = jax.jit(jax.vmap(train.make_schedule(kind, hp, per_epoch, 0.1)))(steps)
+        traced = jax.jit(
+            lambda s, n: jax.vmap(train.make_schedule(kind, hp, n, 0.1))(s)  # noqa: B023
+        )(steps, jnp.int32(per_epoch))
+        np.testing.assert_array_equal(np.asarray(traced), np.asarray(static))
+
+
+def test_phase_hyperparams_take_phase_0s_settings_then_the_later_ones():
+    config = tiny_config()
+    config.train_first.lr, config.train.lr = 0.5, 0.05
+    config.train_first.weight_decay, config.train.weight_decay = 1e-3, 5e-4
+    values = jax.jit(train.phase_hyperparams(config))
+    first, later = values(0, 0, 4), values(2, 0, 4)
+    assert float(first["learning_rate"]) == np.float32(0.5)
+    assert float(later["learning_rate"]) == np.float32(0.05)
+    assert float(first["weight_decay"]) == np.float32(1e-3)
+    assert float(later["weight_decay"]) == np.float32(5e-4)
+    decayed = values(1, 4 * 20, 4)  # epoch 20, the milestone
+    assert float(decayed["learning_rate"]) == pytest.approx(0.005)
+
+
+def test_batch_indices_for_a_traced_count_are_the_epochs_batches(key):
+    for num, slots, batch in [(10, 10, 4), (10, 37, 4), (3, 50, 8), (300, 1437, 64)]:
+        idx, weight = device.batch_indices(key, num, batch)
+        wide_idx, wide_weight = jax.jit(
+            lambda n: device.batch_indices(key, n, batch, slots)  # noqa: B023
+        )(jnp.int32(num))
+        count = idx.shape[0]
+        assert wide_idx.shape == (-(-slots // batch), batch)
+        np.testing.assert_array_equal(np.asarray(wide_idx[:count]), np.asarray(idx))
+        np.testing.assert_array_equal(np.asarray(wide_weight[:count]), np.asarray(weight))
+        assert float(wide_weight[count:].sum()) == 0
+
+
 def test_unknown_optimizer_and_schedule_are_named():
     config = tiny_config()
     hp = train.phase_hparams(config, 0)
@@ -117,6 +157,7 @@ def test_carried_adam_state_has_zero_moments_for_new_columns(tmp_path):
     carried = train.carry_opt_state(first.opt_state, tx.init(wide), 2)
     assert carried is not None
     assert int(carried.count) == 0  # the schedule restarts with the phase
+    assert int(carried.hyperparams_states["learning_rate"].count) == 0
     mu = carried.inner_state[1][0].mu  # chain(add_decayed_weights, adam) -> adam's state
     assert mu["head"]["kernel"].shape == wide["head"]["kernel"].shape
     np.testing.assert_array_equal(np.asarray(mu["head"]["kernel"][:, 2:]), 0)

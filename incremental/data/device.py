@@ -65,22 +65,35 @@ def augment(rng: jax.Array, x: jax.Array, *, crop_padding: int, flip: bool) -> j
 
 
 def batch_indices(
-    rng: jax.Array, num_examples: int, batch_size: int
+    rng: jax.Array, num_examples: int | jax.Array, batch_size: int, slots: int | None = None
 ) -> tuple[jax.Array, jax.Array]:
     """A shuffled epoch as fixed-shape batches of indices, and their weights.
 
-    The last short batch is padded to `batch_size` with the first indices of the permutation (cycled
-    if the phase has fewer examples than a batch), whose weight is 0: every example is used once per
-    epoch and every batch has the same shape, so the step compiles once. (Padded rows still enter BatchNorm's batch statistics; they are real examples.)
+    The permutation sorts one random 32-bit key per example (ties by position). The last short
+    batch is padded to `batch_size` with the first indices of the permutation (cycled if the phase
+    has fewer examples than a batch), whose weight is 0: every example is used once per epoch and
+    every batch has the same shape, so the step compiles once. (Padded rows still enter BatchNorm's
+    batch statistics; they are real examples.)
+
+    `num_examples` may be traced when `slots` (static, at least `num_examples`) gives the
+    permutation's length: the keys of positions from `num_examples` on sort last, and there are
+    `ceil(slots / batch_size)` batches, of which the first `ceil(num_examples / batch_size)` are
+    the epoch's. Random bits are drawn per position (threefry is partitionable by default), so
+    the epoch is the one `slots=None` gives: a program compiled once for phases of any size
+    (`head.capacity`) sees each phase's own batches.
 
     Returns:
       (idx, weight), both (num_batches, batch_size).
     """
-    num_batches = -(-num_examples // batch_size)
-    perm = jax.random.permutation(rng, num_examples)
-    total = num_batches * batch_size
-    idx = jnp.resize(perm, (total,))
-    weight = (jnp.arange(total) < num_examples).astype(jnp.float32)
+    slots = num_examples if slots is None else slots
+    num_batches = -(-slots // batch_size)
+    positions = jnp.arange(slots)
+    keys = jax.random.bits(rng, (slots,), jnp.uint32)
+    keys = jnp.where(positions < num_examples, keys, jnp.uint32(np.iinfo(np.uint32).max))
+    perm = jnp.argsort(keys, stable=True)
+    total = jnp.arange(num_batches * batch_size)
+    idx = perm[total % num_examples]
+    weight = (total < num_examples).astype(jnp.float32)
     return idx.reshape(num_batches, batch_size), weight.reshape(num_batches, batch_size)
 
 

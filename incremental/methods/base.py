@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any, ClassVar, NamedTuple
 
 import jax
 import numpy as np
@@ -79,7 +79,7 @@ class Batch(NamedTuple):
 
 class Outputs(NamedTuple):
     features: jax.Array  # (B, D)
-    logits: jax.Array  # (B, num_seen)
+    logits: jax.Array  # (B, num_seen), or (B, head.capacity) with -inf from num_seen on
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,6 +88,16 @@ class Method:
 
     name = "base"
     head = "linear"  # the model's head: linear | cosine (models.HEADS)
+    # The method-state entries the jitted hooks read: `loss` and `step_update` (train), `predict`
+    # and `extra_predictions` (eval); None passes all of it. Every entry passed is part of the
+    # jitted function's signature, so an entry only host-side hooks use whose shape changes every
+    # phase (an exemplar memory) would recompile the step for nothing.
+    train_keys: ClassVar[tuple[str, ...] | None] = None
+    eval_keys: ClassVar[tuple[str, ...] | None] = None
+    # True when the jitted hooks also work with a `PhaseInfo` of traced counts and logits for every
+    # class, those not seen yet at -inf (as `loss` and `predict` here do): `head.capacity` may then
+    # compile the train and eval steps once for the whole run.
+    dynamic_phase: ClassVar[bool] = False
 
     def init_state(self) -> dict:
         """The method state before phase 0."""
@@ -185,6 +195,11 @@ class Method:
         """Class scores (B, num_seen); the argmax is the prediction."""
         del method_state
         return out.logits
+
+
+def select_state(method_state: dict, keys: tuple[str, ...] | None) -> dict:
+    """The entries `keys` of `method_state` (a method's `train_keys` or `eval_keys`); None: all."""
+    return method_state if keys is None else {k: method_state[k] for k in keys if k in method_state}
 
 
 def data_of_classes(y: np.ndarray, lo: int, hi: int) -> np.ndarray:

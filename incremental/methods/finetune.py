@@ -12,3 +12,4 @@ from incremental.methods.base import Method
 @dataclasses.dataclass(frozen=True)
 class Finetune(Method):
     name = "finetune"
+    dynamic_phase = True

@@ -14,6 +14,7 @@ from incremental.methods.base import Method, PhaseContext, data_of_classes
 @dataclasses.dataclass(frozen=True)
 class Joint(Method):
     name = "joint"
+    dynamic_phase = True
 
     def train_indices(self, ctx: PhaseContext, method_state: dict) -> np.ndarray:
         del method_state

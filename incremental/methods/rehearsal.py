@@ -64,7 +64,9 @@ class Rehearsal(Method):
         )
         idx = np.asarray(memory["indices"])
         feats = ctx.embed(variables, ctx.x_train[idx])
-        means = class_means(feats, np.asarray(memory["labels"]), info.num_seen)
+        # A mean per head column: num_seen, or every class of a `head.capacity` head (zero rows).
+        width = variables["params"]["head"]["kernel"].shape[-1]
+        means = class_means(feats, np.asarray(memory["labels"]), width)
         return {**method_state, "memory": memory, "class_means": means}
 
     def extra_predictions(self) -> dict[str, Callable]:

@@ -13,3 +13,6 @@ from incremental.methods.rehearsal import Rehearsal
 @dataclasses.dataclass(frozen=True)
 class Replay(Rehearsal):
     name = "replay"
+    dynamic_phase = True
+    train_keys = ()  # plain cross-entropy
+    eval_keys = ("class_means",)  # NME; the memory is the host's

@@ -15,6 +15,7 @@ from incremental.models.classifier import (
     Head,
     cosine_logits,
     head_logits,
+    mask_unseen,
 )
 from incremental.models.convnet import ConvNet
 from incremental.models.layers import PARTS
@@ -48,6 +49,7 @@ __all__ = [
     "build_backbone",
     "build_model",
     "head_logits",
+    "mask_unseen",
 ]
 
 

@@ -68,6 +68,16 @@ def cosine_logits(features_BxD: jax.Array, head: dict[str, jax.Array]) -> jax.Ar
     return head["sigma"] * head_logits(feats, {"kernel": kernel, "bias": zeros})
 
 
+def mask_unseen(scores_BxC: jax.Array, num_seen: int | jax.Array) -> jax.Array:
+    """`scores` with the columns from `num_seen` on (classes not seen yet) set to -inf.
+
+    For a head with a column for every class (`head.capacity`): softmax gives the masked columns
+    probability 0 and gradient 0, and argmax never picks them. `num_seen` may be traced.
+    """
+    columns_1xC = jnp.arange(scores_BxC.shape[-1])[None, :]
+    return jnp.where(columns_1xC < num_seen, scores_BxC, -jnp.inf)
+
+
 HEADS = {"linear": Head, "cosine": CosineHead}
 
 

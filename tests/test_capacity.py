@@ -1,0 +1,176 @@
+"""head.capacity: a head with a column for every class compiles the steps once and gives the
+widening path's numbers."""
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+from configs import digits
+from incremental import run as run_lib
+from incremental import workdirs
+from incremental.methods import METHODS, Finetune
+from incremental.methods.replay import Replay
+
+NUM_CLASSES = 10  # digits
+
+
+def small_config(method="finetune", *, capacity=NUM_CLASSES, epochs=3):
+    config = digits.get_config(f"method={method}")
+    config.train.epochs = config.train_first.epochs = epochs
+    config.train.milestones = config.train_first.milestones = (2,)  # a decay inside the phase
+    config.protocol.init_classes, config.protocol.increment = 4, 2  # 4 phases of 4 + 2 + 2 + 2
+    config.log.progress = config.log.plot = False
+    config.head.capacity = capacity
+    return config
+
+
+def losses(results):
+    return [p["final_loss"] for p in results["phases"]]
+
+
+@pytest.mark.parametrize(
+    "method, overrides",
+    [
+        ("finetune", {}),
+        # The exemplar memory grows every phase; NME scores every class of the wide head.
+        ("replay", {"checkpoint.every_steps": 5}),
+        (
+            "joint",
+            {"train.loop": "steps", "train.optimizer": "adam", "train.carry_opt_state": True},
+        ),
+        ("finetune", {"train.schedule": "cosine", "head.init": "imprint"}),
+    ],
+)
+def test_capacity_gives_the_widening_numbers(tmp_path, method, overrides):
+    results = {}
+    for capacity in (0, NUM_CLASSES):
+        config = small_config(method, capacity=capacity)
+        for key, value in overrides.items():
+            section, name = key.split(".")
+            config[section][name] = value
+        results[capacity] = run_lib.run(config, str(tmp_path / str(capacity)))
+    wide, widened = results[NUM_CLASSES], results[0]
+    assert wide["accuracy_matrix"] == widened["accuracy_matrix"]
+    assert wide["task_aware_matrix"] == widened["task_aware_matrix"]
+    assert wide.get("nme_accuracy_matrix") == widened.get("nme_accuracy_matrix")
+    # Measured bit-identical here (10 classes); the tolerance allows another reduction order.
+    np.testing.assert_allclose(losses(wide), losses(widened), rtol=1e-6)
+    assert wide["last_accuracy"] > 0  # a real run, not two empty ones
+
+
+def test_columns_of_unseen_classes_stay_zero_and_seen_ones_train(tmp_path):
+    config = small_config("finetune", capacity=12)  # room beyond the protocol's classes too
+    run_lib.run(config, str(tmp_path))
+    for phase, num_seen in enumerate((4, 6, 8, 10)):
+        _, saved = workdirs.restore(str(tmp_path), phase)
+        head = saved.state["params"]["head"]
+        assert head["kernel"].shape == (256, 12)
+        np.testing.assert_array_equal(np.asarray(head["kernel"])[:, num_seen:], 0)
+        np.testing.assert_array_equal(np.asarray(head["bias"])[num_seen:], 0)
+        assert np.all(np.abs(np.asarray(head["kernel"])[:, :num_seen]).sum(0) > 0)
+    # Evaluating a saved phase masks the classes it had not seen.
+    doc = workdirs.evaluate(str(tmp_path), phase=1)
+    predicted = {int(p) for row in doc["confusion"].values() for p in row}
+    seen = {c["class"] for c in doc["per_class"]}
+    assert predicted <= seen and len(seen) == 6
+
+
+trace_counts: dict[str, int] = {}
+
+
+def _count(name):
+    trace_counts[name] = trace_counts.get(name, 0) + 1  # a Python side effect: once per trace
+
+
+@dataclasses.dataclass(frozen=True)
+class CountingFinetune(Finetune):
+    name = "counting_finetune"
+
+    def loss(self, out, batch, **kwargs):
+        _count("loss")
+        return super().loss(out, batch, **kwargs)
+
+    def predict(self, out, method_state):
+        _count("predict")
+        return super().predict(out, method_state)
+
+
+@dataclasses.dataclass(frozen=True)
+class CountingReplay(Replay):
+    name = "counting_replay"
+
+    def loss(self, out, batch, **kwargs):
+        _count("loss")
+        return super().loss(out, batch, **kwargs)
+
+    def predict(self, out, method_state):
+        _count("predict")
+        return super().predict(out, method_state)
+
+
+@pytest.mark.parametrize(
+    "cls, loop", [(CountingFinetune, "scan"), (CountingReplay, "scan"), (CountingReplay, "steps")]
+)
+def test_capacity_traces_the_train_and_eval_steps_once_per_run(tmp_path, monkeypatch, cls, loop):
+    monkeypatch.setitem(METHODS, cls.name, cls)
+    counts = {}
+    for capacity in (0, NUM_CLASSES):
+        trace_counts.clear()
+        config = small_config(cls.name, capacity=capacity, epochs=2)
+        config.train.loop = loop
+        config.checkpoint.every_steps = 4  # several calls of the epoch per epoch
+        results = run_lib.run(config, str(tmp_path / str(capacity)))
+        counts[capacity] = dict(trace_counts)
+    phases = results["num_phases"]
+    assert phases == 4
+    # The scan traces the step twice (the compile, and the shapes of a skipped step's metrics);
+    # the Python loop once. Widening does that every phase, capacity once for the whole run.
+    per_compile = 2 if loop == "scan" else 1
+    assert counts[0] == {"loss": per_compile * phases, "predict": phases}
+    assert counts[NUM_CLASSES] == {"loss": per_compile, "predict": 1}
+
+
+def test_capacity_run_resumes_with_the_same_numbers(tmp_path):
+    config = small_config("replay")
+    whole = run_lib.run(config, str(tmp_path / "whole"))
+    run_lib.run(config, str(tmp_path / "staged"), stop_after=1)
+    resumed = run_lib.run(config, str(tmp_path / "staged"))
+    assert resumed["accuracy_matrix"] == whole["accuracy_matrix"]
+    assert resumed["nme_accuracy_matrix"] == whole["nme_accuracy_matrix"]
+    assert losses(resumed) == losses(whole)
+
+
+@pytest.mark.parametrize(
+    "method, key, value, message",
+    [
+        (
+            "lwf",
+            None,
+            None,
+            r"Method 'lwf' does not support head.capacity.*finetune, joint.*replay",
+        ),
+        ("finetune", "capacity", 8, r"head.capacity=8 is smaller than the protocol's 10 classes"),
+        ("finetune", "seeds", (0, 1), r"head.capacity does not combine with config.seeds"),
+        ("finetune", "stream", True, r"set dataset.stream=False"),
+    ],
+)
+def test_capacity_refuses_what_it_cannot_serve(tmp_path, method, key, value, message):
+    config = small_config(method)
+    if key == "capacity":
+        config.head.capacity = value
+    elif key == "seeds":
+        config.seeds = value
+    elif key == "stream":
+        config.dataset.stream = value
+    with pytest.raises(ValueError, match=message):
+        run_lib.run(config, str(tmp_path / "w"))
+    assert not (tmp_path / "w" / "checkpoints").exists()
+
+
+def test_removing_classes_from_a_capacity_run_is_refused(tmp_path):
+    config = small_config("finetune", epochs=1)
+    run_lib.run(config, str(tmp_path / "run"), stop_after=0)
+    with pytest.raises(ValueError, match="head.capacity=10"):
+        workdirs.remove_classes(str(tmp_path / "run"), [0], str(tmp_path / "out"))
+    assert not (tmp_path / "out").exists()
