@@ -19,7 +19,7 @@ import tempfile
 import time
 
 import numpy as np
-from absl import app, flags
+from absl import app, flags, logging
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -95,6 +95,7 @@ def summary(setting: str, runs: dict) -> list[str]:
 
 def main(argv):
     del argv
+    logging.set_verbosity(logging.WARNING)  # orbax logs every checkpoint at INFO
     out = ["# Widening the head against `head.capacity`", "", __doc__.split("\n\n", 2)[2], ""]
     with tempfile.TemporaryDirectory() as tmp:
         for setting in FLAGS.settings:

@@ -16,8 +16,13 @@ head has C columns throughout, and one train program and one eval program serve 
   examples is the widening path's (`device.batch_indices`);
 - evaluation scores the whole test set, a fixed shape, and keeps the seen classes' examples.
 
-A method opts in with `Method.dynamic_phase` (finetune, joint and replay do): its jitted hooks must
-work with a `PhaseInfo` of traced counts and with masked logits for every class.
+A method opts in with `Method.dynamic_phase` (finetune, joint, replay and freeze_backbone do): its
+jitted hooks must work with a `PhaseInfo` of traced counts and with masked logits for every class.
+One program is built per distinct `PhaseSetup` (freeze_backbone has two: phase 0's and the rest's).
+
+The numbers are the widening path's bit for bit on CPU for heads of up to `models.HEAD_BLOCK`
+columns: the head's logits and bias gradient, and `models.cross_entropy`'s sum, are fixed-shape
+reductions over blocks of columns, so the masked columns only add exact zeros.
 """
 
 from __future__ import annotations

@@ -263,7 +263,10 @@ def begin_phase(
         state = state._replace(params=large[0], opt_state=large[1])
     args = None
     if wide:  # the whole training set, once for the run, and the phase's rows of it
-        epoch_fn = programs.get(("train", setup), build_epoch)
+        # One program per distinct setup (a method may freeze the backbone after phase 0, say);
+        # a tx that freezes the old columns depends on their number too.
+        key = ("train", setup, info.num_old if setup.freeze_old_columns else None)
+        epoch_fn = programs.get(key, build_epoch)
         x_dev, y_dev = programs.get(
             "train_data", lambda: parallel.replicate((data.x_train, data.y_train), mesh)
         )

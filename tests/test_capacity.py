@@ -10,6 +10,7 @@ from configs import digits
 from incremental import run as run_lib
 from incremental import workdirs
 from incremental.methods import METHODS, Finetune
+from incremental.methods.freeze_backbone import FreezeBackbone
 from incremental.methods.replay import Replay
 
 NUM_CLASSES = 10  # digits
@@ -40,6 +41,7 @@ def losses(results):
             {"train.loop": "steps", "train.optimizer": "adam", "train.carry_opt_state": True},
         ),
         ("finetune", {"train.schedule": "cosine", "head.init": "imprint"}),
+        ("freeze_backbone", {"train_first.lr": 0.1}),  # two programs: phase 0's and the rest's
     ],
 )
 def test_capacity_gives_the_widening_numbers(tmp_path, method, overrides):
@@ -109,10 +111,31 @@ class CountingReplay(Replay):
         return super().predict(out, method_state)
 
 
+@dataclasses.dataclass(frozen=True)
+class CountingFreezeBackbone(FreezeBackbone):
+    name = "counting_freeze_backbone"
+
+    def loss(self, out, batch, **kwargs):
+        _count("loss")
+        return super().loss(out, batch, **kwargs)
+
+    def predict(self, out, method_state):
+        _count("predict")
+        return super().predict(out, method_state)
+
+
 @pytest.mark.parametrize(
-    "cls, loop", [(CountingFinetune, "scan"), (CountingReplay, "scan"), (CountingReplay, "steps")]
+    "cls, loop, programs",
+    [
+        (CountingFinetune, "scan", 1),
+        (CountingReplay, "scan", 1),
+        (CountingReplay, "steps", 1),
+        (CountingFreezeBackbone, "scan", 2),  # phase 0's program, and the frozen backbone's
+    ],
 )
-def test_capacity_traces_the_train_and_eval_steps_once_per_run(tmp_path, monkeypatch, cls, loop):
+def test_capacity_traces_the_train_and_eval_steps_once_per_run(
+    tmp_path, monkeypatch, cls, loop, programs
+):
     monkeypatch.setitem(METHODS, cls.name, cls)
     counts = {}
     for capacity in (0, NUM_CLASSES):
@@ -128,7 +151,7 @@ def test_capacity_traces_the_train_and_eval_steps_once_per_run(tmp_path, monkeyp
     # the Python loop once. Widening does that every phase, capacity once for the whole run.
     per_compile = 2 if loop == "scan" else 1
     assert counts[0] == {"loss": per_compile * phases, "predict": phases}
-    assert counts[NUM_CLASSES] == {"loss": per_compile, "predict": 1}
+    assert counts[NUM_CLASSES] == {"loss": per_compile * programs, "predict": 1}
 
 
 def test_capacity_run_resumes_with_the_same_numbers(tmp_path):
@@ -148,7 +171,7 @@ def test_capacity_run_resumes_with_the_same_numbers(tmp_path):
             "lwf",
             None,
             None,
-            r"Method 'lwf' does not support head.capacity.*finetune, joint.*replay",
+            r"Method 'lwf' does not support head.capacity.*finetune, freeze_backbone, joint, replay",
         ),
         ("finetune", "capacity", 8, r"head.capacity=8 is smaller than the protocol's 10 classes"),
         ("finetune", "seeds", (0, 1), r"head.capacity does not combine with config.seeds"),

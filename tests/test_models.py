@@ -5,9 +5,17 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
-from incremental.models import MODELS, build_model, head_logits
+from incremental import surgery
+from incremental.models import (
+    MODELS,
+    build_model,
+    cross_entropy,
+    head_logits,
+    mask_unseen,
+)
 
 # name -> (kwargs, input shape, feature dim): tiny variants so every model compiles fast.
 TINY = {
@@ -108,6 +116,47 @@ def test_widened_head_keeps_old_logits_bit_identical(jit):
         wide = apply_fns[1]({"params": _widen(params, new)}, x, train=False)[1]
         assert wide.shape == (32, old + new)
         np.testing.assert_array_equal(wide[:, :old], logits)
+
+
+def test_cross_entropy_is_optaxs_and_ignores_masked_columns():
+    rng = np.random.default_rng(0)
+    for num_classes, num_seen in [(10, 4), (100, 30), (300, 130)]:
+        logits = jnp.asarray(rng.normal(size=(16, num_classes)).astype(np.float32) * 4)
+        labels = jnp.asarray(rng.integers(0, num_seen, 16))
+        narrow = cross_entropy(logits[:, :num_seen], labels)
+        expected = optax.softmax_cross_entropy_with_integer_labels(logits[:, :num_seen], labels)
+        np.testing.assert_allclose(narrow, expected, rtol=1e-6)
+        wide = cross_entropy(mask_unseen(logits, num_seen), labels)
+        np.testing.assert_array_equal(np.asarray(wide), np.asarray(narrow))
+
+
+@pytest.mark.parametrize(
+    "name, kwargs, shape", [("mlp", {"hidden": (64,)}, (8, 8, 1)), ("resnet32", {}, (32, 32, 3))]
+)
+def test_a_wider_masked_head_gives_the_narrow_heads_gradients_bit_for_bit(name, kwargs, shape):
+    """What head.capacity relies on: the head, its bias and the loss reduce in fixed blocks."""
+    rng = np.random.default_rng(1)
+    x = jnp.asarray(rng.normal(size=(64, *shape)).astype(np.float32))
+    y = jnp.asarray(rng.integers(0, 10, 64))
+    narrow, wide = build_model(name, 10, **kwargs), build_model(name, 100, **kwargs)
+    variables = narrow.init(jax.random.PRNGKey(0), x[:1], train=False)
+    params = variables["params"]
+    wide_params = surgery.widen_head(params, 90, None, "zeros")
+
+    def grads(model, params, num_seen=None):
+        def loss(params):
+            (_, logits), _ = model.apply(
+                {**variables, "params": params}, x, train=True, mutable=["batch_stats"]
+            )
+            logits = logits if num_seen is None else mask_unseen(logits, num_seen)
+            return cross_entropy(logits, y).mean()
+
+        return jax.jit(jax.grad(loss))(params)
+
+    g_narrow, g_wide = grads(narrow, params), grads(wide, wide_params, 10)
+    g_wide = surgery.narrow_head(g_wide, 10)
+    for a, b in zip(jax.tree.leaves(g_narrow), jax.tree.leaves(g_wide), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
 def test_head_matches_dense_math():

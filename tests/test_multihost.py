@@ -14,7 +14,7 @@ import json, sys
 sys.path.insert(0, ".")
 from configs import digits
 from incremental import run as run_lib
-process_id, num_processes, port, workdir = sys.argv[1:5]
+process_id, num_processes, port, workdir, stop_after = sys.argv[1:6]
 config = digits.get_config("method=replay")
 config.train.epochs = config.train_first.epochs = 3
 config.protocol.init_classes, config.protocol.increment = 4, 3
@@ -22,7 +22,7 @@ config.log.progress = config.log.plot = False
 if int(num_processes) > 1:
     config.parallel.coordinator = f"127.0.0.1:{port}"
     config.parallel.num_processes, config.parallel.process_id = int(num_processes), int(process_id)
-results = run_lib.run(config, workdir)
+results = run_lib.run(config, workdir, stop_after=int(stop_after) if stop_after else None)
 import jax
 print(json.dumps({"processes": jax.process_count(), "devices": jax.device_count(),
                   "matrix": results["accuracy_matrix"], "nme": results["nme_accuracy_matrix"]}))
@@ -35,9 +35,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(process_id, num_processes, port, workdir):
+def launch(process_id, num_processes, port, workdir, stop_after=None):
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one CPU device each
-    args = [str(process_id), str(num_processes), str(port), str(workdir)]
+    stop = "" if stop_after is None else str(stop_after)
+    args = [str(process_id), str(num_processes), str(port), str(workdir), stop]
     return subprocess.Popen(
         [sys.executable, "-c", SCRIPT, *args],
         cwd=ROOT,
@@ -71,3 +72,16 @@ def test_two_processes_give_one_process_results(tmp_path):
         "1",
         "2",
     ]
+
+
+def test_two_processes_resume_a_staged_run_with_one_process_numbers(tmp_path):
+    """Every process restores the phase checkpoint into replicated arrays and goes on from it."""
+    single = result(launch(0, 1, 0, tmp_path / "one"))
+    port = free_port()
+    staged = [result(p) for p in [launch(i, 2, port, tmp_path / "two", 0) for i in range(2)]]
+    assert [len(s["matrix"]) for s in staged] == [1, 1]
+    port = free_port()
+    resumed = [result(p) for p in [launch(i, 2, port, tmp_path / "two") for i in range(2)]]
+    for r in resumed:
+        assert r["processes"] == 2
+        assert r["matrix"] == single["matrix"] and r["nme"] == single["nme"]

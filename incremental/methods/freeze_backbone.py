@@ -12,6 +12,7 @@ from incremental.methods.base import Method, PhaseContext, PhaseInfo, PhaseSetup
 @dataclasses.dataclass(frozen=True)
 class FreezeBackbone(Method):
     name = "freeze_backbone"
+    dynamic_phase = True  # under head.capacity: two programs, phase 0's and the frozen backbone's
 
     def setup(self, info: PhaseInfo) -> PhaseSetup:
         if info.phase == 0:

@@ -14,6 +14,7 @@ from incremental.models.classifier import (
     CosineHead,
     Head,
     cosine_logits,
+    cross_entropy,
     head_logits,
     mask_unseen,
 )
@@ -42,6 +43,7 @@ __all__ = [
     "HEADS",
     "classifier",
     "cosine_logits",
+    "cross_entropy",
     "MLP",
     "PARTS",
     "ResNet18",

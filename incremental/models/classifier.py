@@ -14,19 +14,49 @@ def head_logits(features_BxD: jax.Array, head: dict[str, jax.Array]) -> jax.Arra
 
     A plain (D, C) matmul changes its summation order with C, so widening the head would move
     old logits by an ulp. Every block of HEAD_BLOCK columns is instead computed by one matmul of
-    fixed shape in a loop, which makes old logits bit-identical after the head is widened.
+    fixed shape in a loop, which makes old logits bit-identical after the head is widened. The
+    bias is added inside the blocks too, so its gradient (a sum over the batch) also has a fixed
+    shape, and a head with more columns trains its first ones bit for bit alike (`head.capacity`).
     """
     kernel_DxC, bias_C = head["kernel"], head["bias"]
     d, c = kernel_DxC.shape
     num_blocks = -(-c // HEAD_BLOCK)
-    padded_DxP = jnp.pad(kernel_DxC, ((0, 0), (0, num_blocks * HEAD_BLOCK - c)))
-    blocks_NxDxK = padded_DxP.reshape(d, num_blocks, HEAD_BLOCK).transpose(1, 0, 2)
+    pad = num_blocks * HEAD_BLOCK - c
+    blocks_NxDxK = jnp.pad(kernel_DxC, ((0, 0), (0, pad))).reshape(d, num_blocks, HEAD_BLOCK)
+    blocks_NxDxK = blocks_NxDxK.transpose(1, 0, 2)
+    bias_NxK = jnp.pad(bias_C, (0, pad)).reshape(num_blocks, HEAD_BLOCK)
     feats_BxD = features_BxD.astype(jnp.float32)
-    out_NxBxK = lax.map(
-        lambda k_DxK: jnp.dot(feats_BxD, k_DxK, precision=lax.Precision.HIGHEST), blocks_NxDxK
+
+    def block(kernel_and_bias):
+        k_DxK, b_K = kernel_and_bias
+        return jnp.dot(feats_BxD, k_DxK, precision=lax.Precision.HIGHEST) + b_K[None, :]
+
+    out_NxBxK = lax.map(block, (blocks_NxDxK, bias_NxK))
+    return out_NxBxK.transpose(1, 0, 2).reshape(feats_BxD.shape[0], -1)[:, :c]
+
+
+def cross_entropy(logits_BxC: jax.Array, labels_B: jax.Array) -> jax.Array:
+    """Per-example softmax cross-entropy whose sum over classes runs in the head's blocks.
+
+    `optax.softmax_cross_entropy_with_integer_labels` up to float rounding. Its sum of exponentials
+    is, like `head_logits`, one fixed-shape reduction per block of HEAD_BLOCK columns, the blocks
+    added in order: columns at -inf (classes not seen yet, `mask_unseen`) add exact zeros, so a
+    head with a column for every class (`head.capacity`) gives the loss and gradients of the
+    narrow head bit for bit, at any number of classes.
+    """
+    b, c = logits_BxC.shape
+    num_blocks = -(-c // HEAD_BLOCK)
+    padded_BxP = jnp.pad(
+        logits_BxC, ((0, 0), (0, num_blocks * HEAD_BLOCK - c)), constant_values=-jnp.inf
     )
-    logits_BxP = out_NxBxK.transpose(1, 0, 2).reshape(feats_BxD.shape[0], -1)
-    return logits_BxP[:, :c] + bias_C[None, :]
+    max_Bx1 = lax.stop_gradient(padded_BxP.max(axis=-1, keepdims=True))
+    blocks_NxBxK = (padded_BxP - max_Bx1).reshape(b, num_blocks, HEAD_BLOCK).transpose(1, 0, 2)
+    sums_NxB = lax.map(lambda x_BxK: jnp.exp(x_BxK).sum(axis=-1), blocks_NxBxK)
+    total_B = sums_NxB[0]
+    for block in range(1, num_blocks):
+        total_B = total_B + sums_NxB[block]
+    label_logits_B = jnp.take_along_axis(logits_BxC, labels_B[:, None], axis=-1)[:, 0]
+    return max_Bx1[:, 0] + jnp.log(total_B) - label_logits_B
 
 
 class Head(nn.Module):
