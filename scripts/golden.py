@@ -1,0 +1,112 @@
+"""Records, or checks, the results.json of the digits config for every method (seed 0).
+
+A refactoring of the phase loop must not change a number a user sees. This script runs
+`configs/digits.py:method=NAME` for every registered method and keeps each results.json without the
+keys that are not results (timings, the config, the library versions):
+
+    python scripts/golden.py --out=tests/golden/digits_full.json              # record
+    python scripts/golden.py --check=tests/golden/digits_full.json            # compare, exit 1 on a diff
+    python scripts/golden.py --quick --out=tests/golden/digits_quick.json     # the tests' shortened runs
+
+`--quick` shortens every run (3 phases, 2 epochs); `tests/test_golden.py` runs that variant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+# Keys of a results document that vary from run to run or machine to machine, not results.
+VOLATILE = ("seconds", "compile_cache_hits", "config", "versions", "startup")
+
+
+def quick(config):
+    """The tests' shortened variant of a digits config: 3 phases of 2 classes, 2 epochs each."""
+    config.dataset.classes = "seeded:6"
+    config.train.epochs = config.train_first.epochs = 2
+    config.train.milestones = config.train_first.milestones = (1,)
+    if "compression_epochs" in config.method_args:
+        config.method_args.compression_epochs = 2
+    config.log.progress = config.log.plot = False
+    config.compile_cache = ""
+    return config
+
+
+def strip(doc):
+    """`doc` without its volatile keys, at any depth."""
+    if isinstance(doc, dict):
+        return {k: strip(v) for k, v in doc.items() if not any(s in k for s in VOLATILE)}
+    if isinstance(doc, list):
+        return [strip(v) for v in doc]
+    return doc
+
+
+def record(names, shortened: bool) -> dict:
+    from configs import digits
+    from incremental import run as run_lib
+
+    out = {}
+    for name in names:
+        config = digits.get_config(f"method={name}")
+        config.log.progress = config.log.plot = False
+        if shortened:
+            config = quick(config)
+        with tempfile.TemporaryDirectory() as workdir:
+            out[name] = strip(run_lib.run(config, workdir))
+        print(f"{name}: last accuracy {out[name]['last_accuracy']:.4f}", flush=True)
+    return out
+
+
+def differences(expected: dict, actual: dict, path: str = "") -> list[str]:
+    """Every path at which two documents differ (exactly: floats compared bit for bit)."""
+    if isinstance(expected, dict) and isinstance(actual, dict):
+        keys = sorted(set(expected) | set(actual))
+        return [
+            d
+            for k in keys
+            for d in (
+                differences(expected[k], actual[k], f"{path}/{k}")
+                if k in expected and k in actual
+                else [f"{path}/{k}: only in {'expected' if k in expected else 'actual'}"]
+            )
+        ]
+    if isinstance(expected, list) and isinstance(actual, list) and len(expected) == len(actual):
+        return [
+            d
+            for i, (e, a) in enumerate(zip(expected, actual, strict=True))
+            for d in differences(e, a, f"{path}/{i}")
+        ]
+    return [] if expected == actual else [f"{path}: expected {expected!r}, got {actual!r}"]
+
+
+def main() -> int:
+    from incremental.methods import METHODS
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", help="write the recorded documents here")
+    parser.add_argument("--check", help="compare with the documents in this file")
+    parser.add_argument("--quick", action="store_true", help="the tests' shortened runs")
+    parser.add_argument("--methods", default="", help="comma-separated subset (default: all)")
+    args = parser.parse_args()
+    names = args.methods.split(",") if args.methods else sorted(METHODS)
+    actual = record(names, args.quick)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(actual, f, indent=1, sort_keys=True)
+            f.write("\n")
+    if args.check:
+        with open(args.check) as f:
+            expected = {k: v for k, v in json.load(f).items() if k in actual}
+        diffs = differences(expected, actual)
+        print("\n".join(diffs) if diffs else f"identical: {', '.join(names)}")
+        return 1 if diffs else 0
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
