@@ -22,8 +22,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from incremental import checkpoint, compilation
-from incremental import run as run_lib
+from incremental import checkpoint, compilation, parallel
+from incremental.phase import begin, end, evaluate, fit, load, record, save
 
 SUMMARY_KEYS = ("last_accuracy", "average_incremental_accuracy", "forgetting", "backward_transfer")
 
@@ -66,76 +66,73 @@ def run_seeds(config, workdir: str) -> dict:
     """Runs (or resumes) every seed of `config.seeds`; returns the document of `results.json`."""
     seeds = check(config)
     configs = [seed_config(config, s) for s in seeds]
-    data, protocol, method = run_lib.validate(configs[0], workdir)
+    data, protocol, method = load.validate(configs[0], workdir)
     dirs = [os.path.join(workdir, f"seed_{s}") for s in seeds]
     for d in dirs:
-        os.makedirs(d, exist_ok=True)
+        load.make_workdir(d)
     compilation.use_cache(config.compile_cache)
     ckpts = [checkpoint.Checkpoints(d, config.checkpoint.keep) for d in dirs]
     try:
         found = [
-            run_lib.resume(k, c, method, protocol, data)
-            for k, c in zip(ckpts, configs, strict=True)
+            save.resume(k, c, method, protocol, data) for k, c in zip(ckpts, configs, strict=True)
         ]
         first = min(f[0] for f in found)
         found = [
-            f if f[0] == first else restore(k, c, method, protocol, data, first - 1)
+            f if f[0] == first else save.restore(k, c, method, protocol, data, first - 1)
             for f, k, c in zip(found, ckpts, configs, strict=True)
         ]
-        carried = [f[1] for f in found]
-        method_states = [f[2] for f in found]
+        carried, method_states = [f[1] for f in found], [f[2] for f in found]
         records = [f[3][:first] for f in found]
         for phase in range(first, protocol.num_phases):
             start = time.perf_counter()
             begun = [
-                run_lib.begin_phase(c, method, data, protocol, phase, carried[i], method_states[i])
+                begin.begin(c, method, data, protocol, phase, carried[i], method_states[i])
                 for i, c in enumerate(configs)
             ]
             prs = [b[0] for b in begun]
-            states, method_states = train_together(
-                prs, [b[1] for b in begun], [b[2] for b in begun]
-            )
+            trained = train_together(prs, [b[1] for b in begun], [b[2] for b in begun])
             elapsed = time.perf_counter() - start
-            for i, (c, pr) in enumerate(zip(configs, prs, strict=True)):
-                steps = states[i][1]
-                carried[i] = run_lib.finish_phase(
-                    c, method, data, protocol, pr, states[i][0], method_states[i],
-                    steps.last_epoch, elapsed / len(seeds),
-                )  # fmt: skip
+            for i, (c, pr, (state, method_state, steps)) in enumerate(
+                zip(configs, prs, trained, strict=True)
+            ):
+                start = time.perf_counter()
+                model, carried[i] = end.end(c, method, data, pr, state, method_state)
+                seconds = {"train_seconds": elapsed / len(seeds) + time.perf_counter() - start}
+                start = time.perf_counter()
+                row = evaluate.evaluate_phase(
+                    c,
+                    model,
+                    method,
+                    data,
+                    protocol,
+                    phase,
+                    carried[i].variables,
+                    carried[i].method_state,
+                )
+                seconds["eval_seconds"] = time.perf_counter() - start
                 method_states[i] = carried[i].method_state
-                records[i].append(carried[i].record)
-                results = run_lib.results_from_records(c, protocol, records[i])
-                run_lib.write_results(dirs[i], results)
-                saved = {
-                    **carried[i].variables,
-                    "opt_state": carried[i].opt_state,
-                    "rng": states[i][0].rng,
-                }
-                meta = run_lib._meta(c, protocol, phase, records[i])
-                ckpts[i].save(phase, saved, method_states[i], meta)
+                records[i].append(
+                    record.record(
+                        protocol, pr, carried[i].variables, row, steps.last_epoch, seconds
+                    )
+                )
+                record.write_results(dirs[i], record.results_from_records(c, protocol, records[i]))
+                mesh = parallel.make_mesh(c.parallel.devices)
+                save.save(ckpts[i], c, protocol, phase, carried[i], state.rng, records[i], mesh)
     finally:
         for k in ckpts:
             k.close()
     per_seed = [
-        run_lib.results_from_records(c, protocol, r) for c, r in zip(configs, records, strict=True)
+        record.results_from_records(c, protocol, r) for c, r in zip(configs, records, strict=True)
     ]
     doc = summarize(config, seeds, per_seed)
-    run_lib.write_results(workdir, doc)
+    record.write_results(workdir, doc)
     return doc
 
 
-def restore(ckpts, config, method, protocol, data, phase):
-    """What a seed that finished later phases left after `phase` (so every seed starts together)."""
-    target = run_lib.state_target(config, method, protocol, data, phase)
-    state, method_state, meta = ckpts.restore(phase, target)
-    variables = {"params": state["params"], "batch_stats": state["batch_stats"]}
-    records = meta["records"][: phase + 1]
-    carried = run_lib.PhaseResult(variables, state["opt_state"], method_state, records[-1])
-    return phase + 1, carried, method_state, records
-
-
-def train_together(prs, states, method_states):
-    """The phase's epochs of every seed in one vmapped scan; returns [(state, Steps)], states."""
+def train_together(prs, states, method_states) -> list[tuple]:
+    """The phase's epochs of every seed in one vmapped scan; returns each seed's (state,
+    method_state, fit.Steps)."""
     pr = prs[0]
     if len({p.x.shape for p in prs}) != 1:
         raise ValueError(
@@ -147,13 +144,13 @@ def train_together(prs, states, method_states):
     xs = (pr.x, pr.y) if shared else (stack([p.x for p in prs]), stack([p.y for p in prs]))
     epoch = jax.jit(jax.vmap(pr.train_epoch, in_axes=(0, 0, data_axis, data_axis)))
     state, method_state = stack(list(states)), stack(list(method_states))
-    steps = [run_lib.Steps(p) for p in prs]
+    steps = [fit.Steps.of(p) for p in prs]
     while steps[0].step < steps[0].total:
         state, method_state, metrics = epoch(state, method_state, *xs)
         for i, m in enumerate(unstack(metrics, len(prs))):
             steps[i].add(m)
-    states = list(zip(unstack(state, len(prs)), steps, strict=True))
-    return states, unstack(method_state, len(prs))
+    n = len(prs)
+    return list(zip(unstack(state, n), unstack(method_state, n), steps, strict=True))
 
 
 def summarize(config, seeds: list[int], per_seed: list[dict]) -> dict:
@@ -169,7 +166,7 @@ def summarize(config, seeds: list[int], per_seed: list[dict]) -> dict:
             for s, r in zip(seeds, per_seed, strict=True)
         },
         "config": config.to_dict(),
-        "versions": run_lib.versions(),
+        "versions": record.versions(),
     }
     for key in SUMMARY_KEYS + tuple(k for k in per_seed[0] if k.endswith("_last_accuracy")):
         values = [r.get(key) for r in per_seed]

@@ -32,9 +32,13 @@ import ml_collections
 import numpy as np
 
 from incremental import checkpoint, methods, surgery, train
-from incremental import run as run_lib
 from incremental.data import sources
 from incremental.methods import Method, PhaseInfo
+from incremental.phase.evaluate import evaluate_phase
+from incremental.phase.load import RunData, load_data
+from incremental.phase.model import dtype_of, phase_model
+from incremental.phase.record import results_from_records, write_results
+from incremental.phase.save import state_target
 from incremental.protocol import Protocol
 
 PyTree = Any
@@ -59,7 +63,7 @@ class RunSetup(NamedTuple):
 
     config: ml_collections.ConfigDict
     method: Method
-    data: run_lib.RunData
+    data: RunData
     protocol: Protocol
 
 
@@ -132,7 +136,7 @@ def _pick_phase(workdir: str, phase: int | None) -> int:
 def setup(config: ml_collections.ConfigDict) -> RunSetup:
     """The method, data and protocol of `config`, as the run builds them."""
     method = methods.build(config.method, config.method_args, config.memory)
-    data, protocol, _ = run_lib.load_data(config)
+    data, protocol, _ = load_data(config)
     return RunSetup(config, method, data, protocol)
 
 
@@ -140,11 +144,11 @@ def setup(config: ml_collections.ConfigDict) -> RunSetup:
 def _model(rs: RunSetup, phase: int):
     """The model that the run evaluates at the end of `phase`."""
     info = PhaseInfo(phase, rs.protocol.offsets[phase], rs.protocol.phase_sizes[phase])
-    return run_lib.phase_model(rs.config, rs.method, info, final=True)
+    return phase_model(rs.config, rs.method, info, final=True)
 
 
 def _state_target(rs: RunSetup, phase: int) -> PyTree:
-    return run_lib.state_target(rs.config, rs.method, rs.protocol, rs.data, phase)
+    return state_target(rs.config, rs.method, rs.protocol, rs.data, phase)
 
 
 def _restore(ckpts: checkpoint.Checkpoints, rs: RunSetup, phase: int) -> Saved:
@@ -192,7 +196,7 @@ def _dataset_labels(config, num_classes: int) -> np.ndarray:
 
 
 def _scores(rs: RunSetup, model, predict_fn, variables, method_state, x, num_seen) -> np.ndarray:
-    dtype = run_lib.DTYPES[rs.config.dtype]
+    dtype = dtype_of(rs.config)
     wide = bool(rs.config.head.capacity)  # a column for every class: mask those not seen yet
     apply = train.make_apply_batches(model, rs.data.norm, predict_fn, dtype, mask=wide)
     extra = (num_seen,) if wide else ()
@@ -210,7 +214,7 @@ def evaluate_saved(rs: RunSetup, saved: Saved, *, predictions: bool = False):
     model = _model(rs, saved.phase)
     variables = {"params": saved.state["params"], "batch_stats": saved.state["batch_stats"]}
     method_state = saved.method_state
-    row = run_lib.evaluate_phase(
+    row = evaluate_phase(
         rs.config, model, rs.method, rs.data, rs.protocol, saved.phase, variables, method_state
     )
     if not predictions:
@@ -456,9 +460,9 @@ class _Writer:
 
     def finish(self, rs: RunSetup, records: list[dict], history: list[dict]) -> dict:
         self.ckpts.close()
-        results = run_lib.results_from_records(rs.config, rs.protocol, records)
+        results = results_from_records(rs.config, rs.protocol, records)
         results["surgery"] = history
-        run_lib.write_results(self.tmp, results)
+        write_results(self.tmp, results)
         with open(os.path.join(self.tmp, SURGERY_FILE), "w") as f:
             json.dump(history, f, indent=1, default=_json_default)
         write_config_file(rs.config, os.path.join(self.tmp, CONFIG_FILE), self.out)

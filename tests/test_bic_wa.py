@@ -14,6 +14,7 @@ from incremental.data import device, sources
 from incremental.methods import Batch, Outputs, PhaseContext, PhaseInfo, PhaseSetup
 from incremental.methods.bic import BiC
 from incremental.methods.wa import WA
+from incremental.phase import model as phase_model
 
 # Last accuracy on digits with the default config (5 phases x 2 classes, 30 epochs, memory 200).
 FINETUNE_LAST, JOINT_LAST = 0.20, 0.978
@@ -167,8 +168,8 @@ def test_wa_clips_the_head_kernel_after_each_step():
     x, y = source.x_train[keep][:64], source.y_train[keep][:64].astype(np.int32)
     config = digits.get_config("method=wa")
     config.model.kwargs.hidden = (16,)
-    model = run_lib.make_model(config, 4)
-    variables = run_lib.init_variables(config, model, x[0], jax.random.PRNGKey(0))
+    model = phase_model.make_model(config, 4)
+    variables = phase_model.init_variables(model, x[0], jax.random.PRNGKey(0))
     norm = device.fit_normalizer(source.x_train, source.is_image)
     assert float(variables["params"]["head"]["kernel"].min()) < 0
 

@@ -15,6 +15,8 @@ from incremental.data import device
 from incremental.methods import Batch, Outputs, PhaseInfo
 from incremental.methods.foster import bkd_loss, effective_number_weights
 from incremental.models import head_logits
+from incremental.phase import begin, fit, load, save
+from incremental.phase import model as phase_model
 
 EPOCHS = 5
 
@@ -114,16 +116,16 @@ def predictions(model, variables, x, config, data):
 def two_phases():
     """Phase 0 whole, then phase 1 by hand: its trained two-branch model and the compressed one."""
     config = config_for("foster")
-    data, protocol, _ = run_lib.load_data(config)
+    data, protocol, _ = load.load_data(config)
     method = methods.build("foster", config.method_args, config.memory)
     first = run_lib.train_phase(config, method, data, protocol, 0, None, method.init_state())
     single = surgery.count_params(first.variables["params"], depth=1)
-    pr, state, method_state = run_lib.begin_phase(
+    pr, state, method_state = begin.begin(
         config, method, data, protocol, 1, first, first.method_state
     )
     # Before training (the state is donated): the old branch and the old head are the old model.
     x = data.x_train[np.asarray(first.method_state["memory"]["indices"])]
-    old_model = run_lib.phase_model(config, method, PhaseInfo(0, 0, 2), final=True)
+    old_model = phase_model.phase_model(config, method, PhaseInfo(0, 0, 2), final=True)
     _, old_logits = old_model.apply(first.variables, device.normalize(x, data.norm), train=False)
     feats, logits = pr.model.apply(
         {"params": state.params, "batch_stats": state.batch_stats},
@@ -136,7 +138,7 @@ def two_phases():
         "logits": np.asarray(logits),
         "old_head_logits": np.asarray(head_logits(feats[:, :dim], method_state["old_head"])),
     }
-    steps = run_lib.Steps(pr)
+    steps = fit.Steps.of(pr)
     while steps.remaining(state):
         state, method_state, metrics = pr.train_epoch(state, method_state, pr.x, pr.y)
         steps.add(metrics)
@@ -174,11 +176,9 @@ def test_parameter_counts_of_both_stages(two_phases):
     assert final == {"": backbone + dim * 4 + 4, "backbone": backbone, "head": dim * 4 + 4}
     # ... shaped as the run's final model of the phase, which it evaluates, saves and carries.
     config, info = two_phases.config, two_phases.pr.info
-    model = run_lib.phase_model(config, two_phases.method, info, final=True)
+    model = phase_model.phase_model(config, two_phases.method, info, final=True)
     shapes = jax.eval_shape(
-        lambda: run_lib.init_variables(
-            config, model, two_phases.data.x_train[0], jax.random.PRNGKey(0)
-        )
+        lambda: phase_model.init_variables(model, two_phases.data.x_train[0], jax.random.PRNGKey(0))
     )
     assert jax.tree.structure(shapes) == jax.tree.structure(two_phases.student)
 
@@ -186,7 +186,7 @@ def test_parameter_counts_of_both_stages(two_phases):
 def test_compression_distils_the_two_branch_model(two_phases):
     pr, config, data = two_phases.pr, two_phases.config, two_phases.data
     x = np.asarray(jax.device_get(pr.x))
-    final = run_lib.phase_model(config, two_phases.method, pr.info, final=True)
+    final = phase_model.phase_model(config, two_phases.method, pr.info, final=True)
     teacher = predictions(pr.model, two_phases.teacher, x, config, data)
     student = predictions(final, two_phases.student, x, config, data)
     initial = predictions(final, two_phases.initial, x, config, data)
@@ -213,13 +213,13 @@ def test_foster_remembers(runs):
 
 def test_every_saved_phase_is_one_backbone(runs):
     config, path = config_for("foster"), runs["foster"][1]
-    data, protocol, _ = run_lib.load_data(config)
+    data, protocol, _ = load.load_data(config)
     method = methods.build("foster", config.method_args, config.memory)
     ckpts = checkpoint.Checkpoints(str(path))
     try:
         counts = []
         for phase in range(protocol.num_phases):
-            target = run_lib.state_target(config, method, protocol, data, phase)
+            target = save.state_target(config, method, protocol, data, phase)
             state, method_state, _ = ckpts.restore(phase, target)
             assert "fe_fc" not in state["params"]
             assert method_state["old_head"]["kernel"].shape[1] == protocol.num_seen(phase)

@@ -6,7 +6,10 @@ import pytest
 
 from configs import digits
 from incremental import run as run_lib
+from incremental.data import device
 from incremental.methods import PhaseInfo
+from incremental.phase import load
+from incremental.phase import model as phase_model
 
 
 def small_config(method, epochs=10):
@@ -55,10 +58,10 @@ def test_parameters_grow_by_one_branch_per_phase(grown):
 def test_old_branches_are_frozen_and_keep_their_features(tmp_path):
     """Phase 1 of DER: branch_0's params and its features on any input are exactly phase 0's."""
     config = small_config("der", epochs=3)
-    data, protocol, method = run_lib.validate(config, str(tmp_path))
+    data, protocol, method = load.validate(config, str(tmp_path))
     first = run_lib.train_phase(config, method, data, protocol, 0, None, method.init_state())
-    x = run_lib.device.normalize(data.x_test[:50], data.norm)
-    model0 = run_lib.phase_model(config, method, PhaseInfo(0, 0, 2), final=True)
+    x = device.normalize(data.x_test[:50], data.norm)
+    model0 = phase_model.phase_model(config, method, PhaseInfo(0, 0, 2), final=True)
     feats0 = np.asarray(model0.apply(first.variables, x, train=False)[0])
     old = jax.tree.map(np.array, first.variables["params"]["backbone"]["branch_0"])
     # (phase 1's training donates the carried arrays, hence the copies above)
@@ -70,7 +73,7 @@ def test_old_branches_are_frozen_and_keep_their_features(tmp_path):
         np.array_equal(a, b)
         for a, b in zip(jax.tree.leaves(old), jax.tree.leaves(new["branch_1"]), strict=True)
     )
-    model1 = run_lib.phase_model(config, method, PhaseInfo(1, 2, 2), final=True)
+    model1 = phase_model.phase_model(config, method, PhaseInfo(1, 2, 2), final=True)
     feats1, _ = model1.apply(second.variables, x, train=False)
     np.testing.assert_array_equal(feats1[:, : feats0.shape[1]], feats0)
 

@@ -5,11 +5,13 @@ import numpy as np
 import pytest
 
 from configs import digits
-from incremental import checkpoint, train
+from incremental import checkpoint, methods, train
 from incremental import run as run_lib
 from incremental.methods import Outputs, PhaseContext, PhaseInfo
 from incremental.methods.analytic import Analytic, expand
 from incremental.methods.ncm import NCM
+from incremental.phase import load, save
+from incremental.phase import model as phase_model
 
 EPOCHS = 4
 
@@ -80,13 +82,13 @@ def test_analytic_recursion_equals_the_joint_ridge_solution_on_synthetic_feature
 def test_analytic_head_is_the_joint_ridge_solution_on_digits(results):
     result, workdir = results["analytic"]
     config = config_for("analytic")
-    data, protocol, _ = run_lib.load_data(config)
-    method = run_lib.methods.build("analytic", config.method_args)
+    data, protocol, _ = load.load_data(config)
+    method = methods.build("analytic", config.method_args)
     ckpts = checkpoint.Checkpoints(workdir)
-    target = run_lib.state_target(config, method, protocol, data, 4)
+    target = save.state_target(config, method, protocol, data, 4)
     state, method_state, _ = ckpts.restore(4, target)
     ckpts.close()
-    model = run_lib.make_model(config, 10)
+    model = phase_model.make_model(config, 10)
     embed = train.make_apply_batches(model, data.norm, lambda out, _: out.features)
     variables = {"params": state["params"], "batch_stats": state["batch_stats"]}
     feats = train.run_batched(embed, variables, {}, data.x_train, 500)

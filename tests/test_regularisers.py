@@ -15,6 +15,8 @@ from incremental.data import device
 from incremental.methods import Batch, Outputs, PhaseContext, PhaseInfo
 from incremental.methods.ewc import quadratic_penalty
 from incremental.models import build_model
+from incremental.phase import load, save
+from incremental.phase import model as phase_model
 
 REGULARISERS = ("lwf", "ewc", "online_ewc", "mas")
 
@@ -348,11 +350,11 @@ def runs(tmp_path_factory):
 
 def phase_states(run, phases=(0, 1)):
     _, workdir, config = run
-    data, protocol, _ = run_lib.load_data(config)
+    data, protocol, _ = load.load_data(config)
     method = methods.build(config.method, config.method_args)
     ckpts = checkpoint.Checkpoints(workdir)
     states = [
-        ckpts.restore(p, run_lib.state_target(config, method, protocol, data, p))[0] for p in phases
+        ckpts.restore(p, save.state_target(config, method, protocol, data, p))[0] for p in phases
     ]
     ckpts.close()
     return states, data, protocol, config
@@ -371,7 +373,7 @@ def teacher_gap(run, temperature=2.0) -> float:
     x = data.x_train[(data.y_train >= 2) & (data.y_train < 4)]
     logits = []
     for state, width in ((s0, 2), (s1, 4)):
-        model = run_lib.make_model(config, width)
+        model = phase_model.make_model(config, width)
         variables = {"params": state["params"], "batch_stats": state["batch_stats"]}
         logits.append(model.apply(variables, device.normalize(x, data.norm), train=False)[1])
     teacher = jax.nn.log_softmax(logits[0] / temperature)

@@ -4,8 +4,9 @@ import numpy as np
 import pytest
 
 from configs import digits
-from incremental import checkpoint
+from incremental import checkpoint, methods
 from incremental import run as run_lib
+from incremental.phase import load, save
 
 
 def config_for(method, epochs=10, seed=0):
@@ -34,9 +35,9 @@ def test_replay_remembers_and_reports_nme(tmp_path, reference):
     # The memory in the last checkpoint holds 200 // 10 = 20 exemplars of every class.
     ckpts = checkpoint.Checkpoints(str(tmp_path))
     config = config_for("replay")
-    data, protocol, _ = run_lib.load_data(config)
-    method = run_lib.methods.build("replay", memory=config.memory)
-    _, method_state, _ = ckpts.restore(4, run_lib.state_target(config, method, protocol, data, 4))
+    data, protocol, _ = load.load_data(config)
+    method = methods.build("replay", memory=config.memory)
+    _, method_state, _ = ckpts.restore(4, save.state_target(config, method, protocol, data, 4))
     ckpts.close()
     labels = np.asarray(method_state["memory"]["labels"])
     assert np.bincount(labels, minlength=10).tolist() == [20] * 10

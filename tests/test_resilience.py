@@ -14,6 +14,7 @@ import pytest
 
 from configs import digits
 from incremental import run as run_lib
+from incremental.phase import begin, fit, load, save
 
 ROOT = Path(__file__).resolve().parent.parent
 # Short epochs, a checkpoint every 3 steps (and at epoch ends): every kill lands near one.
@@ -126,13 +127,11 @@ def test_resume_within_a_phase_is_exact(tmp_path, every_steps):
     # Pretend the run died in phase 2 after three calls of the step.
     from incremental import checkpoint
 
-    data, protocol, method = run_lib.validate(config, staged)
+    data, protocol, method = load.validate(config, staged)
     ckpts = checkpoint.Checkpoints(staged)
-    _, carried, method_state, records = run_lib.resume(ckpts, config, method, protocol, data)
-    pr, state, method_state = run_lib.begin_phase(
-        config, method, data, protocol, 2, carried, method_state
-    )
-    steps = run_lib.Steps(pr)
+    _, carried, method_state, records = save.resume(ckpts, config, method, protocol, data)
+    pr, state, method_state = begin.begin(config, method, data, protocol, 2, carried, method_state)
+    steps = fit.Steps.of(pr)
     for _ in range(3):
         state, method_state, metrics = pr.train_epoch(state, method_state, pr.x, pr.y)
         steps.add(metrics)
@@ -141,7 +140,7 @@ def test_resume_within_a_phase_is_exact(tmp_path, every_steps):
     else:
         assert steps.step == 3 * pr.steps_per_epoch
     assert int(state.step) == steps.step
-    meta = run_lib._meta(config, protocol, 2, records, steps.state_dict())
+    meta = save.meta(config, protocol, 2, records, steps.state_dict())
     ckpts.save_within(2, steps.step, state, method_state, meta)
     ckpts.wait()
     ckpts.close()

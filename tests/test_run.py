@@ -8,8 +8,11 @@ import numpy as np
 import pytest
 
 from configs import digits
-from incremental import checkpoint
+from incremental import checkpoint, methods
 from incremental import run as run_lib
+from incremental.methods import PhaseInfo
+from incremental.phase import load, save
+from incremental.phase import model as phase_model
 
 
 def config_for(method, epochs=10, **train):
@@ -60,10 +63,10 @@ def test_freeze_backbone_keeps_the_backbone_and_beats_finetune(results):
     assert result["last_accuracy"] > results["finetune"][0]["last_accuracy"] + 0.3
     ckpts = checkpoint.Checkpoints(workdir)
     config = config_for("freeze_backbone")
-    data, protocol, _ = run_lib.load_data(config)
-    method = run_lib.methods.build("freeze_backbone")
+    data, protocol, _ = load.load_data(config)
+    method = methods.build("freeze_backbone")
     states = [
-        ckpts.restore(p, run_lib.state_target(config, method, protocol, data, p))[0] for p in (0, 4)
+        ckpts.restore(p, save.state_target(config, method, protocol, data, p))[0] for p in (0, 4)
     ]
     ckpts.close()
     for a, b in zip(*(jax.tree.leaves(s["params"]["backbone"]) for s in states), strict=True):
@@ -141,11 +144,11 @@ def test_bfloat16_computes_in_bf16_and_keeps_float32_state(tmp_path):
     config.log.progress = config.log.plot = False
     config.dtype = "bfloat16"
     results = run_lib.run(config, str(tmp_path))
-    data, protocol, method = run_lib.validate(config, str(tmp_path))
-    model = run_lib.phase_model(config, method, run_lib.PhaseInfo(0, 0, 2))
+    data, protocol, method = load.validate(config, str(tmp_path))
+    model = phase_model.phase_model(config, method, PhaseInfo(0, 0, 2))
     assert model.backbone.dtype == jnp.bfloat16
     ckpts = checkpoint.Checkpoints(str(tmp_path))
-    target = run_lib.state_target(config, method, protocol, data, 4)
+    target = save.state_target(config, method, protocol, data, 4)
     state, _, _ = ckpts.restore(4, target)
     ckpts.close()
     dtypes = {leaf.dtype for leaf in jax.tree.leaves((state["params"], state["opt_state"]))}

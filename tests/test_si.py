@@ -8,10 +8,11 @@ from jax.flatten_util import ravel_pytree
 
 from configs import digits
 from incremental import run as run_lib
-from incremental import train
+from incremental import surgery, train
 from incremental.data import device, sources
 from incremental.methods import PhaseContext, PhaseInfo, PhaseSetup
 from incremental.methods.si import SI
+from incremental.phase import model as phase_model
 
 
 def config_for(method, epochs):
@@ -85,8 +86,8 @@ def tiny_model_and_data():
     x, y = source.x_train[keep][:96], source.y_train[keep][:96].astype(np.int32)
     config = digits.get_config("method=si")
     config.model.kwargs.hidden = (16,)
-    model = run_lib.make_model(config, 4)
-    variables = run_lib.init_variables(config, model, x[0], jax.random.PRNGKey(0))
+    model = phase_model.make_model(config, 4)
+    variables = phase_model.init_variables(model, x[0], jax.random.PRNGKey(0))
     return model, variables, x, y, device.fit_normalizer(source.x_train, source.is_image)
 
 
@@ -151,7 +152,7 @@ def test_widening_gives_new_head_columns_zero_importance():
         "importance": jax.tree.map(lambda p: jnp.full_like(p, 2.0), variables["params"]),
         "anchor": variables["params"],
     }
-    params = run_lib.surgery.widen_head(variables["params"], 3, jax.random.PRNGKey(0))
+    params = surgery.widen_head(variables["params"], 3, jax.random.PRNGKey(0))
     state = method.begin_phase(context(1, 4, 3), {"params": params}, prev)
     head = state["importance"]["head"]
     assert head["kernel"].shape == (16, 7) and head["bias"].shape == (7,)

@@ -6,10 +6,11 @@ import numpy as np
 import pytest
 
 from configs import digits
+from incremental import report, surgery, train
 from incremental import run as run_lib
-from incremental import train
 from incremental.data import device
 from incremental.methods import METHODS, Method
+from incremental.phase import load
 
 
 @dataclasses.dataclass(frozen=True)
@@ -144,15 +145,15 @@ def test_carried_adam_state_has_zero_moments_for_new_columns(tmp_path):
     config = tiny_config(epochs=2)
     config.train.optimizer = "adam"
     config.train.carry_opt_state = True
-    data, protocol, _ = run_lib.load_data(config)
+    data, protocol, _ = load.load_data(config)
     method = METHODS["finetune"]()
-    progress = run_lib.report.Progress(protocol, enabled=False)
+    progress = report.Progress(protocol, enabled=False)
     with progress:
         first = run_lib.train_phase(config, method, data, protocol, 0, None, {}, progress)
     params = first.variables["params"]
     hp = train.phase_hparams(config, 1)
     setup = method.setup(None)
-    wide = run_lib.surgery.widen_head(params, 2, jax.random.PRNGKey(1))
+    wide = surgery.widen_head(params, 2, jax.random.PRNGKey(1))
     tx = train.make_optimizer(config.train, hp, 1, wide, setup, 2)
     carried = train.carry_opt_state(first.opt_state, tx.init(wide), 2)
     assert carried is not None

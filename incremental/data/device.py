@@ -64,6 +64,20 @@ def augment(rng: jax.Array, x: jax.Array, *, crop_padding: int, flip: bool) -> j
     return x
 
 
+# `fold_in` tags of the two uses of a phase's training key.
+ORDER, AUGMENT = 0, 1
+
+
+def epoch_key(rng: jax.Array, epoch: int | jax.Array) -> jax.Array:
+    """The key of epoch `epoch`'s order, from a phase's training key (`TrainState.rng`)."""
+    return jax.random.fold_in(jax.random.fold_in(rng, ORDER), epoch)
+
+
+def step_key(rng: jax.Array, step: int | jax.Array) -> jax.Array:
+    """The key of step `step`'s augmentation, from a phase's training key."""
+    return jax.random.fold_in(jax.random.fold_in(rng, AUGMENT), step)
+
+
 def batch_indices(
     rng: jax.Array, num_examples: int | jax.Array, batch_size: int, slots: int | None = None
 ) -> tuple[jax.Array, jax.Array]:

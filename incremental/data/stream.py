@@ -10,7 +10,7 @@ are decoded by TFDS as they are read. The entry point is `StreamingBatches`:
         ...  # uint8 images, int32 labels, float32 weights, already on the device
 
 The batches are the in-memory path's (`train.make_train_epoch`), in content and in order: epoch
-`e`'s order is `device.batch_indices(fold_in(fold_in(state.rng, train.ORDER), e), n, batch_size)`,
+`e`'s order is `device.batch_indices(device.epoch_key(state.rng, e), n, batch_size)`,
 computed once per epoch on the host, so batch `b` holds the phase's examples `idx[b]` with weights
 `weight[b]` (0 for the padding of the last batch). `batches(rng, step)` starts at `step`'s
 position in its epoch, so a resumed run continues on the same batches. Augmentation and
@@ -57,14 +57,6 @@ def epoch_order(
     idx, weight = device.batch_indices(key, num_examples, batch_size)
     idx, weight = jax.device_get((idx, weight))
     return np.asarray(idx, np.int64), np.asarray(weight, np.float32)
-
-
-def epoch_key(state_rng: jax.Array, epoch: int) -> jax.Array:
-    """The key of epoch `epoch`'s order, derived from a train state's key as the train step does."""
-    # Imported here: train.py may import this module, and only the tag is needed.
-    from incremental.train import ORDER
-
-    return jax.random.fold_in(jax.random.fold_in(state_rng, ORDER), epoch)
 
 
 def open_tfds_split(name: str, split: str = "train", *, data_dir: str | None = None) -> Any:
@@ -226,7 +218,7 @@ class StreamingBatches:
 
     def epoch(self, state_rng: jax.Array, epoch: int, start: int = 0) -> Iterator[StreamBatch]:
         """Batches `start`, `start + 1`, ... of epoch `epoch` of a train state with key `state_rng`."""
-        return self.epoch_from_key(epoch_key(state_rng, epoch), start)
+        return self.epoch_from_key(device.epoch_key(state_rng, epoch), start)
 
     def batches(self, state_rng: jax.Array, step: int | jax.Array) -> Iterator[StreamBatch]:
         """The rest of the epoch that train step `step` is in, from that step's batch on."""

@@ -67,9 +67,11 @@ class PhaseContext(NamedTuple):
     # `normalize(x_raw) -> x`: the model's inputs from stored ones (jax arrays, traceable).
     normalize: Callable[[jax.Array], jax.Array] | None = None
     seed: int = 0  # the run's seed (config.seed), for host-side randomness of hooks
-    # The run's config, for hooks that train on their own (batch size, augmentation, dtype, ...).
-    config: Any = None
-    norm: Any = None  # the data's `device.Normalizer`, for hooks that build their own train step
+    config: Any = None  # the run's config, for hooks that read its settings (lr, batch size, ...)
+    # `fit(variables, *, method, tx, epochs, method_state, rng, rows, name) -> variables`: plain
+    # training of the phase's final model with another method's loss, for hooks that train on their
+    # own (a compression stage); built by the loop (`phase.fit.make_fit`), so no method imports it.
+    fit: Callable | None = None
 
 
 class Batch(NamedTuple):

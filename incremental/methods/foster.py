@@ -86,12 +86,6 @@ def bkd_loss(
     return optax.softmax_cross_entropy(logits_BxC / temperature, soft)
 
 
-def is_image_data(ctx: PhaseContext) -> bool:
-    """Images are stored (N, H, W, C) and normalised per channel (see `device.fit_normalizer`)."""
-    mean = np.asarray(ctx.norm.mean)
-    return ctx.x_train.ndim == 4 and mean.ndim == 4 and mean.shape[1:3] == (1, 1)
-
-
 @dataclasses.dataclass(frozen=True)
 class BalancedDistillation(Method):
     """The compression stage's objective: BKD of a fixed teacher, held in the method state."""
@@ -258,26 +252,18 @@ class FOSTER(Rehearsal):
         return copy_tree({"params": params, "batch_stats": stats})
 
     def distil(self, ctx: PhaseContext, teacher, method_state: dict):
-        """The compression stage's training loop; returns the student's variables."""
-        # Imported here: `train` and `run` import the method registry, which imports this file.
-        from incremental import run as run_lib
-        from incremental import train
-
+        """The compression stage: the student trained by the context's `fit` service."""
         config, info = ctx.config, ctx.info
-        if config is None or ctx.norm is None or ctx.apply_fn is None:
+        if config is None or ctx.fit is None or ctx.apply_fn is None:
             raise ValueError(
-                "FOSTER's compression trains its own loop: the phase context needs `config`, "
-                "`norm` and `apply_fn` (as `run.make_context` builds it)."
+                "FOSTER's compression trains a student: the phase context needs `config`, `fit` "
+                "and `apply_fn` (as `phase.context.make_context` builds it)."
             )
-        model = run_lib.phase_model(config, self, info, final=True)
         key = jax.random.fold_in(jax.random.PRNGKey(ctx.seed), info.phase)
         init_key, train_key = jax.random.split(jax.random.fold_in(key, 0x0F05))
         variables = self.student_init(teacher, method_state["old_head"], info, init_key)
-
-        idx = self.train_indices(ctx, method_state)
-        batch_size = config.train.batch_size
-        steps_per_epoch = -(-len(idx) // batch_size)
-        total = self.compression_epochs * steps_per_epoch
+        rows = self.train_indices(ctx, method_state)
+        total = self.compression_epochs * -(-len(rows) // config.train.batch_size)
         tx = optax.chain(
             optax.add_decayed_weights(self.compression_weight_decay),
             optax.sgd(
@@ -285,38 +271,17 @@ class FOSTER(Rehearsal):
                 momentum=config.train.momentum or None,
             ),
         )
-        augment = config.augment if is_image_data(ctx) else {"crop_padding": 0, "flip": False}
-        train_epoch = train.make_train_epoch(
-            model=model,
-            tx=tx,
-            method=BalancedDistillation(teacher_apply=ctx.apply_fn, temperature=self.temperature),
-            info=info,
-            setup=PhaseSetup(),
-            norm=ctx.norm,
-            batch_size=batch_size,
-            crop_padding=augment["crop_padding"],
-            flip=augment["flip"],
-            dtype=run_lib.DTYPES[config.dtype],
-        )
         weights = effective_number_weights(self.class_counts(ctx, method_state), self.beta2)
-        distil_state = {"teacher": teacher, "weights": jnp.asarray(weights)}
-        state = train.TrainState(
-            variables["params"],
-            variables["batch_stats"],
-            tx.init(variables["params"]),
-            train_key,
-            jnp.zeros((), jnp.int32),
+        return ctx.fit(
+            variables,
+            method=BalancedDistillation(teacher_apply=ctx.apply_fn, temperature=self.temperature),
+            tx=tx,
+            epochs=self.compression_epochs,
+            method_state={"teacher": teacher, "weights": jnp.asarray(weights)},
+            rng=train_key,
+            rows=rows,
+            name=f"FOSTER's compression, phase {info.phase}",
         )
-        x, y = jax.device_put(ctx.x_train[idx]), jax.device_put(ctx.y_train[idx])
-        for epoch in range(self.compression_epochs):
-            state, _, metrics = train_epoch(state, distil_state, x, y)
-            loss = np.asarray(jax.device_get(metrics["loss"]))
-            if not np.isfinite(loss).all():
-                raise FloatingPointError(
-                    f"Non-finite loss in FOSTER's compression, phase {info.phase}, epoch {epoch}; "
-                    "lower train.lr or check the data."
-                )
-        return {"params": state.params, "batch_stats": state.batch_stats}
 
     def end_phase(self, ctx: PhaseContext, variables, method_state: dict) -> dict:
         method_state = super().end_phase(ctx, variables, method_state)

@@ -1,0 +1,212 @@
+"""The begin stage: the previous phase's model grown and widened, the method's `begin_phase`, and
+the phase's optimizer, train state and jitted epoch."""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from incremental import capacity, methods, parallel, surgery, train
+from incremental.data.stream import StreamingBatches
+from incremental.methods import Method, PhaseContext, PhaseInfo, base
+from incremental.phase.context import make_context
+from incremental.phase.load import RunData
+from incremental.phase.model import (
+    dtype_of,
+    init_variables,
+    named_key,
+    phase_key,
+    phase_model,
+    train_loop,
+)
+from incremental.protocol import Protocol
+
+PyTree = Any
+
+
+class Carried(NamedTuple):
+    """What a finished phase hands to the next: its final variables, optimizer and method state."""
+
+    variables: PyTree  # {'params': ..., 'batch_stats': ...}
+    opt_state: Any
+    method_state: dict
+
+
+class PhaseRun(NamedTuple):
+    """What the epochs of one phase need, built by `begin`."""
+
+    info: PhaseInfo
+    ctx: PhaseContext
+    model: Any
+    train_epoch: Any  # train.make_train_epoch(...): one call runs up to an epoch's steps
+    x: jax.Array  # the phase's training inputs, on the device
+    y: jax.Array
+    epochs: int
+    num_train: int
+    steps_per_epoch: int
+
+
+def phase_info(protocol: Protocol, phase: int) -> PhaseInfo:
+    return PhaseInfo(phase, protocol.offsets[phase], protocol.phase_sizes[phase])
+
+
+def begin(
+    config,
+    method: Method,
+    data: RunData,
+    protocol: Protocol,
+    phase: int,
+    carried: Carried | None,
+    method_state: dict,
+    programs: capacity.Programs | None = None,
+) -> tuple[PhaseRun, train.TrainState, dict]:
+    """Widens the model, runs the method's `begin_phase` and builds the phase's jitted epoch.
+
+    Under `head.capacity` the epoch comes from `programs` (one for the run) when it already holds
+    it, so that every phase runs the same compiled program.
+    """
+    info = phase_info(protocol, phase)
+    programs = programs or capacity.Programs()
+    model = phase_model(config, method, info)
+    ctx = make_context(config, data, info, model, phase_model(config, method, info, final=True))
+    variables = start_variables(config, method, data, ctx, carried)
+    method_state = method.begin_phase(ctx, variables, method_state)
+
+    idx = method.train_indices(ctx, method_state)
+    if len(idx) == 0:
+        raise ValueError(f"Phase {phase} has no training examples; check the dataset and protocol.")
+    steps_per_epoch = -(-len(idx) // config.train.batch_size)
+    hp = train.phase_hparams(config, phase)
+    setup = method.setup(info)
+    tx = make_tx(config, method, info, steps_per_epoch, variables["params"])
+    state = train_state(
+        config, tx, variables, carried, info, named_key(phase_key(config, phase), "train")
+    )
+    mesh = parallel.make_mesh(config.parallel.devices)
+    state, method_state = parallel.replicate((state, method_state), mesh)
+    if config.parallel.shard_params:
+        large = parallel.shard_large(
+            (state.params, state.opt_state), mesh, config.parallel.shard_min_size
+        )
+        state = state._replace(params=large[0], opt_state=large[1])
+    build = lambda stream=None: make_epoch(config, method, data, info, model, tx, mesh, stream)  # noqa: E731
+    if config.head.capacity:  # the whole training set, once for the run, and the phase's rows
+        # One program per distinct setup (a method may freeze the backbone after phase 0, say);
+        # a tx that freezes the old columns depends on their number too.
+        key = ("train", setup, info.num_old if setup.freeze_old_columns else None)
+        epoch_fn = programs.get(key, build)
+        x_dev, y_dev = programs.get(
+            "train_data", lambda: parallel.replicate((data.x_train, data.y_train), mesh)
+        )
+        args = parallel.replicate(capacity.phase_args(info, idx, len(data.x_train)), mesh)
+    elif config.dataset.stream:  # batches come from the host, one at a time
+        epoch_fn, x_dev, y_dev, args = build(stream_of(config, data, idx, mesh)), None, None, None
+    else:
+        epoch_fn, args = build(), None
+        x_dev, y_dev = parallel.replicate((data.x_train[idx], data.y_train[idx]), mesh)
+    epochs = hp.epochs if setup.train else 0
+    train_epoch = bind_epoch(epoch_fn, method, args)
+    pr = PhaseRun(info, ctx, model, train_epoch, x_dev, y_dev, epochs, len(idx), steps_per_epoch)
+    return pr, state, method_state
+
+
+def start_variables(config, method, data: RunData, ctx: PhaseContext, carried: Carried | None):
+    """Phase 0's initial variables, or the previous phase's grown and widened for this one."""
+    info, key = ctx.info, phase_key(config, ctx.info.phase)
+    wide = config.head.capacity
+    if carried is None:
+        narrow = phase_model(config, method, info, num_classes=info.num_seen)
+        variables = init_variables(narrow, data.x_train[0], named_key(key, "init"))
+        return capacity.initial(variables, wide) if wide else variables
+    variables = method.grow(ctx, carried.variables, named_key(key, "grow"))
+    widen_fn = lambda v: widen(config, v, ctx, named_key(key, "widen"))  # noqa: E731
+    return capacity.add_classes(variables, info, widen_fn) if wide else widen_fn(variables)
+
+
+def make_tx(config, method: Method, info: PhaseInfo, steps_per_epoch: int, params: PyTree):
+    """The phase's optimizer for `params`."""
+    return train.make_optimizer(
+        config.train,
+        train.phase_hparams(config, info.phase),
+        steps_per_epoch,
+        params,
+        method.setup(info),
+        info.num_old,
+        dynamic=bool(config.head.capacity),
+    )
+
+
+def train_state(config, tx, variables, carried: Carried | None, info: PhaseInfo, rng):
+    """The phase's first train state; the optimizer's moments carried over if the config says so."""
+    opt_state = tx.init(variables["params"])
+    if carried is not None and config.train.carry_opt_state:
+        num_new = 0 if config.head.capacity else info.num_new  # a wide head's new columns are zero
+        opt_state = train.carry_opt_state(carried.opt_state, opt_state, num_new) or opt_state
+    step = jnp.zeros((), jnp.int32)
+    return train.TrainState(variables["params"], variables["batch_stats"], opt_state, rng, step)
+
+
+def stream_of(config, data: RunData, idx: np.ndarray, mesh) -> StreamingBatches:
+    if jax.process_count() > 1:
+        raise ValueError(
+            "dataset.stream does not feed several processes yet; run one process per host "
+            "with parallel.coordinator unset, or keep the data on the device (stream=False)."
+        )
+    sharding = parallel.batch_sharding(mesh) if mesh.size > 1 else None
+    return StreamingBatches(
+        (data.x_train, data.y_train), idx, config.train.batch_size, sharding=sharding
+    )
+
+
+def make_epoch(config, method, data: RunData, info, model, tx, mesh, stream=None):
+    """The phase's jitted epoch (`train.make_train_epoch`) as the config asks for it."""
+    wide = bool(config.head.capacity)
+    augment = config.augment if data.is_image else {"crop_padding": 0, "flip": False}
+    return train.make_train_epoch(
+        model=model,
+        tx=tx,
+        method=method,
+        info=None if wide else info,
+        setup=method.setup(info),
+        norm=data.norm,
+        batch_size=config.train.batch_size,
+        crop_padding=augment["crop_padding"],
+        flip=augment["flip"],
+        dtype=dtype_of(config),
+        steps_per_call=config.checkpoint.every_steps or None,
+        loop="stream" if stream is not None else train_loop(config),
+        batch_sharding=parallel.batch_sharding(mesh) if mesh.size > 1 else None,
+        stream=stream,
+        hyperparams=train.phase_hyperparams(config) if wide else None,
+    )
+
+
+def bind_epoch(epoch_fn, method: Method, args: train.PhaseArgs | None):
+    """`train_epoch(state, method_state, x, y)` over `epoch_fn`, passing the jitted step only the
+    method's `train_keys` (the rest of the method state is returned as it was) and `args`."""
+
+    def train_epoch(state, method_state, x, y):
+        part = base.select_state(method_state, method.train_keys)
+        extra = () if args is None else (args,)
+        state, part, metrics = epoch_fn(state, part, x, y, *extra)
+        return state, {**method_state, **part}, metrics
+
+    return train_epoch
+
+
+def widen(config, variables: PyTree, ctx: PhaseContext, key: jax.Array) -> PyTree:
+    """The previous phase's variables with head columns for this phase's new classes."""
+    info = ctx.info
+    class_means = None
+    if config.head.init == "imprint":
+        idx = methods.base.data_of_classes(ctx.y_train, info.num_old, info.num_seen)
+        feats = ctx.embed(variables, ctx.x_train[idx])
+        labels = ctx.y_train[idx] - info.num_old
+        class_means = jnp.stack([feats[labels == c].mean(0) for c in range(info.num_new)])
+    params = surgery.widen_head(
+        variables["params"], info.num_new, key, config.head.init, class_means=class_means
+    )
+    return {"params": params, "batch_stats": variables["batch_stats"]}

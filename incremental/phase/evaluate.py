@@ -1,0 +1,41 @@
+"""The evaluate stage: the final model scored on the test data of every seen class."""
+
+from __future__ import annotations
+
+from incremental import capacity, evaluate, train
+from incremental.methods import base
+from incremental.phase.load import RunData
+from incremental.phase.model import dtype_of
+from incremental.protocol import Protocol
+
+
+def evaluate_phase(
+    config, model, method, data: RunData, protocol: Protocol, phase, variables, method_state,
+    programs: capacity.Programs | None = None,
+) -> dict:  # fmt: skip
+    """Scores the test data of every seen class and returns the phase's rows of the matrices.
+
+    The method's extra classifiers (e.g. nearest-mean) are evaluated the same way, under `extra`.
+    Under `head.capacity` the whole test set is scored, a shape that does not change with the
+    phase, with the classes not seen yet masked, by functions kept in `programs` for later phases.
+    """
+    num_seen = protocol.num_seen(phase)
+    seen = data.y_test < num_seen
+    wide = bool(config.head.capacity)
+    programs = programs or capacity.Programs()
+    eval_state = base.select_state(method_state, method.eval_keys)
+    dtype = dtype_of(config)
+
+    def rows(name, predict_fn):
+        build = lambda: train.make_apply_batches(model, data.norm, predict_fn, dtype, mask=wide)  # noqa: E731
+        apply = programs.get(("eval", name), build) if wide else build()
+        x = data.x_test if wide else data.x_test[seen]
+        extra = (num_seen,) if wide else ()
+        bs = config.eval.batch_size
+        scores = train.run_batched(apply, variables, eval_state, x, bs, *extra)
+        scores = scores[seen] if wide else scores
+        return evaluate.evaluate_phase(scores, data.y_test[seen], protocol, phase)
+
+    row = rows("predict", method.predict)
+    extra = {name: rows(name, fn) for name, fn in method.extra_predictions().items()}
+    return {**row, "extra": extra} if extra else row

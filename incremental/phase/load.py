@@ -1,0 +1,116 @@
+"""The load stage: the config checked, the data loaded, the protocol built and the labels remapped."""
+
+from __future__ import annotations
+
+import os
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from incremental import capacity, methods, parallel, surgery, train
+from incremental.data import device, sources
+from incremental.methods import Method, PhaseInfo
+from incremental.models import MODELS
+from incremental.phase.model import DTYPES, phase_model
+from incremental.protocol import Protocol, make_protocol
+
+
+class RunData(NamedTuple):
+    """The dataset after the protocol: labels remapped to positions in the class order."""
+
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_test: np.ndarray
+    y_test: np.ndarray
+    norm: device.Normalizer
+    is_image: bool
+
+
+def load_data(config) -> tuple[RunData, Protocol, sources.Source]:
+    """Loads the source, builds the protocol and remaps the labels."""
+    source = sources.load_source(
+        config.dataset.name,
+        data_dir=config.dataset.data_dir or None,
+        download=config.dataset.download,
+        seed=config.seed,
+    )
+    source = sources.subset_classes(source, config.dataset.classes)
+    protocol = make_protocol(source.num_classes, config.protocol)
+    norm = device.fit_normalizer(source.x_train, source.is_image)
+    data = RunData(
+        source.x_train,
+        protocol.remap(source.y_train),
+        source.x_test,
+        protocol.remap(source.y_test),
+        norm,
+        source.is_image,
+    )
+    return data, protocol, source
+
+
+def validate(config, workdir: str) -> tuple[RunData, Protocol, Method]:
+    """Checks every input that can be checked before anything is written or trained; loads."""
+    method = methods.build(config.method, config.method_args, config.memory)
+    for name, value, valid in (
+        ("model.name", config.model.name, tuple(MODELS)),
+        ("train.optimizer", config.train.optimizer, train.OPTIMIZERS),
+        ("train.schedule", config.train.schedule, train.SCHEDULES),
+        ("train.loop", config.train.loop, ("auto", *train.LOOPS)),
+        ("dtype", config.dtype, tuple(DTYPES)),
+        ("head.init", config.head.init, surgery.HEAD_INITS),
+    ):
+        if value not in valid:
+            raise ValueError(f"Unknown {name} {value!r}; valid values: {', '.join(valid)}.")
+    if config.train.batch_size <= 0:
+        raise ValueError(f"train.batch_size must be positive, got {config.train.batch_size}.")
+    parallel.check_batch(parallel.make_mesh(config.parallel.devices), config.train.batch_size)
+    data, protocol, _ = load_data(config)
+    if hasattr(method, "memory"):
+        method.memory.per_class_count(protocol.num_classes)
+    capacity.check(config, method, protocol.num_classes)
+    check_model_fits(config, method, data)
+    check_writable(workdir)
+    return data, protocol, method
+
+
+def check_writable(workdir: str) -> None:
+    """Fails when `workdir` cannot be created or written."""
+    # The nearest existing directory on the path: `os.makedirs` creates the rest (`runs/...` on a
+    # fresh checkout). Anything else that exists there (a file) blocks it.
+    probe = os.path.abspath(workdir)
+    while not os.path.exists(probe):
+        probe = os.path.dirname(probe)
+    if not os.path.isdir(probe) or not os.access(probe, os.W_OK):
+        raise ValueError(
+            f"The work directory {workdir} cannot be written ({probe} is not a writable "
+            "directory); pass a --workdir you can write to."
+        )
+
+
+def make_workdir(workdir: str) -> None:
+    try:
+        os.makedirs(workdir, exist_ok=True)
+    except OSError as error:
+        raise ValueError(
+            f"The work directory {workdir} cannot be created ({error.strerror}); pass a --workdir "
+            "you can write to."
+        ) from None
+
+
+def check_model_fits(config, method, data: RunData) -> None:
+    """Fails early when the data's example shape does not suit the model."""
+    model = phase_model(config, method, PhaseInfo(0, 0, 2))
+    try:
+        jax.eval_shape(
+            lambda: model.init(
+                jax.random.PRNGKey(0), jnp.zeros((1, *data.x_train.shape[1:])), train=False
+            )
+        )
+    except Exception as error:  # noqa: BLE001 -- any shape failure gets the same advice
+        raise ValueError(
+            f"Model {config.model.name!r} cannot take examples of shape {data.x_train.shape[1:]} "
+            f"({type(error).__name__}: {str(error).splitlines()[0][:200]}). Convolutional models "
+            "need (H, W, C) images; use model.name=mlp for feature vectors."
+        ) from None

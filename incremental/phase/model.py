@@ -1,0 +1,76 @@
+"""The phase's model: the method's backbone and a head for the phase's classes, and its variables."""
+
+from __future__ import annotations
+
+import zlib
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from incremental import models
+from incremental.methods import Method, PhaseInfo
+from incremental.models import build_backbone, build_model
+
+PyTree = Any
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def named_key(key: jax.Array, name: str) -> jax.Array:
+    """A key derived from `key` by name, so adding a new use of randomness never shifts the others."""
+    return jax.random.fold_in(key, zlib.crc32(name.encode()) & 0x7FFFFFFF)
+
+
+def phase_key(config, phase: int) -> jax.Array:
+    """The root key of a phase's randomness (init, growth, widening, batches)."""
+    return jax.random.fold_in(jax.random.PRNGKey(config.seed), phase)
+
+
+def dtype_of(config):
+    if config.dtype not in DTYPES:
+        raise ValueError(f"Unknown dtype {config.dtype!r}; choose one of {sorted(DTYPES)}.")
+    return DTYPES[config.dtype]
+
+
+def make_model(config, num_classes: int, head: str = "linear"):
+    """The config's model with a plain backbone and `num_classes` head columns."""
+    kwargs = dict(config.model.kwargs.to_dict())
+    return build_model(config.model.name, num_classes, head=head, dtype=dtype_of(config), **kwargs)
+
+
+def train_loop(config) -> str:
+    """`config.train.loop`, with 'auto' resolved: a Python loop of steps for convolutional models on
+    CPU, where XLA runs convolution gradients far slower inside a scan; the scan elsewhere."""
+    loop = config.train.loop
+    if loop != "auto":
+        return loop
+    return "steps" if jax.default_backend() == "cpu" and config.model.name != "mlp" else "scan"
+
+
+def phase_model(
+    config, method: Method, info: PhaseInfo, *, final: bool = False, num_classes: int = 0
+):
+    """The phase's model: the method's backbone (built from the config's) and its head's classes.
+
+    The head has `num_classes` columns if given, else `config.head.capacity` if set, else the
+    phase's `num_seen`.
+    """
+    dtype = dtype_of(config)
+    kwargs = dict(config.model.kwargs.to_dict())
+
+    def make(part: str = "all"):
+        extra = {} if part == "all" else {"part": part}
+        return build_backbone(config.model.name, dtype=dtype, **kwargs, **extra)
+
+    backbone = method.backbone(make, info, final=final)
+    width = num_classes or config.head.capacity or info.num_seen
+    return models.classifier(backbone, width, method.head)
+
+
+def init_variables(model, x_example: np.ndarray, key: jax.Array) -> PyTree:
+    """Fresh `{'params', 'batch_stats'}` of `model` for inputs shaped like `x_example`."""
+    variables = model.init(key, jnp.zeros((1, *x_example.shape), jnp.float32), train=False)
+    variables = flax.core.unfreeze(variables)
+    return {"params": variables["params"], "batch_stats": variables.get("batch_stats", {})}

@@ -1,0 +1,107 @@
+"""The record stage: a phase's entry of results.json, and the document made of every phase's."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+import numpy as np
+import optax
+
+from incremental import evaluate, surgery
+from incremental.phase.begin import PhaseRun
+from incremental.protocol import Protocol
+
+RESULTS_FILE = "results.json"
+
+
+def record(
+    protocol: Protocol, pr: PhaseRun, variables, row: dict, metrics: dict, seconds: dict
+) -> dict:
+    """The phase's entry: what it trained on, its final loss, its timings and its evaluation rows.
+
+    `seconds` holds `train_seconds` and `eval_seconds` (and whatever else the caller timed).
+    """
+    info = pr.info
+    return {
+        "phase": info.phase,
+        "classes": [int(c) for c in protocol.class_order[info.num_old : info.num_seen]],
+        "num_seen": info.num_seen,
+        "num_train_examples": pr.num_train,
+        "num_params": surgery.count_params(variables["params"], depth=1),
+        "epochs": pr.epochs,
+        "final_loss": float(metrics["loss"]) if metrics else None,
+        "final_train_accuracy": float(metrics["accuracy"]) if metrics else None,
+        **seconds,
+        **row,
+    }
+
+
+def extra_results(records: list[dict]) -> dict:
+    """`<name>_accuracy_matrix`, `<name>_accuracy`, ... for each extra classifier of the method."""
+    out = {}
+    for name in records[-1].get("extra", {}):
+        rows = [r["extra"][name] for r in records]
+        matrix, accuracy = [r["row"] for r in rows], [r["accuracy"] for r in rows]
+        summary = evaluate.summarize(matrix, accuracy)
+        out.update({f"{name}_{key}": value for key, value in summary.items()})
+        out[f"{name}_accuracy"] = accuracy
+        out[f"{name}_accuracy_matrix"] = matrix
+    return out
+
+
+def results_from_records(config, protocol: Protocol, records: list[dict]) -> dict:
+    """The public `results.json` document (see README, "Results")."""
+    matrix = [r["row"] for r in records]
+    accuracy = [r["accuracy"] for r in records]
+    return {
+        "format_version": 1,
+        "method": config.method,
+        "dataset": config.dataset.name,
+        "class_order": list(protocol.class_order),
+        "phase_sizes": list(protocol.phase_sizes),
+        "num_phases": protocol.num_phases,
+        "complete": len(records) == protocol.num_phases,
+        **evaluate.summarize(matrix, accuracy),
+        "accuracy": accuracy,
+        "accuracy_matrix": matrix,
+        "task_aware_accuracy": [r["task_aware_accuracy"] for r in records],
+        "task_aware_matrix": [r["task_aware_row"] for r in records],
+        "old_accuracy": [r["old_accuracy"] for r in records],
+        "new_accuracy": [r["new_accuracy"] for r in records],
+        **extra_results(records),
+        "phases": [
+            {k: v for k, v in r.items() if k not in ("row", "task_aware_row", "extra")}
+            for r in records
+        ],
+        "config": config.to_dict(),
+        "versions": versions(),
+    }
+
+
+def versions() -> dict:
+    import flax
+    import orbax.checkpoint as ocp
+
+    return {
+        "jax": jax.__version__,
+        "flax": flax.__version__,
+        "optax": optax.__version__,
+        "orbax-checkpoint": ocp.__version__,
+        "numpy": np.__version__,
+    }
+
+
+def write_results(workdir: str, results: dict) -> None:
+    path = os.path.join(workdir, RESULTS_FILE)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(results, f, indent=1, default=json_default)
+    os.replace(tmp, path)  # readers never see a half-written file
+
+
+def json_default(value):
+    if isinstance(value, np.generic):
+        return value.item()
+    return str(value)

@@ -1,0 +1,104 @@
+"""The save stage: a phase's checkpoint (at its end, or within it), and resuming from them."""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import jax
+
+from incremental import checkpoint, parallel, train
+from incremental.methods import Method
+from incremental.phase.begin import Carried, make_tx, phase_info
+from incremental.phase.load import RunData
+from incremental.phase.model import init_variables, phase_model
+from incremental.phase.record import json_default
+from incremental.protocol import Protocol
+
+PyTree = Any
+
+
+def meta(config, protocol: Protocol, phase: int, records: list, steps: dict | None = None) -> dict:
+    """The checkpoint's JSON side: where the run is, its records so far and its config."""
+    doc = {
+        "phase": phase,
+        "steps": steps,  # within a phase: `Steps.state_dict()`; None at a phase's end
+        "records": records,
+        "config": config.to_dict(),
+        "class_order": list(protocol.class_order),
+    }
+    return json.loads(json.dumps(doc, default=json_default))
+
+
+def save(
+    ckpts: checkpoint.Checkpoints, config, protocol, phase, carried: Carried, rng, records, mesh
+):
+    """Saves everything the next phase needs, at `phase`'s end."""
+    saved = {**carried.variables, "opt_state": carried.opt_state, "rng": rng}
+    # Every array on the mesh: orbax saves arrays that span all processes, not ones a hook
+    # computed on one.
+    saved, method_state = parallel.replicate((saved, carried.method_state), mesh)
+    ckpts.save(phase, saved, method_state, meta(config, protocol, phase, records))
+
+
+def state_target(config, method: Method, protocol: Protocol, data: RunData, phase: int) -> PyTree:
+    """Shapes and types of the state saved at the end of `phase`, for restoring it."""
+    info = phase_info(protocol, phase)
+    model = phase_model(config, method, info, final=True)
+    key = jax.random.PRNGKey(0)
+    variables = jax.eval_shape(lambda: init_variables(model, data.x_train[0], key))
+    tx = make_tx(config, method, info, 1, variables["params"])
+    opt_state = jax.eval_shape(tx.init, variables["params"])
+    return {**variables, "opt_state": opt_state, "rng": jax.eval_shape(lambda: key)}
+
+
+def resume(ckpts, config, method, protocol, data) -> tuple[int, Carried | None, dict, list]:
+    """The phase to start from, what the last finished phase left, its method state and the
+    records so far, from the work directory."""
+    saved = ckpts.latest_meta()
+    if saved is not None:
+        diffs = checkpoint.config_diff(saved["config"], config.to_dict())
+        if diffs:
+            raise ValueError(
+                f"The work directory {os.path.dirname(ckpts.directory)} holds a run with a "
+                "different config; resume it with the same config or pick a new --workdir. "
+                "Differences:\n  " + "\n  ".join(diffs)
+            )
+    found = ckpts.restore_latest_phase(
+        lambda phase: parallel.with_sharding(
+            state_target(config, method, protocol, data, phase),
+            parallel.make_mesh(config.parallel.devices),
+        )
+    )
+    if found is None:
+        return 0, None, method.init_state(), []
+    last, state, method_state, saved_meta = found
+    return last + 1, carried_of(state, method_state), method_state, saved_meta["records"]
+
+
+def restore(ckpts, config, method, protocol, data, phase: int) -> tuple[int, Carried, dict, list]:
+    """What `phase`'s end saved (a seed that finished later phases restarts from there)."""
+    target = state_target(config, method, protocol, data, phase)
+    state, method_state, saved_meta = ckpts.restore(phase, target)
+    return (
+        phase + 1,
+        carried_of(state, method_state),
+        method_state,
+        saved_meta["records"][: phase + 1],
+    )
+
+
+def carried_of(state: dict, method_state: dict) -> Carried:
+    variables = {"params": state["params"], "batch_stats": state["batch_stats"]}
+    return Carried(variables, state["opt_state"], method_state)
+
+
+def restore_within(ckpts, phase: int, state: train.TrainState):
+    """The state saved within `phase` (`(state, method_state, steps_dict)`), or None."""
+    restored = ckpts.restore_within(phase, state)
+    if restored is None:
+        return None
+    state, method_state, saved_meta = restored
+    state = train.TrainState(*state) if not isinstance(state, train.TrainState) else state
+    return state, method_state, saved_meta["steps"]
