@@ -1,3 +1,6 @@
+import contextlib
+import copy
+import io
 import json
 import math
 
@@ -17,8 +20,42 @@ FIELDS = (
     "epoch_over_steps",
     "flops_per_step",
     "achieved_flops_per_s",
+    "matmul_peak_flops_per_s",
     "fraction_of_matmul_peak",
 )
+# The progress lines of one model, in the order they are printed.
+PROGRESS = (
+    "building",
+    "compiling train epoch",
+    "timing 2 train epoch(s)",
+    "train ",
+    "compiling one train step",
+    "step ",
+    "compiling eval",
+    "eval ",
+    "GFLOP/s = ",
+    "done in",
+)
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    """One `--quick` run (its defaults: mlp and wide_mlp, 2 epochs): the returned results, the
+    JSON, everything printed, and what had been printed when each model started."""
+    path = tmp_path_factory.mktemp("bench") / "bench.json"
+    out = io.StringIO()
+    at_build = {}
+    build_bench = bench.build_bench
+    names = {repr(spec): name for name, spec in bench.QUICK_SPECS.items()}
+
+    def recording_build(spec, seed=0):
+        at_build[names[repr(spec)]] = out.getvalue()
+        return build_bench(spec, seed)
+
+    with pytest.MonkeyPatch.context() as patch, contextlib.redirect_stdout(out):
+        patch.setattr(bench, "build_bench", recording_build)
+        returned = bench.main(["--quick", f"--json={path}"])
+    return returned, json.loads(path.read_text()), out.getvalue(), at_build
 
 
 def test_mlp_flops_match_a_hand_count():
@@ -29,13 +66,9 @@ def test_mlp_flops_match_a_hand_count():
     assert flops["train"] == 2_424_832 * 2 + 2 * 64 * 2_560 == 5_177_344
 
 
-def test_quick_benchmark_writes_positive_figures_and_makes_no_transfers(tmp_path):
-    path = tmp_path / "bench.json"
-    # ResNet-32 takes the same code path; left out to keep CI short (its compile dominates).
-    args = ["--quick", "--models=mlp,wide_mlp", "--epochs=1", "--step_repeats=1"]
-    args += ["--matmul_size=256", f"--json={path}"]
-    returned = bench.main(args)
-    results = json.loads(path.read_text())
+def test_quick_benchmark_writes_positive_figures_and_makes_no_transfers(quick_run):
+    returned, results, _, _ = quick_run
+    # ResNet-32 takes the same code paths; --quick leaves it out (its compiles take tens of s).
     assert set(results["models"]) == {"mlp", "wide_mlp"}
     assert results["matmul"]["flops_per_s"] > 0
     for name, model in results["models"].items():
@@ -47,6 +80,7 @@ def test_quick_benchmark_writes_positive_figures_and_makes_no_transfers(tmp_path
             )
         assert model["transfers_per_epoch"] == 0, model["transfer_error"]
         assert model["flops_source"] == "xla"
+        assert len(model["epoch_times_s"]) == bench.QUICK_DEFAULTS.epochs
     wide = results["models"]["wide_mlp"]
     spec = bench.QUICK_SPECS["wide_mlp"]
     assert (
@@ -58,9 +92,88 @@ def test_quick_benchmark_writes_positive_figures_and_makes_no_transfers(tmp_path
     assert returned["models"]["mlp"]["batch_size"] == results["models"]["mlp"]["batch_size"]
 
 
+def test_progress_lines_are_printed_as_each_model_runs(quick_run):
+    _, _, printed, at_build = quick_run
+    table = printed.index("train img/s   eval img/s")
+    assert printed.index("benchmark: mlp, wide_mlp on ") < printed.index("matmul peak") < table
+    lines = printed[:table].splitlines()
+    for name in ("mlp", "wide_mlp"):
+        own = [line.removeprefix(f"{name}: ") for line in lines if line.startswith(f"{name}: ")]
+        assert len(own) == len(PROGRESS), own
+        for step, line in zip(PROGRESS, own, strict=True):
+            assert step in line, (name, step, line)
+    # Written as it goes, not at the end: when wide_mlp starts, mlp's lines are out, its own not.
+    assert "\nmlp: done in" in at_build["wide_mlp"]
+    assert "wide_mlp: compiling" not in at_build["wide_mlp"]
+    assert "mlp: building" in at_build["mlp"] and "mlp: compiling" not in at_build["mlp"]
+
+
+def test_fraction_of_peak_is_against_the_peak_sampled_around_its_epochs(quick_run):
+    _, results, _, _ = quick_run
+    epochs = bench.QUICK_DEFAULTS.epochs
+    everything = results["matmul"]["samples"]
+    # One sample when the meter is ready, then one before each model's epochs and after each.
+    assert len(everything) == 1 + 2 * (epochs + 1)
+    assert results["matmul"]["flops_per_s"] == max(everything)
+    for index, model in enumerate(results["models"].values()):
+        samples = model["matmul_peak_samples"]
+        start = 1 + index * (epochs + 1)
+        assert samples == everything[start : start + epochs + 1]
+        assert model["matmul_peak_flops_per_s"] == max(samples)
+        fraction = model["achieved_flops_per_s"] / max(samples)
+        assert model["fraction_of_matmul_peak"] == pytest.approx(fraction)
+
+
+def test_alternate_samples_the_peak_before_each_timed_call_and_after_the_last():
+    events = []
+
+    class Meter:
+        def sample(self):
+            events.append("peak")
+            return 1.0
+
+    times, peaks = bench.alternate(lambda: events.append("call"), 3, Meter())
+    assert events == ["peak", "call", "peak", "call", "peak", "call", "peak"]
+    assert len(times) == 3 and peaks == [1.0] * 4
+
+
+def test_a_fraction_above_the_peak_is_shown_and_flagged(quick_run):
+    _, results, _, _ = quick_run
+    results = copy.deepcopy(results)
+
+    def printed_table():
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            bench.print_table(results)
+        return out.getvalue()
+
+    results["models"]["mlp"]["fraction_of_matmul_peak"] = 0.25
+    results["models"]["wide_mlp"]["fraction_of_matmul_peak"] = 0.5
+    table = printed_table()
+    assert "25.0%" in table and "50.0%" in table
+    assert "*" not in table and "above the matmul peak" not in table
+    results["models"]["wide_mlp"]["fraction_of_matmul_peak"] = 1.3
+    table = printed_table()
+    assert "130.0%*" in table and "25.0%" in table and "25.0%*" not in table
+    assert "* above the matmul peak timed alongside it" in table
+
+
+def test_quick_changes_the_defaults_and_flags_still_win():
+    assert bench.parse_args([]).models == "mlp,wide_mlp,resnet32"
+    quick = bench.parse_args(["--quick"])
+    assert (quick.models, quick.epochs, quick.matmul_size) == ("mlp,wide_mlp", 2, 512)
+    args = bench.parse_args(["--quick", "--epochs=5", "--models=resnet32"])
+    assert (args.epochs, args.models, args.step_repeats) == (5, "resnet32", 2)
+
+
 def test_unknown_model_is_named():
     with pytest.raises(ValueError, match=r"Unknown model\(s\) \['vit'\].*resnet32"):
         bench.main(["--models=mlp,vit", "--json="])
+
+
+def test_bad_matmul_size_is_named():
+    with pytest.raises(ValueError, match="--matmul_size and --matmul_repeats must be at least 1"):
+        bench.PeakMeter(0, 3)
 
 
 def test_batch_size_override_keeps_the_batches_per_epoch():
