@@ -23,6 +23,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 # Keys of a results document that vary from run to run or machine to machine, not results.
 VOLATILE = ("seconds", "compile_cache_hits", "config", "versions", "startup")
+# The key of a golden file that holds the environment it was recorded in (not a method).
+ENVIRONMENT = "_environment"
 
 
 def quick(config):
@@ -62,6 +64,24 @@ def record(names, shortened: bool) -> dict:
     return out
 
 
+def environment() -> dict:
+    """What the numbers depend on besides the code: bit-identical results need the same versions and
+    platform (another XLA or CPU may reorder a float reduction)."""
+    import platform
+
+    import jax
+    import jaxlib
+    import numpy as np
+
+    return {
+        "jax": jax.__version__,
+        "jaxlib": jaxlib.__version__,
+        "numpy": np.__version__,
+        "machine": platform.machine(),
+        "backend": jax.default_backend(),
+    }
+
+
 def differences(expected: dict, actual: dict, path: str = "") -> list[str]:
     """Every path at which two documents differ (exactly: floats compared bit for bit)."""
     if isinstance(expected, dict) and isinstance(actual, dict):
@@ -97,11 +117,14 @@ def main() -> int:
     actual = record(names, args.quick)
     if args.out:
         with open(args.out, "w") as f:
-            json.dump(actual, f, indent=1, sort_keys=True)
+            json.dump({ENVIRONMENT: environment(), **actual}, f, indent=1, sort_keys=True)
             f.write("\n")
     if args.check:
         with open(args.check) as f:
-            expected = {k: v for k, v in json.load(f).items() if k in actual}
+            recorded = json.load(f)
+        if recorded.get(ENVIRONMENT) != environment():
+            print(f"note: recorded in {recorded.get(ENVIRONMENT)}, checked in {environment()}")
+        expected = {k: v for k, v in recorded.items() if k in actual}
         diffs = differences(expected, actual)
         print("\n".join(diffs) if diffs else f"identical: {', '.join(names)}")
         return 1 if diffs else 0

@@ -7,6 +7,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.slow  # several processes, each compiling its own programs
+
 ROOT = Path(__file__).resolve().parent.parent
 
 SCRIPT = r"""

@@ -59,6 +59,7 @@ def wait_for_a_finished_phase(proc) -> bool:
     return any(row.match(line) for line in proc.stdout)
 
 
+@pytest.mark.slow
 def test_sigkill_at_many_points_loses_nothing(tmp_path, uninterrupted):
     """Kill -9 inside phase 0, then at several delays after each phase ends: during the phase-end
     save, the next phase's setup and compile, its first steps and its step checkpoints."""
@@ -89,6 +90,7 @@ def test_sigkill_at_many_points_loses_nothing(tmp_path, uninterrupted):
     assert numbers(workdir) == uninterrupted
 
 
+@pytest.mark.slow
 def test_sigterm_saves_and_exits_cleanly_then_resumes(tmp_path, uninterrupted):
     workdir = tmp_path / "term"
     proc = cli(workdir)
