@@ -100,6 +100,24 @@ def base_config() -> ml_collections.ConfigDict:
     # steps compile once for the whole run (incremental/capacity.py; finetune, joint, replay).
     c.head.capacity = 0
 
+    _add_training(c)
+
+    c.checkpoint = ml_collections.ConfigDict()  # does not change results; may differ on resume
+    c.checkpoint.every_epochs = 0  # also save within a phase every this many epochs (0: phase ends)
+    # Also save within a phase every this many steps (0: off). It is also how often SIGTERM/SIGINT
+    # is noticed: a call of the jitted step runs this many steps, or to the epoch's end when 0.
+    c.checkpoint.every_steps = 0
+    c.checkpoint.keep = 2  # within-phase checkpoints kept (phase ends are all kept)
+
+    c.log = ml_collections.ConfigDict()  # does not change results; may differ on resume
+    c.log.progress = True  # progress bars
+    c.log.plot = True  # accuracy plot (PNG) in the work directory
+    return c
+
+
+def _add_training(c: ml_collections.ConfigDict) -> None:
+    """The optimisation keys of `base_config`: `train` (phases 1, 2, ...), `train_first` (phase 0),
+    `augment` and `eval`."""
     c.train = ml_collections.ConfigDict()  # phases 1, 2, ...
     c.train.batch_size = 64
     c.train.optimizer = "sgd"  # sgd | adam | adamw
@@ -131,15 +149,3 @@ def base_config() -> ml_collections.ConfigDict:
 
     c.eval = ml_collections.ConfigDict()
     c.eval.batch_size = 500
-
-    c.checkpoint = ml_collections.ConfigDict()  # does not change results; may differ on resume
-    c.checkpoint.every_epochs = 0  # also save within a phase every this many epochs (0: phase ends)
-    # Also save within a phase every this many steps (0: off). It is also how often SIGTERM/SIGINT
-    # is noticed: a call of the jitted step runs this many steps, or to the epoch's end when 0.
-    c.checkpoint.every_steps = 0
-    c.checkpoint.keep = 2  # within-phase checkpoints kept (phase ends are all kept)
-
-    c.log = ml_collections.ConfigDict()  # does not change results; may differ on resume
-    c.log.progress = True  # progress bars
-    c.log.plot = True  # accuracy plot (PNG) in the work directory
-    return c
