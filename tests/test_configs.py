@@ -16,11 +16,13 @@ def shrink(config, phase_sizes: str):
     return config
 
 
-@pytest.mark.parametrize("protocol", ["b0_inc10", "b50_inc10"])
-def test_cifar100_config_runs_on_mock_data(tmp_path, protocol):
-    config = cifar100.get_config(f"method=finetune,protocol={protocol}")
-    assert config.model.name == "resnet32" and config.train.batch_size == 128
-    assert config.train_first.milestones == (60, 120, 170)
+def test_cifar100_config_runs_on_mock_data(tmp_path):
+    for protocol, init in (("b0_inc10", 0), ("b50_inc10", 50)):
+        config = cifar100.get_config(f"method=finetune,protocol={protocol}")
+        assert config.model.name == "resnet32" and config.train.batch_size == 128
+        assert config.train_first.milestones == (60, 120, 170)
+        assert (config.protocol.init_classes, config.protocol.increment) == (init, 10)
+    # Both protocols run through the same code once their phases are set; one run checks it.
     config = shrink(config, "50,50")  # 2 phases so every phase has mock examples
     config.model.kwargs = {"depth": 8}  # the same family, small enough for CI
     with tfds.testing.mock_data(num_examples=64, policy=tfds.testing.MockPolicy.USE_CODE):
@@ -32,7 +34,10 @@ def test_cifar100_config_runs_on_mock_data(tmp_path, protocol):
 # One method of each kind, to keep CI short: a teacher (lwf), importances (ewc), no SGD after
 # phase 0 (analytic), exemplars with an extra stage (bic), a cosine head (lucir), a ResNet split in
 # shared and per-phase parts (memo), a second backbone distilled into one (foster). The others share
-# these code paths and run end to end on digits in their own tests.
+# these code paths and run end to end on digits in their own tests. About 20 s each, most of it
+# compiling ResNet programs: the full suite runs them (`slow`), the everyday one covers each method
+# on digits.
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["lwf", "ewc", "analytic", "bic", "lucir", "memo", "foster"])
 def test_every_method_runs_from_the_cifar100_config(tmp_path, method):
     config = shrink(cifar100.get_config(f"method={method}"), "5,5")

@@ -70,7 +70,8 @@ def test_shapes_and_param_tree(name):
     assert params["head"]["kernel"].shape == (dim, NUM_CLASSES)
     assert params["head"]["bias"].shape == (NUM_CLASSES,)
     for train in (True, False):
-        (feats, logits), _ = model.apply(variables, x, train=train, mutable=["batch_stats"])
+        apply = jax.jit(functools.partial(model.apply, train=train, mutable=["batch_stats"]))
+        (feats, logits), _ = apply(variables, x)
         assert feats.shape == (shape[0], dim) and feats.dtype == jnp.float32
         assert logits.shape == (shape[0], NUM_CLASSES) and logits.dtype == jnp.float32
         assert np.isfinite(np.asarray(logits)).all()
@@ -131,7 +132,8 @@ def test_cross_entropy_is_optaxs_and_ignores_masked_columns():
 
 
 @pytest.mark.parametrize(
-    "name, kwargs, shape", [("mlp", {"hidden": (64,)}, (8, 8, 1)), ("resnet32", {}, (32, 32, 3))]
+    "name, kwargs, shape",
+    [("mlp", {"hidden": (64,)}, (8, 8, 1)), ("resnet32", {"depth": 8}, (16, 16, 3))],
 )
 def test_a_wider_masked_head_gives_the_narrow_heads_gradients_bit_for_bit(name, kwargs, shape):
     """What head.capacity relies on: the head, its bias and the loss reduce in fixed blocks."""
@@ -139,7 +141,7 @@ def test_a_wider_masked_head_gives_the_narrow_heads_gradients_bit_for_bit(name, 
     x = jnp.asarray(rng.normal(size=(64, *shape)).astype(np.float32))
     y = jnp.asarray(rng.integers(0, 10, 64))
     narrow, wide = build_model(name, 10, **kwargs), build_model(name, 100, **kwargs)
-    variables = narrow.init(jax.random.PRNGKey(0), x[:1], train=False)
+    variables = jax.jit(functools.partial(narrow.init, train=False))(jax.random.PRNGKey(0), x[:1])
     params = variables["params"]
     wide_params = surgery.widen_head(params, 90, None, "zeros")
 

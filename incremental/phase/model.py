@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import zlib
 from typing import Any
 
@@ -71,6 +72,8 @@ def phase_model(
 
 def init_variables(model, x_example: np.ndarray, key: jax.Array) -> PyTree:
     """Fresh `{'params', 'batch_stats'}` of `model` for inputs shaped like `x_example`."""
-    variables = model.init(key, jnp.zeros((1, *x_example.shape), jnp.float32), train=False)
+    # One program for every initializer (eagerly, each distinct shape compiles its own sampler).
+    init = jax.jit(functools.partial(model.init, train=False))
+    variables = init(key, jnp.zeros((1, *x_example.shape), jnp.float32))
     variables = flax.core.unfreeze(variables)
     return {"params": variables["params"], "batch_stats": variables.get("batch_stats", {})}
