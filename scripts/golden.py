@@ -7,6 +7,10 @@ keys that are not results (timings, the config, the library versions):
     python scripts/golden.py --out=tests/golden/digits_full.json              # record
     python scripts/golden.py --check=tests/golden/digits_full.json            # compare, exit 1 on a diff
     python scripts/golden.py --quick --out=tests/golden/digits_quick.json     # the tests' shortened runs
+    python scripts/golden.py --methods=ewc --update=tests/golden/digits_full.json  # a meant change
+
+`--update` re-records only `--methods` in an existing file: for a change of a method's numbers that is
+intended (and said in the commit), leaving every other method's record as it was.
 
 `--quick` shortens every run (3 phases, 2 epochs); `tests/test_golden.py` runs that variant.
 """
@@ -110,6 +114,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", help="write the recorded documents here")
     parser.add_argument("--check", help="compare with the documents in this file")
+    parser.add_argument("--update", help="re-record --methods in this existing file")
     parser.add_argument("--quick", action="store_true", help="the tests' shortened runs")
     parser.add_argument("--methods", default="", help="comma-separated subset (default: all)")
     args = parser.parse_args()
@@ -118,6 +123,16 @@ def main() -> int:
     if args.out:
         with open(args.out, "w") as f:
             json.dump({ENVIRONMENT: environment(), **actual}, f, indent=1, sort_keys=True)
+            f.write("\n")
+    if args.update:
+        with open(args.update) as f:
+            recorded = json.load(f)
+        if recorded.get(ENVIRONMENT) != environment():
+            raise SystemExit(
+                f"{args.update} was recorded in {recorded.get(ENVIRONMENT)}; re-record all"
+            )
+        with open(args.update, "w") as f:
+            json.dump({**recorded, **actual}, f, indent=1, sort_keys=True)
             f.write("\n")
     if args.check:
         with open(args.check) as f:
