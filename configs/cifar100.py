@@ -13,8 +13,9 @@ random crop (padding 4) and horizontal flip; memory 2000 split over seen classes
 applies ColorJitter(brightness=63/255), which is not implemented here. Normalisation uses the training
 set's channel statistics (the CIFAR-100 values PyCIL hard-codes). Where PyCIL departs from the paper,
 this config follows PyCIL so its numbers compare: iCaRL uses cross-entropy + KD (`loss_type=ce_kd`),
-LwF uses lambda 3, EWC lambda 1000, WA a fixed KD weight 2 and no weight clipping; the method files'
-own defaults are the papers'.
+LwF uses lambda 3, WA a fixed KD weight 2 and no weight clipping. The method files' own defaults are
+the papers', except where a method's docstring says it follows PyCIL (EWC: its clipped batch Fisher,
+alpha-averaged over phases, cross-entropy on the new classes, lambda 1000).
 
 Targets for a full GPU run, B0-Inc10 last accuracy read off PyCIL's figures (about +-1 point):
 finetune 9.2, EWC 12.5, LwF 23.3, replay 41.0, iCaRL 49.3, BiC 50.6, WA 52.3, DER 58.6, FOSTER 61.5,
@@ -35,7 +36,7 @@ METHOD_SETTINGS = {
     "new_head_only": _FINETUNE,
     "joint": {"epochs": 200, "milestones": (60, 120, 170), "weight_decay": 5e-4},
     "lwf": {"epochs": 250, "milestones": (60, 120, 180, 220), "method_args": {"strength": 3.0}},
-    "ewc": {**_EWC, "method_args": {"strength": 1000.0}},
+    "ewc": _EWC,  # the method's defaults are PyCIL's
     "online_ewc": {**_EWC, "method_args": {"strength": 1000.0}},
     "si": _EWC,
     "mas": _EWC,

@@ -87,7 +87,8 @@ def widened_params(params, num_new=1):
 def test_ewc_fisher_is_the_mean_squared_per_example_gradient(tiny):
     params = widened_params(tiny["params"])
     ctx = ctx_for(tiny, 1)  # only class 2 (5 examples) counts; a batch of 2 leaves one of padding
-    fisher = methods.build("ewc", {"importance_batch_size": 2}).importance(ctx, {"params": params})
+    ewc = methods.build("ewc", {"fisher": "per_example", "importance_batch_size": 2})
+    fisher = ewc.importance(ctx, {"params": params})
 
     def squared_grad(p, x, y):
         log_p = lambda q: jax.nn.log_softmax(logits_of(q, x))[y]
@@ -95,6 +96,48 @@ def test_ewc_fisher_is_the_mean_squared_per_example_gradient(tiny):
 
     assert_trees_close(fisher, loop_mean(tiny, params, {2}, squared_grad))
     assert float(jax.tree.reduce(jnp.minimum, jax.tree.map(jnp.min, fisher))) >= 0
+
+
+def pycil_fisher(tiny, params, ctx, batch_size, fisher_max):
+    """PyCIL's `getFisherDiagonal` (models/ewc.py at 87cc411, lines 234-254), written from its
+    definition: for each batch of the shuffled phase data, square the gradient of
+    F.cross_entropy(logits, targets) (the batch mean over all seen classes' logits); divide the sum
+    by the number of batches; torch.min with fishermax."""
+    idx = np.flatnonzero((tiny["y"] >= ctx.info.num_old) & (tiny["y"] < ctx.info.num_seen))
+    order = np.random.default_rng([ctx.seed, ctx.info.phase]).permutation(idx)  # the loader's
+    x = np.asarray(device.normalize(tiny["x"], tiny["norm"]), np.float64)
+    total, batches = None, 0
+    for start in range(0, len(order), batch_size):
+        rows = order[start : start + batch_size]
+
+        def batch_loss(p, rows=rows):
+            (_, logits), _ = tiny["apply_fn"](
+                {"params": p}, x[rows].astype(np.float32), train=True, mutable=["batch_stats"]
+            )
+            log_p = jax.nn.log_softmax(logits)
+            return -jnp.mean(log_p[np.arange(len(rows)), tiny["y"][rows]])
+
+        square = jax.tree.map(
+            lambda g: np.asarray(g, np.float64) ** 2, jax.grad(batch_loss)(params)
+        )
+        total = square if total is None else jax.tree.map(np.add, total, square)
+        batches += 1
+    return jax.tree.map(lambda t: np.minimum(t / batches, fisher_max), total)
+
+
+@pytest.mark.parametrize("fisher_max", [np.inf, 1e-3])
+def test_ewc_batch_fisher_is_pycils(tiny, fisher_max):
+    params = widened_params(tiny["params"])
+    ctx = ctx_for(tiny, 1)  # 5 examples of class 2: batches of 2, 2 and 1
+    ewc = methods.build("ewc", {"fisher_batch_size": 2, "fisher_max": fisher_max})
+    fisher = ewc.importance(ctx, {"params": params})
+    expected = pycil_fisher(tiny, params, ctx, 2, fisher_max)
+    assert_trees_close(fisher, expected, rtol=1e-6, atol=1e-12)
+    largest = max(float(np.max(f)) for f in jax.tree.leaves(fisher))
+    if np.isfinite(fisher_max):  # the clip binds here: some entries sit exactly at it
+        assert largest == pytest.approx(fisher_max, rel=1e-6)
+    else:
+        assert largest > 1e-3
 
 
 def test_mas_importance_is_the_mean_abs_gradient_of_the_squared_output_norm(tiny):
@@ -131,7 +174,7 @@ def penalty_of(method, state, params):
 
 @pytest.mark.parametrize("name", ["ewc", "online_ewc", "mas"])
 def test_penalty_is_zero_at_the_anchor_and_quadratic_in_the_displacement(tiny, name):
-    method = methods.build(name, {"strength": 3.0})
+    method = methods.build(name, {"strength": 3.0, "loss_classes": "seen"})
     anchor = widened_params(tiny["params"])
     rng = np.random.default_rng(3)
     weight = jax.tree.map(lambda a: rng.uniform(size=a.shape).astype(np.float32), anchor)
@@ -198,8 +241,46 @@ def test_online_ewc_keeps_one_decayed_running_fisher(two_phases):
     assert_trees_close(state["anchor"], params1, rtol=0, atol=0)
 
 
+def test_ewc_averages_fishers_as_pycil(two_phases):
+    """PyCIL models/ewc.py lines 75-90: alpha F_old + (1 - alpha) F_new where F_old has entries,
+    alpha = known / total; the new class's head column keeps F_new; anchored at the latest params."""
+    _, (_, params1), (_, _, state), (f0, f1) = two_phases("ewc", fisher_max=np.inf)
+    alpha = 2 / 3  # 2 classes known, 3 in total
+
+    def merged(old, new):
+        new = np.asarray(new, np.float64)
+        if old.shape == new.shape:
+            return alpha * np.asarray(old, np.float64) + (1 - alpha) * new
+        out = new.copy()  # a head leaf: the old columns merge, the new one is F_new
+        out[..., : old.shape[-1]] = alpha * np.asarray(old, np.float64) + (1 - alpha) * new[..., :2]
+        return out
+
+    assert_trees_close(state["fisher"], jax.tree.map(merged, f0, f1), rtol=1e-6)
+    assert_trees_close(state["anchor"], params1, rtol=0, atol=0)
+
+
+def test_ewc_loss_on_new_classes_is_pycils():
+    """PyCIL lines 172-174: F.cross_entropy(logits[:, known:], targets - known)."""
+    rng = np.random.default_rng(4)
+    logits = jnp.asarray(rng.normal(size=(6, 5)).astype(np.float32) * 3)
+    y = jnp.asarray([2, 3, 4, 4, 2, 3])
+    info = PhaseInfo(1, 2, 3)
+    loss, metrics = methods.build("ewc").loss(
+        Outputs(jnp.zeros((6, 3)), logits),
+        Batch(jnp.zeros((6, 4)), y, jnp.ones(6)),
+        params={},
+        method_state={},
+        info=info,
+        apply_fn=None,
+    )
+    expected = optax.softmax_cross_entropy_with_integer_labels(logits[:, 2:], y - 2)
+    np.testing.assert_allclose(np.asarray(metrics["ce"]), np.asarray(expected), rtol=1e-6)
+    seen = optax.softmax_cross_entropy_with_integer_labels(logits, y)
+    assert not np.allclose(np.asarray(loss), np.asarray(seen))
+
+
 def test_ewc_sum_of_phase_penalties_is_kept_as_one(two_phases):
-    _, (params0, params1), (_, _, state), (f0, f1) = two_phases("ewc")
+    _, (params0, params1), (_, _, state), (f0, f1) = two_phases("ewc", accumulate="sum")
     f0, a0 = surgery.widen_like(f0, 1), surgery.widen_like(params0, 1)
     assert_trees_close(state["fisher"], jax.tree.map(jnp.add, f0, f1), rtol=1e-6)
     # Its gradient anywhere is that of the sum of the two phases' own penalties.
@@ -325,7 +406,12 @@ PHASE_SIZES = "2,2,6"
 RUNS = {
     "finetune": ("finetune", {}),
     "lwf": ("lwf", {}),
-    "ewc": ("ewc", {"strength": 2000.0}),
+    # The paper's form, strong enough to hold; PyCIL's clipped Fisher (the default) is far weaker.
+    "ewc": (
+        "ewc",
+        {"strength": 2000.0, "fisher": "per_example", "accumulate": "sum", "loss_classes": "seen"},
+    ),
+    "ewc_pycil": ("ewc", {}),
     "mas": ("mas", {"strength": 0.5}),
     "online_ewc": ("online_ewc", {"strength": 1000.0, "gamma": 0.9}),
 }
@@ -403,7 +489,7 @@ def test_lwf_keeps_old_outputs_closer_to_the_teacher_than_finetune(runs):
     assert lwf < 0.01 * finetune
 
 
-@pytest.mark.parametrize("key", ["lwf", "ewc", "online_ewc", "mas"])
+@pytest.mark.parametrize("key", ["lwf", "ewc", "ewc_pycil", "online_ewc", "mas"])
 def test_each_method_runs_end_to_end(runs, key):
     results, _, config = runs[key]
     assert results["complete"] and results["method"] == RUNS[key][0]
@@ -421,3 +507,27 @@ def test_a_resumed_run_restores_the_method_state_exactly(runs, tmp_path):
     assert [p["final_loss"] for p in resumed["phases"]] == [
         p["final_loss"] for p in whole["phases"]
     ]
+
+
+@pytest.mark.parametrize("name", ["finetune", "si", "mas", "ewc", "online_ewc"])
+def test_loss_on_new_classes_gives_old_columns_no_gradient(name):
+    """`loss_classes='new'` (PyCIL's finetune and EWC, FACIL): the old logits get no gradient from the
+    classification loss; with 'seen' they do."""
+    logits = jnp.asarray(np.random.default_rng(5).normal(size=(4, 5)).astype(np.float32))
+    batch = Batch(jnp.zeros((4, 4)), jnp.asarray([2, 3, 4, 2]), jnp.ones(4))
+    info = PhaseInfo(1, 2, 3)
+    state = {"importance": {}, "anchor": {}}  # SI's state; no penalty on empty params
+    grads = {}
+    for classes in ("new", "seen"):
+        method = methods.build(name, {"loss_classes": classes})
+
+        def ce(logits, method=method):
+            out = Outputs(jnp.zeros((4, 3)), logits)
+            _, metrics = method.loss(
+                out, batch, params={}, method_state=state, info=info, apply_fn=None
+            )
+            return metrics["ce"].sum()
+
+        grads[classes] = np.asarray(jax.grad(ce)(logits))
+    assert np.all(grads["new"][:, :2] == 0) and np.all(grads["seen"][:, :2] != 0)
+    assert np.all(grads["new"][:, 2:] != 0)

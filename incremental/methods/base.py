@@ -208,3 +208,23 @@ def select_state(method_state: dict, keys: tuple[str, ...] | None) -> dict:
 def data_of_classes(y: np.ndarray, lo: int, hi: int) -> np.ndarray:
     """Indices of the examples whose remapped label is in [lo, hi)."""
     return np.flatnonzero((y >= lo) & (y < hi))
+
+
+# The classification loss of methods that offer the choice (`loss_classes`): over every seen class's
+# logit (the papers'), or over the new classes' only (PyCIL's finetune and EWC, FACIL).
+LOSS_CLASSES = ("seen", "new")
+
+
+def check_choice(key: str, value: Any, valid: tuple) -> None:
+    """Raises a ValueError naming `method_args.<key>` when `value` is not one of `valid`."""
+    if value not in valid:
+        raise ValueError(f"method_args.{key} must be one of {valid}, got {value!r}.")
+
+
+def classified_logits(logits: jax.Array, num_old: int | jax.Array, loss_classes: str) -> jax.Array:
+    """The logits a `loss_classes` cross-entropy sees: all of them, or the old columns at -inf.
+
+    With 'new', the cross-entropy equals PyCIL's `F.cross_entropy(logits[:, known:], y - known)`
+    (models/finetune.py line 153, models/ewc.py line 172, at 87cc411) for labels of new classes.
+    """
+    return models.mask_old(logits, num_old) if loss_classes == "new" else logits

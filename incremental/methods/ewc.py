@@ -1,50 +1,57 @@
 """EWC and online EWC: a quadratic penalty that holds parameters important for past phases in place.
 
-`ewc`: Kirkpatrick et al. 2017, "Overcoming catastrophic forgetting in neural networks" (PNAS).
-`online_ewc`: Schwarz et al. 2018, "Progress & Compress: A scalable framework for continual learning"
-(ICML), in the online form of its EWC penalty that van de Ven et al. also use.
+`ewc`: Kirkpatrick et al. 2017, "Overcoming catastrophic forgetting in neural networks" (PNAS), as
+PyCIL implements it for class-incremental learning (the reference of the figures in
+`configs/cifar100.py`). `online_ewc`: Schwarz et al. 2018, "Progress & Compress: A scalable framework
+for continual learning" (ICML), in the online form that van de Ven et al. also use.
 
-For phases after the first, the loss is cross-entropy over all seen classes plus
+For phases after the first, the loss is a classification loss plus
 
     (strength / 2) * sum_i F_i (theta_i - theta*_i)^2
 
-over every parameter: the backbone and the head. The head's importance and anchor are widened with
-zeros at the start of each phase (`surgery.widen_like`), so the new columns are free and the old
-columns are held. The penalty is added to every example's loss; the step averages over examples, so it
-counts once per step.
+over every parameter: the backbone and the old head columns. The head's importance and anchor are
+widened with zeros at the start of each phase (`surgery.widen_like`), so the new columns are free
+(PyCIL slices `p[:len(mean)]`, the same). The penalty is added to every example's loss; the step
+averages over examples, so it counts once per step.
 
-Choices where implementations differ:
-- Fisher: the diagonal empirical Fisher, the mean over the phase's training examples of the squared
-  per-example gradient of log p(y | x) at the true label, computed at the end of the phase with the
-  final parameters and BatchNorm in inference mode. FACIL squares whole-batch gradients and by default
-  uses the predicted label ('max_pred'); PyCIL also squares batch gradients and clips at 1e-4.
-- Penalised parameters: all of them, old head columns included (PyCIL does too); FACIL's EWC
-  penalises only the backbone because its heads are separate per task.
-- Classification loss: cross-entropy over all seen classes, as the paper trains its single network on
-  the new task's loss. FACIL and PyCIL use cross-entropy over the new classes' logits only.
-- Accumulation over phases (`ewc`): the paper's sum of one penalty per finished phase, each at its own
-  anchor. As the paper notes, a sum of quadratic penalties is itself one quadratic penalty: with
+`ewc` follows PyCIL (github.com/G-U-N/PyCIL at 87cc4110d60765dc3f64af7ef7a693efed8418ff,
+`models/ewc.py`) by default; every choice is an option:
+- `fisher='batch'` (PyCIL `getFisherDiagonal`, lines 234-254): the squared gradient of the batch-mean
+  cross-entropy over all seen classes' logits, for batches of `fisher_batch_size` = 128 examples of
+  the phase's classes in a shuffled order (the last one shorter), averaged over the batches and
+  clipped at `fisher_max` = 1e-4 (`fishermax`, line 32); the network in train mode, so BatchNorm
+  normalises with each batch's statistics. Two differences, both small: PyCIL's loader applies the
+  training augmentations and its train-mode pass also moves the BatchNorm running averages; here the
+  examples are not augmented and the running averages stay as training left them.
+  `fisher='per_example'`: the mean over the phase's examples of the squared per-example gradient of
+  log p(y | x) (the empirical Fisher of the paper's derivation), BatchNorm in inference mode, not
+  clipped; about two orders of magnitude larger than the batch estimate, since squaring a batch mean
+  divides the variance part by the batch size.
+- `accumulate='average'` (PyCIL lines 75-90): F <- alpha F_old + (1 - alpha) F_t with alpha =
+  num_old / num_seen on the parameters F_old covers; the new classes' head columns take F_t. The
+  anchor is the latest parameters. `accumulate='sum'`: the paper's sum of one penalty per finished
+  phase, each at its own anchor. A sum of quadratic penalties is itself one quadratic penalty: with
   F = sum_t F_t and the Fisher-weighted anchor theta* = sum_t F_t theta*_t / F, the gradient is that
-  of the sum and the value differs by a constant. The state therefore holds one `fisher` and one
-  `anchor`, whatever the number of phases. (FACIL instead averages, F <- alpha F + (1 - alpha) F_t
-  with alpha = 0.5, anchored at the latest parameters: that is `online_ewc` with gamma = 0.5 and
-  half the strength.)
-- Accumulation (`online_ewc`): one running Fisher F <- gamma F + F_t, anchored at the parameters at
-  the end of the latest phase. Progress & Compress also multiplies the penalty's Fisher by gamma,
-  which is a rescaling of the strength; we do not.
-- Strength: FACIL's lamb = 5000 for both (class-incremental CIFAR-100 from scratch, same (lambda/2)
-  form); PyCIL uses 1000. gamma = 1.0 is the default of van de Ven et al.'s implementation
-  (github.com/GMvandeVen/continual-learning, `--gamma`); Schwarz et al. introduce gamma < 1 to let old
-  phases fade, with a value tuned per domain.
+  of the sum and the value differs by a constant, so the state holds one `fisher` and one `anchor`.
+- `loss_classes='new'` (PyCIL lines 172-176): cross-entropy over the new classes' logits only (FACIL
+  too); `'seen'`: over all seen classes, as the paper trains its single network on the new task.
+- `strength` = 1000 (PyCIL `lamda`, line 31; the penalty's 1/2 is PyCIL's, line 220). FACIL uses
+  lamb = 5000 with the same form.
+
+`online_ewc` keeps the estimator of van de Ven et al.'s implementation (per-example, all seen
+classes' cross-entropy) and one running Fisher F <- gamma F + F_t anchored at the latest parameters
+(github.com/GMvandeVen/continual-learning, `--gamma`, default 1.0). Progress & Compress also multiplies
+the penalty's Fisher by gamma, a rescaling of the strength; we do not. FACIL's EWC (alpha = 0.5
+averaging) is `ewc` with `accumulate='average'` at a fixed alpha: `online_ewc` with gamma = 0.5 and
+half the strength.
 
 Two practical limits, both properties of the method rather than of this code:
 - The empirical Fisher vanishes where the phase's training data are fit almost perfectly (the
-  gradient of log p(y | x) goes to 0 as p(y | x) goes to 1). On digits with 30 epochs per phase it is
-  ~1e-6, and `ewc` ends where `finetune` does.
+  gradient of log p(y | x) goes to 0 as p(y | x) goes to 1).
 - With SGD, a quadratic penalty is stable only while lr * strength * importance_i < 2 (1 + momentum)
-  for every parameter; beyond that the run stops with a non-finite loss. Importances summed over
-  phases grow, so a strength that is stable in phase 1 may not be in phase 4. Lower the strength (or
-  the learning rate) when that happens.
+  for every parameter; beyond that the run stops with a non-finite loss. PyCIL's clip keeps
+  lr * strength * F <= 0.1 * 1000 * 1e-4 = 0.01; the unclipped estimators can exceed the limit. Lower
+  the strength (or the learning rate) when that happens.
 """
 
 from __future__ import annotations
@@ -61,16 +68,21 @@ import optax
 
 from incremental import surgery
 from incremental.methods.base import (
+    LOSS_CLASSES,
     Batch,
     Method,
     Outputs,
     PhaseContext,
     PhaseInfo,
+    check_choice,
+    classified_logits,
     data_of_classes,
 )
 from incremental.methods.distill import copy_tree
 
 PyTree = Any
+FISHERS = ("batch", "per_example")
+ACCUMULATIONS = ("average", "sum")
 # (logits_fn, params, y) -> a params-shaped tree for one example; logits_fn(params) -> (C,)
 ExampleFn = Callable[[Callable[[PyTree], jax.Array], PyTree, jax.Array], PyTree]
 
@@ -93,11 +105,7 @@ def mean_over_phase_data(
     Returns:
       A tree shaped like `variables['params']`.
     """
-    if ctx.apply_fn is None or ctx.normalize is None:
-        raise ValueError(
-            "This method needs PhaseContext.apply_fn and PhaseContext.normalize; build the context "
-            "as incremental.run.train_phase does."
-        )
+    _check_context(ctx)
     if batch_size < 1:
         raise ValueError(f"The importance batch size must be >= 1, got {batch_size}.")
     idx = data_of_classes(ctx.y_train, ctx.info.num_old, ctx.info.num_seen)
@@ -112,6 +120,14 @@ def mean_over_phase_data(
     y = ctx.y_train[padded].reshape(num_batches, batch_size)
     weight = weight.reshape(num_batches, batch_size)
     return _mean_fn(ctx.apply_fn, ctx.normalize, example_fn)(variables, x, y, weight)
+
+
+def _check_context(ctx: PhaseContext) -> None:
+    if ctx.apply_fn is None or ctx.normalize is None:
+        raise ValueError(
+            "This method needs PhaseContext.apply_fn and PhaseContext.normalize; build the context "
+            "as incremental.run.train_phase does."
+        )
 
 
 @functools.lru_cache(maxsize=16)  # the same model and rule again reuse the compiled function
@@ -149,6 +165,57 @@ def squared_log_likelihood_grad(logits_fn, params: PyTree, y: jax.Array) -> PyTr
     return jax.tree.map(jnp.square, grads)
 
 
+def batch_fisher(
+    ctx: PhaseContext, variables: PyTree, batch_size: int, fisher_max: float
+) -> PyTree:
+    """PyCIL's Fisher: min(mean over batches of (d mean-batch-CE / d theta)^2, fisher_max).
+
+    The phase's training examples in a shuffled order (seeded by the run's seed and the phase) are cut
+    into batches of `batch_size`, the last one shorter; each batch's gradient of its mean
+    cross-entropy over all seen classes' logits, with BatchNorm in train mode (the batch's own
+    statistics), is squared; the squares are averaged over the batches and clipped at `fisher_max`.
+    """
+    _check_context(ctx)
+    idx = data_of_classes(ctx.y_train, ctx.info.num_old, ctx.info.num_seen)
+    if len(idx) == 0:
+        raise ValueError(f"Phase {ctx.info.phase} has no training examples to estimate a Fisher.")
+    order = np.random.default_rng([ctx.seed, ctx.info.phase]).permutation(idx)
+    squared_grad = _squared_batch_grad(ctx.apply_fn, ctx.normalize)
+    total, num_batches = None, 0
+    for start in range(0, len(order), batch_size):  # at most two shapes: full batches, the rest
+        rows = order[start : start + batch_size]
+        square = squared_grad(variables, ctx.x_train[rows], ctx.y_train[rows])
+        total = square if total is None else _tree_add(total, square)
+        num_batches += 1
+    return _clipped_mean(total, num_batches, fisher_max)
+
+
+@functools.lru_cache(maxsize=16)
+def _squared_batch_grad(apply_fn: Callable, normalize: Callable) -> Callable:
+    @jax.jit
+    def squared_grad(variables, x_B, y_B):
+        def loss(params):
+            variables_p = {"params": params, "batch_stats": variables.get("batch_stats", {})}
+            (_, logits), _ = apply_fn(
+                variables_p, normalize(x_B), train=True, mutable=["batch_stats"]
+            )
+            return optax.softmax_cross_entropy_with_integer_labels(
+                logits.astype(jnp.float32), y_B
+            ).mean()
+
+        return jax.tree.map(jnp.square, jax.grad(loss)(variables["params"]))
+
+    return squared_grad
+
+
+_tree_add = jax.jit(lambda a, b: jax.tree.map(jnp.add, a, b))
+
+
+@jax.jit
+def _clipped_mean(total: PyTree, count, fisher_max) -> PyTree:
+    return jax.tree.map(lambda t: jnp.minimum(t / count, fisher_max), total)
+
+
 def quadratic_penalty(params: PyTree, importance: PyTree, anchor: PyTree) -> jax.Array:
     """sum_i importance_i (params_i - anchor_i)^2 over all leaves (without the factor 1/2)."""
     terms = jax.tree.map(lambda p, f, a: jnp.sum(f * jnp.square(p - a)), params, importance, anchor)
@@ -164,6 +231,20 @@ widen_state = jax.jit(surgery.widen_like, static_argnums=1)
 def decayed_sum(old: PyTree, new: PyTree, params: PyTree, decay: float) -> dict:
     """`{'importance': decay * old + new, 'anchor': params}`."""
     total = jax.tree.map(lambda o, n: decay * o + n, old, new)
+    return {"importance": total, "anchor": jax.tree.map(jnp.copy, params)}
+
+
+@functools.partial(jax.jit, static_argnums=(3, 4))
+def averaged(old: PyTree, new: PyTree, params: PyTree, num_old: int, num_seen: int) -> dict:
+    """PyCIL's merge: alpha F_old + (1 - alpha) F_new, alpha = num_old / num_seen, where F_old covers
+    the parameters (the new classes' head columns take F_new); the anchor is `params`."""
+    alpha = num_old / num_seen
+    # alpha on what the old Fisher covers, 0 on the new columns (`old` is already widened).
+    weight = surgery.widen_like(
+        surgery.narrow_head(jax.tree.map(lambda o: jnp.full_like(o, alpha), old), num_old),
+        num_seen - num_old,
+    )
+    total = jax.tree.map(lambda w, o, n: w * o + (1 - w) * n, weight, old, new)
     return {"importance": total, "anchor": jax.tree.map(jnp.copy, params)}
 
 
@@ -196,6 +277,8 @@ class QuadraticPenalty(Method):
 
     strength: float = 1.0
     importance_batch_size: int = 64  # examples per vmapped batch of per-example gradients (memory)
+    # The classification loss after phase 0: over all seen classes' logits, or the new classes' only.
+    loss_classes: str = "seen"
 
     def __post_init__(self):
         if self.strength < 0:
@@ -204,13 +287,17 @@ class QuadraticPenalty(Method):
             raise ValueError(
                 f"method_args.importance_batch_size must be >= 1, got {self.importance_batch_size}."
             )
+        check_choice("loss_classes", self.loss_classes, LOSS_CLASSES)
 
     def importance(self, ctx: PhaseContext, variables: PyTree) -> PyTree:
         """The phase's per-parameter importance; EWC, online EWC and MAS each define theirs."""
         raise TypeError(f"{type(self).__name__} must define importance(ctx, variables).")
 
-    def merge(self, method_state: dict, importance: PyTree, params: PyTree) -> dict:
+    def merge(
+        self, method_state: dict, importance: PyTree, params: PyTree, info: PhaseInfo
+    ) -> dict:
         """Default: the sum of the importances, anchored at the latest parameters."""
+        del info
         if not method_state:
             return {self.importance_key: importance, "anchor": copy_tree(params)}
         merged = decayed_sum(method_state[self.importance_key], importance, params, 1.0)
@@ -232,7 +319,8 @@ class QuadraticPenalty(Method):
         apply_fn: Callable,
     ) -> tuple[jax.Array, dict[str, jax.Array]]:
         del apply_fn
-        ce = optax.softmax_cross_entropy_with_integer_labels(out.logits, batch.y)
+        logits = classified_logits(out.logits, info.num_old, self.loss_classes)
+        ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch.y)
         if info.phase == 0 or self.importance_key not in method_state:
             return ce, {"ce": ce}
         importance = method_state[self.importance_key]
@@ -242,35 +330,72 @@ class QuadraticPenalty(Method):
         return ce + penalty, {"ce": ce, "penalty": jnp.full_like(ce, penalty)}
 
     def end_phase(self, ctx: PhaseContext, variables: PyTree, method_state: dict) -> dict:
-        return self.merge(method_state, self.importance(ctx, variables), variables["params"])
+        importance = self.importance(ctx, variables)
+        return self.merge(method_state, importance, variables["params"], ctx.info)
 
 
 @dataclasses.dataclass(frozen=True)
 class EWC(QuadraticPenalty):
+    """EWC as PyCIL runs it by default (module doc); each choice is an option."""
+
     name = "ewc"
     importance_key = "fisher"
+    accumulations = ACCUMULATIONS
 
-    strength: float = 5000.0  # FACIL's lamb (class-incremental CIFAR-100); PyCIL uses 1000
+    strength: float = 1000.0  # PyCIL's lamda (models/ewc.py line 31); FACIL's lamb is 5000
+    fisher: str = "batch"  # batch (PyCIL) | per_example
+    fisher_batch_size: int = 128  # PyCIL's batch_size (line 27), for fisher='batch'
+    fisher_max: float = 1e-4  # PyCIL's clip (line 32), for fisher='batch'; inf: no clip
+    accumulate: str = "average"  # average (PyCIL) | sum (the paper)
+    loss_classes: str = "new"  # PyCIL's (lines 172-174)
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_choice("fisher", self.fisher, FISHERS)
+        check_choice("accumulate", self.accumulate, self.accumulations)
+        if self.fisher_batch_size < 1:
+            raise ValueError(
+                f"method_args.fisher_batch_size must be >= 1, got {self.fisher_batch_size}."
+            )
+        if not self.fisher_max > 0:
+            raise ValueError(
+                f"method_args.fisher_max must be > 0 (inf for no clip), got {self.fisher_max}."
+            )
 
     def importance(self, ctx: PhaseContext, variables: PyTree) -> PyTree:
+        if self.fisher == "batch":
+            return batch_fisher(ctx, variables, self.fisher_batch_size, self.fisher_max)
         return mean_over_phase_data(
             ctx, variables, squared_log_likelihood_grad, self.importance_batch_size
         )
 
-    def merge(self, method_state: dict, importance: PyTree, params: PyTree) -> dict:
-        """The paper's sum of per-phase penalties, kept as one penalty with a Fisher-weighted anchor."""
+    def merge(
+        self, method_state: dict, importance: PyTree, params: PyTree, info: PhaseInfo
+    ) -> dict:
         if not method_state:
             return {"fisher": importance, "anchor": copy_tree(params)}
-        merged = summed_penalties(
-            method_state["fisher"], method_state["anchor"], importance, params
-        )
+        if self.accumulate == "average":
+            merged = averaged(
+                method_state["fisher"], importance, params, info.num_old, info.num_seen
+            )
+        else:
+            merged = summed_penalties(
+                method_state["fisher"], method_state["anchor"], importance, params
+            )
         return {"fisher": merged["importance"], "anchor": merged["anchor"]}
 
 
 @dataclasses.dataclass(frozen=True)
 class OnlineEWC(EWC):
-    name = "online_ewc"
+    """Online EWC with van de Ven et al.'s estimator and loss (module doc)."""
 
+    name = "online_ewc"
+    accumulations = ("online",)
+
+    strength: float = 5000.0  # FACIL's lamb, the same (lambda / 2) form
+    fisher: str = "per_example"
+    accumulate: str = "online"  # the only one: gamma's running sum
+    loss_classes: str = "seen"
     gamma: float = 1.0  # decay of the running Fisher; van de Ven et al.'s default (see module doc)
 
     def __post_init__(self):
@@ -278,8 +403,11 @@ class OnlineEWC(EWC):
         if not 0 <= self.gamma <= 1:
             raise ValueError(f"method_args.gamma must be in [0, 1], got {self.gamma}.")
 
-    def merge(self, method_state: dict, importance: PyTree, params: PyTree) -> dict:
+    def merge(
+        self, method_state: dict, importance: PyTree, params: PyTree, info: PhaseInfo
+    ) -> dict:
         """F <- gamma F + F_t, anchored at the latest parameters."""
+        del info
         if not method_state:
             return {"fisher": importance, "anchor": copy_tree(params)}
         merged = decayed_sum(method_state["fisher"], importance, params, self.gamma)

@@ -2,14 +2,53 @@
 
 The lower bound of class-incremental learning: with no old data and nothing to hold the old classes in
 place, the network forgets them (catastrophic forgetting, McCloskey & Cohen 1989).
+
+`loss_classes='seen'` (default) is cross-entropy over every seen class's logit; `'new'` over the new
+classes' logits only, as PyCIL's finetune (models/finetune.py line 153 at 87cc411) and FACIL train:
+the old columns then get no gradient from the loss, and forget only through the shared backbone.
 """
 
-import dataclasses
+from __future__ import annotations
 
-from incremental.methods.base import Method
+import dataclasses
+from collections.abc import Callable
+
+import jax
+
+from incremental import models
+from incremental.methods.base import (
+    LOSS_CLASSES,
+    Batch,
+    Method,
+    Outputs,
+    PhaseInfo,
+    PyTree,
+    check_choice,
+    classified_logits,
+)
 
 
 @dataclasses.dataclass(frozen=True)
 class Finetune(Method):
     name = "finetune"
     dynamic_phase = True
+
+    loss_classes: str = "seen"
+
+    def __post_init__(self):
+        check_choice("loss_classes", self.loss_classes, LOSS_CLASSES)
+
+    def loss(
+        self,
+        out: Outputs,
+        batch: Batch,
+        *,
+        params: PyTree,
+        method_state: dict,
+        info: PhaseInfo,
+        apply_fn: Callable,
+    ) -> tuple[jax.Array, dict[str, jax.Array]]:
+        del params, method_state, apply_fn
+        logits = classified_logits(out.logits, info.num_old, self.loss_classes)
+        ce = models.cross_entropy(logits, batch.y)  # blocked, so head.capacity is exact
+        return ce, {"ce": ce}

@@ -29,7 +29,17 @@ import jax.numpy as jnp
 import optax
 
 from incremental import surgery
-from incremental.methods.base import Batch, Method, Outputs, PhaseContext, PhaseInfo, PyTree
+from incremental.methods.base import (
+    LOSS_CLASSES,
+    Batch,
+    Method,
+    Outputs,
+    PhaseContext,
+    PhaseInfo,
+    PyTree,
+    check_choice,
+    classified_logits,
+)
 
 _copy = lambda tree: jax.tree.map(jnp.array, tree)  # noqa: E731  (a donated tree must not alias)
 
@@ -43,8 +53,11 @@ class SI(Method):
 
     strength: float = 0.1  # c, weight of the penalty (FACIL's lamb; the paper's split CIFAR value)
     damping: float = 0.1  # ξ, keeps Ω finite for parameters that barely moved (FACIL's damping)
+    # Cross-entropy over every seen class (the paper's single head), or the new classes' only.
+    loss_classes: str = "seen"
 
     def __post_init__(self):
+        check_choice("loss_classes", self.loss_classes, LOSS_CLASSES)
         if self.strength < 0:
             raise ValueError(f"si: strength (c) must be >= 0, got {self.strength}.")
         if self.damping <= 0:
@@ -88,7 +101,8 @@ class SI(Method):
         apply_fn: Callable,
     ) -> tuple[jax.Array, dict[str, jax.Array]]:
         del apply_fn
-        ce = optax.softmax_cross_entropy_with_integer_labels(out.logits, batch.y)
+        logits = classified_logits(out.logits, info.num_old, self.loss_classes)
+        ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch.y)
         if info.phase == 0:  # Ω is zero: skip the penalty's cost
             return ce, {"ce": ce}
         penalty = jnp.broadcast_to(self.penalty(params, method_state), ce.shape)

@@ -16,6 +16,7 @@ from incremental.models.classifier import (
     cosine_logits,
     cross_entropy,
     head_logits,
+    mask_old,
     mask_unseen,
 )
 from incremental.models.convnet import ConvNet
@@ -51,6 +52,7 @@ __all__ = [
     "build_backbone",
     "build_model",
     "head_logits",
+    "mask_old",
     "mask_unseen",
 ]
 

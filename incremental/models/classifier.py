@@ -108,6 +108,16 @@ def mask_unseen(scores_BxC: jax.Array, num_seen: int | jax.Array) -> jax.Array:
     return jnp.where(columns_1xC < num_seen, scores_BxC, -jnp.inf)
 
 
+def mask_old(scores_BxC: jax.Array, num_old: int | jax.Array) -> jax.Array:
+    """`scores` with the columns before `num_old` (the old classes) set to -inf.
+
+    `cross_entropy(mask_old(logits, num_old), y)` is the cross-entropy over the new classes' logits
+    only (PyCIL's and FACIL's `logits[:, known:]` against `y - known`), at any head width.
+    """
+    columns_1xC = jnp.arange(scores_BxC.shape[-1])[None, :]
+    return jnp.where(columns_1xC >= num_old, scores_BxC, -jnp.inf)
+
+
 HEADS = {"linear": Head, "cosine": CosineHead}
 
 
