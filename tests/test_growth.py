@@ -5,9 +5,10 @@ import numpy as np
 import pytest
 
 from configs import digits
+from incremental import methods
 from incremental import run as run_lib
 from incremental.data import device
-from incremental.methods import PhaseInfo
+from incremental.methods import PhaseContext, PhaseInfo, der
 from incremental.phase import load
 from incremental.phase import model as phase_model
 
@@ -76,6 +77,48 @@ def test_old_branches_are_frozen_and_keep_their_features(tmp_path):
     model1 = phase_model.phase_model(config, method, PhaseInfo(1, 2, 2), final=True)
     feats1, _ = model1.apply(second.variables, x, train=False)
     np.testing.assert_array_equal(feats1[:, : feats0.shape[1]], feats0)
+    # Weight aligning (PyCIL): the phase ends with the new classes' mean weight norm the old ones'.
+    norms = np.linalg.norm(np.asarray(second.variables["params"]["head"]["kernel"]), axis=0)
+    assert norms[2:].mean() == pytest.approx(norms[:2].mean(), rel=1e-5)
+
+
+def test_weight_aligning_scales_only_the_new_columns():
+    rng = np.random.default_rng(0)
+    head = {"kernel": rng.normal(size=(6, 5)).astype(np.float32), "bias": np.arange(5.0)}
+    head["kernel"][:, 3:] *= 4  # new classes' weights grew larger, as they do without memory
+    out = der.aligned(head, num_old=3)
+    kernel = np.asarray(out["kernel"])
+    norms = np.linalg.norm(kernel, axis=0)
+    assert norms[3:].mean() == pytest.approx(norms[:3].mean(), rel=1e-6)
+    np.testing.assert_array_equal(kernel[:, :3], head["kernel"][:, :3])
+    gamma = kernel[:, 3:] / head["kernel"][:, 3:]
+    np.testing.assert_allclose(gamma, gamma[0, 0], rtol=1e-6)  # one factor for every new weight
+    assert gamma[0, 0] < 0.5
+    np.testing.assert_array_equal(np.asarray(out["bias"]), head["bias"])
+
+
+@pytest.mark.parametrize("old_rows", ["random", "zeros"])
+def test_a_new_branchs_head_rows_start_as_pycils_fresh_layer(old_rows):
+    """PyCIL's DERNet.update_fc: a fresh kaiming-uniform layer, the old block copied in."""
+    dim, num_old = 64, 3
+    kernel = np.random.default_rng(1).normal(size=(dim, num_old)).astype(np.float32)
+    params = {
+        "backbone": {"branch_0": {"w": np.ones((2, dim), np.float32)}},
+        "head": {"kernel": kernel, "bias": np.zeros(num_old, np.float32)},
+    }
+    ctx = PhaseContext(PhaseInfo(1, num_old, 2), None, None, None)
+    method = methods.build("der", {"old_rows": old_rows})
+    grown = method.grow(ctx, {"params": params, "batch_stats": {}}, jax.random.PRNGKey(0))
+    new_kernel = np.asarray(grown["params"]["head"]["kernel"])
+    assert new_kernel.shape == (2 * dim, num_old)
+    np.testing.assert_array_equal(new_kernel[:dim], kernel)
+    rows = new_kernel[dim:]
+    if old_rows == "zeros":
+        assert not rows.any()
+    else:
+        bound = np.sqrt(3 / (2 * dim))  # U(-b, b) over the grown width: variance 1 / D
+        assert np.abs(rows).max() <= bound and np.abs(rows).max() > 0.8 * bound
+        assert rows.std() == pytest.approx(bound / np.sqrt(3), rel=0.15)
 
 
 def test_growth_resumes_exactly_after_a_phase(tmp_path):

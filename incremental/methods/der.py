@@ -2,15 +2,25 @@
 
 Every phase adds a new feature extractor (a `models.Branches` branch, initialised as a copy of the
 last one, as PyCIL does); the old extractors are frozen, BatchNorm included, and the features of all
-extractors are concatenated. The head over the concatenation keeps its old weights and gets zero
-rows for the new features and new columns for the new classes. An auxiliary classifier on the new
-extractor's features alone separates the new classes from one "old" class, so that the new
-extractor learns features the old ones lack; it is dropped at the end of the phase. Training uses
-the exemplar memory (`config.memory`), and NME is reported beside the linear head.
+extractors are concatenated. An auxiliary classifier on the new extractor's features alone separates
+the new classes from one "old" class, so that the new extractor learns features the old ones lack;
+it is dropped at the end of the phase. Training uses the exemplar memory (`config.memory`), and NME
+is reported beside the linear head.
+
+Following PyCIL (github.com/G-U-N/PyCIL at 87cc4110d60765dc3f64af7ef7a693efed8418ff):
+- The head over the concatenation keeps its old block; the old classes' weights on the new features
+  start random (`old_rows='random'`, PyCIL `utils/inc_net.py` `DERNet.update_fc` lines 361-367: a
+  fresh `SimpleLinear`, kaiming-uniform with gain 1, i.e. U(-sqrt(3 / D), sqrt(3 / D)) over the new
+  width D, of which only the old block is overwritten); `old_rows='zeros'` starts them at zero, which
+  keeps the old logits exactly at the start of the phase.
+- Weight aligning after the training of every phase > 0 (`weight_align=True`, PyCIL `models/der.py`
+  lines 120-125 and `DERNet.weight_align`, `utils/inc_net.py` lines 397-405): the new classes'
+  weight vectors are multiplied by gamma = mean norm of the old classes' / mean norm of the new
+  classes', the bias left alone; before the memory is selected and the phase is evaluated, and the
+  next phase grows from the aligned head.
 
 The paper's channel-level masks and pruning are not implemented (PyCIL's DER does not prune either),
-so the parameter count grows by one backbone per phase. PyCIL's weight aligning of the new columns
-after each phase is not applied either.
+so the parameter count grows by one backbone per phase.
 """
 
 from __future__ import annotations
@@ -22,10 +32,18 @@ import jax.numpy as jnp
 import optax
 
 from incremental import surgery
-from incremental.methods.base import Batch, Outputs, PhaseContext, PhaseInfo, PhaseSetup
+from incremental.methods.base import (
+    Batch,
+    Outputs,
+    PhaseContext,
+    PhaseInfo,
+    PhaseSetup,
+    check_choice,
+)
 from incremental.methods.rehearsal import Rehearsal
 from incremental.models import Branches, head_logits
 
+OLD_ROWS = ("random", "zeros")
 AUX = "aux"  # the auxiliary head's params: {'kernel': (D, num_new + 1), 'bias': (num_new + 1,)}
 
 
@@ -47,6 +65,11 @@ def copy_last_branch(tree: dict) -> dict:
 class DER(Rehearsal):
     name = "der"
     aux_weight: float = 1.0  # weight of the auxiliary classifier's cross-entropy (PyCIL: 1)
+    weight_align: bool = True  # align the new classes' weight norms after each phase > 0 (PyCIL)
+    old_rows: str = "random"  # the old classes' weights on a new branch's features: random | zeros
+
+    def __post_init__(self):
+        check_choice("old_rows", self.old_rows, OLD_ROWS)
 
     def branches(self, make, info: PhaseInfo) -> Branches:
         return Branches(make(), num_branches=info.phase + 1, frozen=info.phase)
@@ -65,9 +88,12 @@ class DER(Rehearsal):
         params = variables["params"]
         dim = params["head"]["kernel"].shape[0] // branch_count(params)
         params = surgery.add_branch(params, feature_dim=dim)
+        aux_key, rows_key = jax.random.split(key)
+        if self.old_rows == "random":
+            params = random_new_rows(params, dim, rows_key)
         init = jax.nn.initializers.lecun_normal()
         params[AUX] = {
-            "kernel": init(key, (dim, ctx.info.num_new + 1), jnp.float32),
+            "kernel": init(aux_key, (dim, ctx.info.num_new + 1), jnp.float32),
             "bias": jnp.zeros((ctx.info.num_new + 1,), jnp.float32),
         }
         return {"params": params, "batch_stats": copy_last_branch(variables["batch_stats"])}
@@ -83,5 +109,32 @@ class DER(Rehearsal):
         return ce + self.aux_weight * aux, {"ce": ce, "aux": aux}
 
     def compress(self, ctx: PhaseContext, variables, method_state: dict):
+        """Drops the auxiliary head and (phases > 0) aligns the new classes' weights."""
         params = {k: v for k, v in variables["params"].items() if k != AUX}
+        if self.weight_align and ctx.info.num_old:
+            params = {**params, "head": aligned(params["head"], ctx.info.num_old)}
         return {**variables, "params": params}, method_state
+
+
+def random_new_rows(params, dim: int, key: jax.Array):
+    """The head's last `dim` rows (a new branch's features) drawn as PyCIL's fresh `SimpleLinear`:
+    U(-b, b) with b = sqrt(3 / D), D the head's input width (kaiming-uniform, gain 1)."""
+    kernel = params["head"]["kernel"]
+    bound = (3.0 / kernel.shape[0]) ** 0.5
+    rows = jax.random.uniform(key, (dim, kernel.shape[1]), jnp.float32, -bound, bound)
+    return {**params, "head": {**params["head"], "kernel": kernel.at[-dim:].set(rows)}}
+
+
+@jax.jit
+def _aligned_kernel(kernel_DxC: jax.Array, new_C: jax.Array) -> jax.Array:
+    norms_C = jnp.linalg.norm(kernel_DxC, axis=0)
+    old_mean = jnp.sum(jnp.where(new_C, 0.0, norms_C)) / jnp.sum(~new_C)
+    new_mean = jnp.sum(jnp.where(new_C, norms_C, 0.0)) / jnp.sum(new_C)
+    return jnp.where(new_C[None, :], kernel_DxC * (old_mean / new_mean), kernel_DxC)
+
+
+def aligned(head: dict, num_old: int) -> dict:
+    """Weight aligning (Zhao et al. 2020, as DER and MEMO use it in PyCIL): the new classes' kernel
+    columns scaled by gamma = mean column norm of the old classes / mean of the new; bias kept."""
+    new_C = jnp.arange(head["kernel"].shape[1]) >= num_old
+    return {**head, "kernel": _aligned_kernel(head["kernel"], new_C)}

@@ -23,10 +23,18 @@ train the student through the same per-column scale, so every phase starts from,
 aligned model as in the paper and PyCIL. What differs from training the aligned weights themselves is
 only the step size of the old columns, scaled by `scale**2` (SGD on w with w_aligned = scale * w).
 
+Reported: `accuracy` and the matrices are those of the aligned head, as in the paper and in PyCIL,
+whose `models/wa.py` aligns right after training (lines 106-112 at
+87cc4110d60765dc3f64af7ef7a693efed8418ff, and at its first commit 44cda2e, lines 78-82), before the
+trainer evaluates; its second alignment in `after_task` (line 40) finds gamma = 1. The head before
+the phase's alignment is reported beside it under `unaligned_*` keys (`unaligned_accuracy_matrix`,
+...), and NME under `nme_*`.
+
 Choices where the paper and PyCIL (`models/wa.py`) differ:
 - Distillation weight: the paper's (1 - lambda) * CE + lambda * KD with lambda = num_old / num_seen
-  (as BiC; `kd_weighting='adaptive'`). PyCIL uses CE + 2 * KD (`kd_weighting='fixed'`,
-  `kd_strength=2`).
+  (as BiC; `kd_weighting='adaptive'`), which is also PyCIL's since commit 716625e (2023-02-16, "add
+  kd_lambda", line 178). Before it, when PyCIL's published WA figures were made, PyCIL used
+  CE + 2 * KD (44cda2e line 133; `kd_weighting='fixed'`, `kd_strength=2`).
 - Clipping: the paper clips; PyCIL does not (`clip_weights=False`).
 - Optimisation lives in the config: PyCIL trains 200 epochs (lr 0.1, milestones 60, 120, 170,
   weight decay 5e-4) in phase 0 and 170 epochs (lr 0.1, milestones 60, 100, 140, weight decay 2e-4)
@@ -147,10 +155,26 @@ class WA(Rehearsal):
         if info.num_old:
             gamma = align_gamma(head["kernel"] * scale[None, :], info.num_old)
             scale = scale.at[info.num_old :].multiply(gamma)
+        unaligned = scaled_head(head, method_state["scale"])
         head = scaled_head(head, scale)
         teacher["params"] = {**teacher["params"], "head": head}
         method_state = super().end_phase(ctx, variables, method_state)
-        return {**method_state, "scale": scale, "aligned_head": head, "teacher": teacher}
+        return {
+            **method_state,
+            "scale": scale,
+            "aligned_head": head,
+            "unaligned_head": unaligned,
+            "teacher": teacher,
+        }
 
     def predict(self, out: Outputs, method_state: dict) -> jax.Array:
         return head_logits(out.features, method_state["aligned_head"])
+
+    def extra_predictions(self) -> dict[str, Callable]:
+        """Beside the aligned head (`accuracy`, ...) and NME: the head before this phase's alignment
+        (`unaligned_accuracy`, ...), what the phase's training alone gives."""
+        return {**super().extra_predictions(), "unaligned": unaligned_scores}
+
+
+def unaligned_scores(out: Outputs, method_state: dict) -> jax.Array:
+    return head_logits(out.features, method_state["unaligned_head"])
