@@ -4,13 +4,14 @@
     incremental run --config=configs/cifar100.py                       # finetune, B0-Inc10
     incremental run --config=configs/cifar100.py:method=icarl,protocol=b50_inc10
 
-`arg` keys: `protocol` in b0_inc10 (10 phases of 10), b0_inc20, b50_inc10, b50_inc5; `method`.
+`arg` keys: `protocol` in b0_inc10 (10 phases of 10), b0_inc20, b50_inc10, b50_inc5; `method`;
+`schedule` pycil (default) or paper (BiC's 250-epoch schedule, for method=bic).
 
 Shared settings (PyCIL): phase 0 trains 200 epochs, lr 0.1, milestones 60/120/170, weight decay 5e-4;
 later phases use lr 0.1, weight decay 2e-4 and each method's epochs and milestones from PyCIL's
 `models/<method>.py` (METHOD_SETTINGS below); lr decay 0.1, momentum 0.9; class order from seed 1993;
-random crop (padding 4) and horizontal flip; memory 2000 split over seen classes, herding. PyCIL also
-applies ColorJitter(brightness=63/255), which is not implemented here. Normalisation uses the training
+random crop (padding 4), horizontal flip and ColorJitter(brightness=63/255); ResNet-32 with option-A
+shortcuts; memory 2000 split over seen classes, herding. Normalisation uses the training
 set's channel statistics (the CIFAR-100 values PyCIL hard-codes). Where PyCIL departs from the paper,
 this config follows PyCIL so its numbers compare: iCaRL uses cross-entropy + KD (`loss_type=ce_kd`),
 LwF uses lambda 3, WA a fixed KD weight 2 and no weight clipping. The method files' own defaults are
@@ -44,8 +45,15 @@ METHOD_SETTINGS = {
     "analytic": _FINETUNE,  # trains nothing after phase 0
     "replay": {"epochs": 70, "milestones": (30, 50)},
     "icarl": {"epochs": 170, "milestones": (80, 120), "method_args": {"loss_type": "ce_kd"}},
-    # BiC: every phase 250 epochs, milestones 100/150/200 (PyCIL's bic.py; the bias stage too).
-    "bic": {"epochs": 250, "milestones": (100, 150, 200), "first": True},
+    # BiC: every phase, phase 0 included, and the bias stage too: 170 epochs, milestones 60/100/140,
+    # weight decay 2e-4 (PyCIL's models/bic.py lines 12-19 at 87cc411). `schedule=paper`: BIC_PAPER.
+    "bic": {
+        "epochs": 170,
+        "milestones": (60, 100, 140),
+        "weight_decay": 2e-4,
+        "first": True,
+        "method_args": {"bias_epochs": 170, "bias_milestones": (60, 100, 140)},
+    },
     "wa": {
         "epochs": 170,
         "milestones": (60, 100, 140),
@@ -74,8 +82,26 @@ METHOD_SETTINGS = {
 }
 
 
+# BiC's paper (Wu et al. 2019, implementation details): 250 epochs, lr 0.1 divided by 10 after 100, 150 and 200
+# epochs, weight decay 2e-4, in every phase and the bias stage.
+BIC_PAPER = {
+    "epochs": 250,
+    "milestones": (100, 150, 200),
+    "weight_decay": 2e-4,
+    "first": True,
+    "method_args": {"bias_epochs": 250, "bias_milestones": (100, 150, 200)},
+}
+SCHEDULES = ("pycil", "paper")
+
+
 def get_config(arg: str | None = None):
-    args = parse_arg(arg, {"method": "finetune", "protocol": "b0_inc10"})
+    args = parse_arg(arg, {"method": "finetune", "protocol": "b0_inc10", "schedule": "pycil"})
+    if args["schedule"] not in SCHEDULES or (
+        args["schedule"] == "paper" and args["method"] != "bic"
+    ):
+        raise ValueError(
+            f"schedule={args['schedule']!r}: 'pycil' (every method) or 'paper' (bic only)."
+        )
     config = base_config()
     set_method(config, args["method"])
     config.dataset.name = "tfds:cifar100"
@@ -97,16 +123,17 @@ def get_config(arg: str | None = None):
     config.train_first.milestones = (60, 120, 170)
     config.train_first.weight_decay = 5e-4
 
-    apply_method_settings(config, args["method"])
+    apply_method_settings(config, args["method"], args["schedule"])
 
     config.augment.crop_padding = 4
     config.augment.flip = True
+    config.augment.brightness = 63 / 255  # PyCIL utils/data.py line 46 (iCIFAR100.train_trsf)
     config.eval.batch_size = 1000
     return config
 
 
-def apply_method_settings(config, method: str) -> None:
-    settings = dict(METHOD_SETTINGS.get(method, _FINETUNE))
+def apply_method_settings(config, method: str, schedule: str = "pycil") -> None:
+    settings = dict(BIC_PAPER if schedule == "paper" else METHOD_SETTINGS.get(method, _FINETUNE))
     config.method_args.update(settings.pop("method_args", {}))
     config.memory.budget = 2000
     if settings.pop("memory_per_class", 0):

@@ -64,3 +64,31 @@ def test_imagenet100_config_selects_100_classes():
 def test_unknown_protocol_arg_is_named():
     with pytest.raises(ValueError, match="Unknown protocol 'b10'"):
         cifar100.get_config("protocol=b10")
+
+
+def test_cifar100_reference_settings():
+    """PyCIL's (87cc411) settings where they differ from the method files' paper defaults."""
+    bic = cifar100.get_config("method=bic")  # models/bic.py lines 12-19, every phase and stage 2
+    for section in (bic.train, bic.train_first):
+        assert (section.epochs, section.milestones, section.weight_decay) == (
+            170,
+            (60, 100, 140),
+            2e-4,
+        )
+    assert (bic.method_args.bias_epochs, bic.method_args.bias_milestones) == (170, (60, 100, 140))
+    paper = cifar100.get_config("method=bic,schedule=paper")
+    assert (paper.train_first.epochs, paper.method_args.bias_milestones) == (250, (100, 150, 200))
+    with pytest.raises(ValueError, match="'paper' \\(bic only\\)"):
+        cifar100.get_config("method=icarl,schedule=paper")
+    ewc = cifar100.get_config("method=ewc").method_args  # models/ewc.py: the method's defaults
+    assert (ewc.strength, ewc.fisher, ewc.fisher_max, ewc.accumulate, ewc.loss_classes) == (
+        1000.0,
+        "batch",
+        1e-4,
+        "average",
+        "new",
+    )
+    config = cifar100.get_config()  # utils/data.py iCIFAR100.train_trsf, convs/cifar_resnet.py
+    assert config.augment.brightness == pytest.approx(63 / 255)
+    assert config.model.kwargs.to_dict() == {}  # resnet32 with its default, option-A shortcuts
+    assert cifar100.get_config("method=memo").method_args.train_shared  # exps/memo.json train_base

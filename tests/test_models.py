@@ -11,6 +11,7 @@ import pytest
 from incremental import surgery
 from incremental.models import (
     MODELS,
+    BasicBlock,
     build_model,
     cross_entropy,
     head_logits,
@@ -177,18 +178,38 @@ def test_mlp_has_no_batch_stats_and_tolerates_mutable():
     assert not updates.get("batch_stats")
 
 
-def test_resnet32_param_count():
-    # 472,756 with option-B shortcuts (PyCIL's option A: 470,004).
-    assert _num_params("resnet32", 100, (1, 32, 32, 3)) == 472_756
+def test_resnet32_param_count_is_pycils():
+    """PyCIL's resnet32 (convs/cifar_resnet.py, option-A shortcuts), counted from its definition:
+    stem conv 3*16*9 = 432 + BN 32; stage 1, 5 blocks of 2 * 16*16*9 + 2 * 32 = 4,672 -> 23,360;
+    stage 2, 32*16*9 + 32*32*9 + 2 * 64 = 13,952, then 4 * (2 * 32*32*9 + 128) = 74,240 -> 88,192;
+    stage 3, 64*32*9 + 64*64*9 + 2 * 128 = 55,552, then 4 * (2 * 64*64*9 + 256) = 295,936 -> 351,488.
+    Backbone 463,504; with a 100-class head (64 * 100 + 100 = 6,500) 470,004."""
+    assert _num_params("resnet32", 100, (1, 32, 32, 3)) == 470_004
+    # Option B adds two 1x1 projections with BN: 16*32 + 64 + 32*64 + 128 = 2,752 parameters.
+    assert _num_params("resnet32", 100, (1, 32, 32, 3), shortcut="B") == 470_004 + 2_752
 
 
-def test_resnet32_conv_layers():
-    model = build_model("resnet32", 100)
+@pytest.mark.parametrize("shortcut, projections", [("A", 0), ("B", 2)])
+def test_resnet32_conv_layers(shortcut, projections):
+    model = build_model("resnet32", 100, shortcut=shortcut)
     x = jnp.zeros((1, 32, 32, 3), jnp.float32)
     params = jax.eval_shape(lambda: model.init(jax.random.key(0), x, train=False))["params"]
     kernels = [k for k in jax.tree.leaves(params["backbone"]) if k.ndim == 4]
     assert sum(k.shape[:2] == (3, 3) for k in kernels) == 31
-    assert sum(k.shape[:2] == (1, 1) for k in kernels) == 2  # the two shortcut projections
+    assert sum(k.shape[:2] == (1, 1) for k in kernels) == projections
+
+
+def test_option_a_shortcut_is_the_subsampled_identity_padded_with_zeros():
+    """PyCIL's DownsampleA: AvgPool2d(kernel 1, stride 2), then cat((x, x * 0), channels)."""
+    block = BasicBlock(32, 2, shortcut="A")
+    x = jax.random.normal(jax.random.key(0), (2, 8, 8, 16))
+    variables = jax.jit(functools.partial(block.init, train=False))(jax.random.key(1), x)
+    # With the residual branch's last BN scaled to zero, the block is relu(shortcut(x)).
+    bn2 = variables["params"]["bn2"]
+    zeroed = {**variables["params"], "bn2": {**bn2, "scale": jnp.zeros_like(bn2["scale"])}}
+    out = block.apply({**variables, "params": zeroed}, x, train=False)
+    expected = np.concatenate([np.asarray(x)[:, ::2, ::2], np.zeros((2, 4, 4, 16))], axis=-1)
+    np.testing.assert_allclose(np.asarray(out), np.maximum(expected, 0), atol=1e-6)
 
 
 def test_resnet18_param_count_matches_torchvision():

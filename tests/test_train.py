@@ -76,6 +76,32 @@ def test_augmentation_crops_and_flips_images(key):
     assert len({np.asarray(c).tobytes() for c in cropped}) > 3  # several different crops
 
 
+def test_brightness_scales_each_image_by_one_factor_as_colorjitter(key):
+    """torchvision's ColorJitter(brightness=b): img * U[1 - b, 1 + b], clipped to the image range."""
+    b = 63 / 255
+    x = jnp.tile(jnp.array([10, 100, 200, 250], jnp.uint8).reshape(1, 2, 2, 1), (256, 1, 1, 1))
+    out = np.asarray(device.random_brightness(key, x, b))
+    factors = out[:, 0, 0, 0] / 10.0  # from the darkest pixel, never clipped
+    assert factors.min() >= 1 - b - 1e-6 and factors.max() <= 1 + b + 1e-6
+    assert factors.min() < 1 - 0.8 * b and factors.max() > 1 + 0.8 * b  # spans the range
+    expected = np.minimum(np.asarray(x, np.float32) * factors[:, None, None, None], 255)
+    np.testing.assert_allclose(out, expected, rtol=1e-5)
+    assert out.max() == 255.0  # 250 * factor > 255 is clipped
+    floats = np.asarray(device.random_brightness(key, x.astype(jnp.float32) / 255, b))
+    assert floats.max() == 1.0  # float images are clipped at 1
+
+
+def test_augment_without_brightness_keeps_its_crops_and_flips(key):
+    """Adding brightness draws from its own key: crops and flips stay those of the same step."""
+    x = jnp.arange(8 * 4 * 4 * 1, dtype=jnp.uint8).reshape(8, 4, 4, 1)
+    plain = device.augment(key, x, device.Augment(1, True))
+    bright = device.augment(key, x, device.Augment(1, True, 0.5))
+    ratio = np.asarray(bright) / np.maximum(np.asarray(plain, np.float32), 1)
+    nonzero = np.asarray(plain) > 0
+    for r, m in zip(ratio, nonzero, strict=True):  # one factor per image where nothing clips
+        np.testing.assert_allclose(r[m], r[m][0], rtol=1e-5)
+
+
 @pytest.mark.parametrize("kind", ["multistep", "cosine", "constant"])
 def test_schedules_follow_epoch_milestones(kind):
     hp = train.PhaseHparams(epochs=10, lr=0.1, milestones=(4, 8), weight_decay=0.0)

@@ -54,15 +54,47 @@ def random_flip(rng: jax.Array, x_BHWC: jax.Array) -> jax.Array:
     return jnp.where(flip, x_BHWC[:, :, ::-1], x_BHWC)
 
 
-def augment(rng: jax.Array, x: jax.Array, *, crop_padding: int, flip: bool) -> jax.Array:
-    """Training augmentation of raw images (before normalisation); a no-op when both are off."""
+def random_brightness(rng: jax.Array, x_BHWC: jax.Array, strength: float) -> jax.Array:
+    """torchvision's ColorJitter(brightness=strength): each image times a factor drawn uniformly from
+    [max(0, 1 - strength), 1 + strength], clipped to the stored range (0-255 for uint8 images, 0-1
+    for float ones). Unlike PIL on uint8 images, the result is not rounded to integers."""
+    low = max(0.0, 1.0 - strength)
+    factor = jax.random.uniform(rng, (x_BHWC.shape[0], 1, 1, 1), jnp.float32, low, 1.0 + strength)
+    top = 255.0 if x_BHWC.dtype == jnp.uint8 else 1.0
+    return jnp.clip(x_BHWC.astype(jnp.float32) * factor, 0.0, top)
+
+
+class Augment(NamedTuple):
+    """Training augmentation of raw images on the device, in PyCIL's order: crop, flip, brightness."""
+
+    crop_padding: int = 0  # random crop of the original size after zero padding (0: off)
+    flip: bool = False  # random horizontal flip
+    brightness: float = 0.0  # ColorJitter's brightness strength (0: off); PyCIL CIFAR: 63 / 255
+
+    @classmethod
+    def from_config(cls, augment, is_image: bool) -> Augment:
+        """`config.augment` for images; nothing for feature vectors."""
+        if not is_image:
+            return cls()
+        return cls(augment.crop_padding, augment.flip, augment.get("brightness", 0.0))
+
+    def __bool__(self) -> bool:
+        return bool(self.crop_padding or self.flip or self.brightness)
+
+
+def augment(rng: jax.Array, x: jax.Array, spec: Augment) -> jax.Array:
+    """Training augmentation of raw images (before normalisation); a no-op when all is off."""
     crop_rng, flip_rng = jax.random.split(rng)
-    if crop_padding:
-        x = random_crop(crop_rng, x, crop_padding)
-    if flip:
+    if spec.crop_padding:
+        x = random_crop(crop_rng, x, spec.crop_padding)
+    if spec.flip:
         x = random_flip(flip_rng, x)
+    if spec.brightness:
+        x = random_brightness(jax.random.fold_in(rng, 2), x, spec.brightness)
     return x
 
+
+NO_AUGMENT = Augment()
 
 # `fold_in` tags of the two uses of a phase's training key.
 ORDER, AUGMENT = 0, 1

@@ -155,11 +155,14 @@ class BiC(Rehearsal):
 
     temperature: float = 2.0  # T of the distillation (paper, PyCIL)
     split_ratio: float = 0.1  # share of each old class's exemplars held out (paper 9:1, PyCIL 0.1)
-    bias_epochs: int = 250  # stage-2 epochs (PyCIL: the stage-1 schedule, 250 on CIFAR-100)
-    bias_lr: float = 0.1  # stage-2 SGD learning rate (PyCIL)
+    # Stage 2 runs the stage-1 schedule: the paper's CIFAR-100 one here (250 epochs, milestones
+    # 100/150/200); PyCIL's models/bic.py (lines 12-19 at 87cc411) uses 170 and 60/100/140, which
+    # configs/cifar100.py sets.
+    bias_epochs: int = 250  # stage-2 epochs
+    bias_lr: float = 0.1  # stage-2 SGD learning rate (paper, PyCIL)
     bias_momentum: float = 0.9  # (PyCIL)
     bias_weight_decay: float = 2e-4  # (PyCIL, on alpha and beta)
-    bias_milestones: tuple[int, ...] = (100, 150, 200)  # lr times bias_lr_decay here (PyCIL)
+    bias_milestones: tuple[int, ...] = (100, 150, 200)  # lr times bias_lr_decay here
     bias_lr_decay: float = 0.1  # (PyCIL)
 
     def __post_init__(self):

@@ -1,8 +1,12 @@
 """ResNets: the CIFAR ResNet-32 of iCaRL/PyCIL/FACIL and the ImageNet ResNet-18.
 
-Both use option-B shortcuts (1x1 conv + BN) where a block changes shape, as torchvision and
-FACIL do. PyCIL's resnet32 uses option A (strided identity + zero-padded channels) instead,
-which has 2,752 fewer parameters; accuracies are comparable.
+Where a block changes shape, its shortcut is option A or option B of He et al. 2016:
+- 'A' (the CIFAR ResNet's default): the identity, subsampled by the stride and zero-padded to the new
+  width, no parameters. PyCIL's resnet32 (`convs/cifar_resnet.py` `DownsampleA`, lines 12-20 at
+  87cc4110d60765dc3f64af7ef7a693efed8418ff: a 1x1 average pool of stride 2, then the channels
+  concatenated with zeros) and iCaRL's original code use it.
+- 'B': a 1x1 conv + BN projection, as torchvision's ResNets (ResNet-18 here) and FACIL's resnet32
+  do; 2,752 more parameters in ResNet-32.
 """
 
 import flax.linen as nn
@@ -18,13 +22,16 @@ from incremental.models.layers import (
     global_avg_pool,
 )
 
+SHORTCUTS = ("A", "B")
+
 
 class BasicBlock(nn.Module):
-    """Two 3x3 convs with BN and a residual; 1x1 conv + BN shortcut when the shape changes."""
+    """Two 3x3 convs with BN and a residual; an option-A or -B shortcut when the shape changes."""
 
     features: int
     stride: int = 1
     dtype: DTypeLike = jnp.float32
+    shortcut: str = "B"
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
@@ -34,8 +41,12 @@ class BasicBlock(nn.Module):
         y = conv(self.features, 3, 1, self.dtype, "conv2")(y)
         y = batch_norm(train, self.dtype, "bn2")(y)
         if self.stride != 1 or x.shape[-1] != self.features:
-            x = conv(self.features, 1, self.stride, self.dtype, "shortcut_conv")(x)
-            x = batch_norm(train, self.dtype, "shortcut_bn")(x)
+            if self.shortcut == "A":
+                x = x[:, :: self.stride, :: self.stride, :]
+                x = jnp.pad(x, ((0, 0), (0, 0), (0, 0), (0, self.features - x.shape[-1])))
+            else:
+                x = conv(self.features, 1, self.stride, self.dtype, "shortcut_conv")(x)
+                x = batch_norm(train, self.dtype, "shortcut_bn")(x)
         return nn.relu(x + y)
 
 
@@ -46,6 +57,7 @@ def _stages(
     train: bool,
     dtype: DTypeLike,
     stages: range | None = None,
+    shortcut: str = "B",
 ) -> jax.Array:
     """Runs `blocks` BasicBlocks per width; every stage after the first starts with stride 2.
 
@@ -56,7 +68,7 @@ def _stages(
             continue
         for b in range(blocks):
             stride = 2 if s > 0 and b == 0 else 1
-            block = BasicBlock(width, stride, dtype, name=f"stage{s + 1}_block{b}")
+            block = BasicBlock(width, stride, dtype, shortcut, name=f"stage{s + 1}_block{b}")
             x = block(x, train=train)
     return x
 
@@ -64,12 +76,14 @@ def _stages(
 class CifarResNet(nn.Module):
     """CIFAR ResNet-`depth`: 3x3 conv 16, three stages of (depth - 2) / 6 blocks (16/32/64), GAP.
 
-    Features are 64-d. depth=32 gives the ResNet-32 of iCaRL/PyCIL/FACIL.
+    Features are 64-d. depth=32 gives the ResNet-32 of iCaRL/PyCIL/FACIL; `shortcut` 'A' is PyCIL's
+    (and iCaRL's), 'B' FACIL's (module doc).
     """
 
     depth: int = 32
     dtype: DTypeLike = jnp.float32
     part: str = "all"  # all | shallow (stem, stages 1-2) | deep (stage 3, pooling): see PARTS
+    shortcut: str = "A"
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
@@ -80,12 +94,18 @@ class CifarResNet(nn.Module):
                 f"got {self.depth}."
             )
         check_part(self.part, "CifarResNet")
+        if self.shortcut not in SHORTCUTS:
+            raise ValueError(
+                f"CifarResNet.shortcut must be one of {SHORTCUTS} (model.kwargs.shortcut), "
+                f"got {self.shortcut!r}."
+            )
         check_image_batch(x, "CifarResNet")
         if self.part != "deep":
             x = conv(16, 3, 1, self.dtype, "stem_conv")(x)
             x = nn.relu(batch_norm(train, self.dtype, "stem_bn")(x))
         stages = {"all": range(3), "shallow": range(2), "deep": range(2, 3)}[self.part]
-        x = _stages(x, (16, 32, 64), (self.depth - 2) // 6, train, self.dtype, stages)
+        blocks = (self.depth - 2) // 6
+        x = _stages(x, (16, 32, 64), blocks, train, self.dtype, stages, self.shortcut)
         return x if self.part == "shallow" else global_avg_pool(x)
 
 

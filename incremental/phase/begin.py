@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from incremental import capacity, methods, parallel, surgery, train
+from incremental.data import device
 from incremental.data.stream import StreamingBatches
 from incremental.methods import Method, PhaseContext, PhaseInfo, base
 from incremental.phase.context import make_context
@@ -164,7 +165,6 @@ def stream_of(config, data: RunData, idx: np.ndarray, mesh) -> StreamingBatches:
 def make_epoch(config, method, data: RunData, info, model, tx, mesh, stream=None):
     """The phase's jitted epoch (`train.make_train_epoch`) as the config asks for it."""
     wide = bool(config.head.capacity)
-    augment = config.augment if data.is_image else {"crop_padding": 0, "flip": False}
     return train.make_train_epoch(
         model=model,
         tx=tx,
@@ -173,8 +173,7 @@ def make_epoch(config, method, data: RunData, info, model, tx, mesh, stream=None
         setup=method.setup(info),
         norm=data.norm,
         batch_size=config.train.batch_size,
-        crop_padding=augment["crop_padding"],
-        flip=augment["flip"],
+        augment=device.Augment.from_config(config.augment, data.is_image),
         dtype=dtype_of(config),
         steps_per_call=config.checkpoint.every_steps or None,
         loop="stream" if stream is not None else train_loop(config),

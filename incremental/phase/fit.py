@@ -16,6 +16,7 @@ import numpy as np
 import optax
 
 from incremental import parallel, train
+from incremental.data import device
 from incremental.methods import Method, PhaseInfo, PhaseSetup
 from incremental.phase.model import dtype_of, train_loop
 
@@ -101,7 +102,6 @@ def make_fit(config, data, info: PhaseInfo, model):
     loss and `tx`, batches drawn from `rng` as the phase's own are, the phase's augmentation and
     the config's batch size. `name` names the stage in errors.
     """
-    augment = config.augment if data.is_image else {"crop_padding": 0, "flip": False}
 
     def fit_fn(variables, *, method: Method, tx: optax.GradientTransformation, epochs: int,
                method_state: dict, rng: jax.Array, rows: np.ndarray, name: str) -> PyTree:  # fmt: skip
@@ -113,8 +113,7 @@ def make_fit(config, data, info: PhaseInfo, model):
             setup=PhaseSetup(),
             norm=data.norm,
             batch_size=config.train.batch_size,
-            crop_padding=augment["crop_padding"],
-            flip=augment["flip"],
+            augment=device.Augment.from_config(config.augment, data.is_image),
             dtype=dtype_of(config),
             loop=train_loop(config),
         )

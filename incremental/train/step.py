@@ -73,8 +73,7 @@ def make_step(
     *,
     norm: device.Normalizer,
     batch_size: int,
-    crop_padding: int = 0,
-    flip: bool = False,
+    augment: device.Augment = device.NO_AUGMENT,
     dtype=jnp.float32,
     batch_sharding: jax.sharding.Sharding | None = None,
     hyperparams: Callable | None = None,
@@ -90,8 +89,8 @@ def make_step(
         aug_rng = device.step_key(state.rng, state.step)
         if batch_sharding is not None:
             x, y, weight_b = jax.lax.with_sharding_constraint((x, y, weight_b), batch_sharding)
-        if crop_padding or flip:
-            x = device.augment(aug_rng, x, crop_padding=crop_padding, flip=flip)
+        if augment:
+            x = device.augment(aug_rng, x, augment)
         batch = Batch(device.normalize(x, norm, dtype), y, weight_b)
         (loss, (batch_stats, metrics)), grads = grad_fn(
             state.params, state.batch_stats, method_state, batch, args
