@@ -9,6 +9,12 @@ Vocabulary (all accuracies are fractions in [0, 1]):
   last_accuracy          accuracy[-1].
   forgetting             mean over old phases j of max_{i<T-1} A[i][j] - A[T-1][j] (Chaudhry et al. 2018).
   backward_transfer      mean over old phases j of A[T-1][j] - A[j][j] (Lopez-Paz & Ranzato 2017).
+  forgetting_pycil       PyCIL's figure (trainer.py lines 122-128 at 87cc411): accuracy on blocks of
+                         10 classes in class order (utils/toolkit.py `accuracy`, lines 50-59, whose
+                         blocks start below the largest seen label), then the mean over the first
+                         T-1 blocks of (max over every phase, the last included) - (last phase), a
+                         block not yet seen counting 0. Equal to `forgetting` on B0-Inc10 up to the
+                         last phase in the max; on B50 protocols it averages phase 0's blocks only.
 """
 
 from __future__ import annotations
@@ -16,6 +22,8 @@ from __future__ import annotations
 import numpy as np
 
 from incremental.protocol import Protocol
+
+PYCIL_BLOCK = 10  # classes per block of PyCIL's grouped accuracy
 
 
 def evaluate_phase(scores: np.ndarray, y: np.ndarray, protocol: Protocol, phase: int) -> dict:
@@ -29,6 +37,11 @@ def evaluate_phase(scores: np.ndarray, y: np.ndarray, protocol: Protocol, phase:
         row.append(float(np.mean(pred[mine] == y[mine])))
         local = scores[mine, offsets[j] : offsets[j + 1]].argmax(axis=1) + offsets[j]
         task_row.append(float(np.mean(local == y[mine])))
+    grouped = [
+        float(np.mean(pred[block] == y[block]))
+        for start in range(0, int(y.max()), PYCIL_BLOCK)
+        if (block := (y >= start) & (y < start + PYCIL_BLOCK)).any()
+    ]
     counts = np.bincount(test_phase, minlength=phase + 1)
     old = test_phase < phase
     return {
@@ -38,6 +51,7 @@ def evaluate_phase(scores: np.ndarray, y: np.ndarray, protocol: Protocol, phase:
         "task_aware_accuracy": float(np.average(task_row, weights=counts)),
         "old_accuracy": float(np.mean(pred[old] == y[old])) if old.any() else None,
         "new_accuracy": float(np.mean(pred[~old] == y[~old])),
+        "grouped_row": grouped,
     }
 
 
@@ -57,3 +71,15 @@ def summarize(accuracy_matrix: list[list[float]], accuracy: list[float]) -> dict
         )
         summary["backward_transfer"] = float(np.mean([a[last][j] - a[j][j] for j in range(last)]))
     return summary
+
+
+def pycil_forgetting(grouped_rows: list[list[float]]) -> float | None:
+    """PyCIL's forgetting from each phase's accuracies on 10-class blocks (module doc)."""
+    last = len(grouped_rows) - 1
+    if last < 1:
+        return None
+    table = np.zeros((last + 1, max(len(r) for r in grouped_rows)))
+    for i, row in enumerate(grouped_rows):
+        table[i, : len(row)] = row
+    table = table.T  # blocks x phases
+    return float(np.mean((table.max(axis=1) - table[:, last])[:last]))

@@ -51,6 +51,7 @@ PER_CLASS_ROWS = ("class_means", "scale", "bias/alpha", "bias/beta")  # axis 0: 
 ROW_KEYS = (
     "row",
     "task_aware_row",
+    "grouped_row",
     "accuracy",
     "task_aware_accuracy",
     "old_accuracy",

@@ -83,6 +83,7 @@ def test_results_json_is_the_documented_format(results):
         "last_accuracy",
         "average_incremental_accuracy",
         "forgetting",
+        "forgetting_pycil",
         "backward_transfer",
         "task_aware_accuracy",
         "phases",
@@ -97,6 +98,8 @@ def test_results_json_is_the_documented_format(results):
     assert sorted(c for p in doc["phases"] for c in p["classes"]) == list(range(10))
     assert all(p["train_seconds"] > 0 and p["eval_seconds"] > 0 for p in doc["phases"])
     assert set(doc["versions"]) >= {"jax", "flax", "optax"}
+    # digits' 10 classes are one PyCIL block: its figure is that block's drop from its best.
+    assert 0 <= doc["forgetting_pycil"] <= 1
 
 
 @pytest.mark.parametrize("optimizer, carry", [("sgd", False), ("adam", True)])

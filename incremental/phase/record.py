@@ -51,6 +51,14 @@ def extra_results(records: list[dict]) -> dict:
     return out
 
 
+def pycil_forgetting(records: list[dict]) -> float | None:
+    """`evaluate.pycil_forgetting` of the records' grouped rows (None for records written before
+    they were kept)."""
+    if any("grouped_row" not in r for r in records):
+        return None
+    return evaluate.pycil_forgetting([r["grouped_row"] for r in records])
+
+
 def results_from_records(config, protocol: Protocol, records: list[dict]) -> dict:
     """The public `results.json` document (see README, "Results")."""
     matrix = [r["row"] for r in records]
@@ -64,6 +72,7 @@ def results_from_records(config, protocol: Protocol, records: list[dict]) -> dic
         "num_phases": protocol.num_phases,
         "complete": len(records) == protocol.num_phases,
         **evaluate.summarize(matrix, accuracy),
+        "forgetting_pycil": pycil_forgetting(records),
         "accuracy": accuracy,
         "accuracy_matrix": matrix,
         "task_aware_accuracy": [r["task_aware_accuracy"] for r in records],
@@ -72,7 +81,11 @@ def results_from_records(config, protocol: Protocol, records: list[dict]) -> dic
         "new_accuracy": [r["new_accuracy"] for r in records],
         **extra_results(records),
         "phases": [
-            {k: v for k, v in r.items() if k not in ("row", "task_aware_row", "extra")}
+            {
+                k: v
+                for k, v in r.items()
+                if k not in ("row", "task_aware_row", "grouped_row", "extra")
+            }
             for r in records
         ],
         "config": config.to_dict(),

@@ -1,0 +1,68 @@
+"""The reproduction harness (experiments/reproduce): its table, its summary, and a smoke run of every
+entry on tfds mock data (the plumbing, not the numbers)."""
+
+import json
+import os
+import sys
+
+import pytest
+from absl import flags
+
+sys.path.insert(
+    0,
+    os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments"),
+)
+
+from reproduce import run as harness  # noqa: E402
+
+TARGETS = harness.load_targets()
+
+
+@pytest.fixture(autouse=True, scope="module")
+def parsed_flags():
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS(["test"])
+
+
+def test_every_entry_is_sourced_and_builds_its_config():
+    assert len(TARGETS) >= 10
+    for t in TARGETS:
+        assert t.source and 0 < t.target < 100 and t.tolerance > 0
+        config = harness.config_for(t.method, t.benchmark)
+        assert config.method == t.method and config.dataset.name == "tfds:cifar100"
+        examples, hours = harness.estimate(config)
+        assert examples > 1e6 and hours > 0
+
+
+def test_summary_puts_our_number_beside_the_target(tmp_path):
+    t = TARGETS[0]
+    workdir = harness.workdir_of(str(tmp_path), t.method, t.benchmark)
+    os.makedirs(workdir)
+    with open(os.path.join(workdir, "results.json"), "w") as f:
+        json.dump({"complete": True, t.metric: (t.target + 5) / 100}, f)
+    rows = harness.summary(TARGETS, str(tmp_path))
+    assert rows[0]["ours"] == pytest.approx(t.target + 5) and rows[0]["diff"] == pytest.approx(5)
+    assert rows[0]["within"] is False
+    assert all(
+        r["ours"] is None for r in rows if (r["method"], r["benchmark"]) != (t.method, t.benchmark)
+    )
+
+
+# The smoke configs of one method are the same on every benchmark (the protocol is shrunk to 2
+# phases of 5 classes), so one run per method covers every entry.
+@pytest.mark.slow
+@pytest.mark.parametrize("method", sorted({t.method for t in TARGETS}))
+def test_smoke_run_covers_every_entry_of_the_method(tmp_path, method):
+    benchmarks = sorted({t.benchmark for t in TARGETS if t.method == method})
+    configs = [harness.config_for(method, b, smoke=True) for b in benchmarks]
+    for c in configs[1:]:
+        c.protocol.init_classes, c.protocol.increment = (
+            configs[0].protocol.init_classes,
+            configs[0].protocol.increment,
+        )
+        assert c.to_dict() == configs[0].to_dict()
+    results = harness.run_one(method, benchmarks[0], smoke=True, root=str(tmp_path))
+    assert results["complete"] and results["method"] == method
+    for t in TARGETS:
+        if t.method == method:
+            assert results[t.metric] is not None, t.metric
