@@ -11,9 +11,10 @@ import pytest
 from configs import digits
 from incremental import methods
 from incremental import run as run_lib
-from incremental.methods import Batch, Outputs, PhaseInfo
+from incremental.methods import Batch, Outputs, PhaseContext, PhaseInfo
 from incremental.methods.lucir import less_forget_loss, margin_ranking_loss
 from incremental.models import build_model
+from incremental.phase import begin
 from incremental.train import apply_any_head
 
 
@@ -123,3 +124,25 @@ def test_lucir_remembers_on_digits(tmp_path):
     assert results["last_accuracy"] >= finetune["last_accuracy"] + 0.40
     assert results["nme_last_accuracy"] >= finetune["last_accuracy"] + 0.40
     assert len(results["nme_accuracy_matrix"]) == 5
+
+
+@pytest.mark.parametrize("imprint", [True, False])
+def test_new_class_weights_are_the_normalised_mean_of_normalised_features(imprint):
+    """The official code's --imprint_weights: w_c = normalise(mean_i normalise(f(x_i)))."""
+    rng = np.random.default_rng(0)
+    feats = rng.normal(size=(12, 6)).astype(np.float32) * rng.uniform(0.1, 10, size=(12, 1))
+    y = np.repeat(np.arange(3), 4)  # classes 0 and 1 old, 2 new
+    info = PhaseInfo(1, 2, 1)
+    ctx = PhaseContext(info, y, feats, lambda v, x: jnp.asarray(x))
+    variables = {
+        "params": {"head": {"kernel": jnp.ones((6, 2)), "sigma": jnp.asarray(1.0)}},
+        "batch_stats": {},
+    }
+    method = methods.build("lucir", {"imprint": imprint})
+    config = digits.get_config("method=lucir")
+    wide = begin.widen(config, method, variables, ctx, jax.random.PRNGKey(0))
+    new = np.asarray(wide["params"]["head"]["kernel"])[:, 2]
+    unit = feats[8:] / np.linalg.norm(feats[8:], axis=1, keepdims=True)
+    direction = unit.mean(0) / np.linalg.norm(unit.mean(0))
+    cosine = float(new @ direction / np.linalg.norm(new))
+    assert cosine == pytest.approx(1.0, abs=1e-5) if imprint else cosine < 0.99

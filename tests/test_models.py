@@ -295,3 +295,19 @@ def test_build_model_bad_num_classes(num_classes):
 
 def test_registry_names():
     assert set(MODELS) == {"mlp", "convnet", "resnet32", "resnet18"}
+
+
+@pytest.mark.parametrize("name", sorted(TINY))
+def test_last_relu_false_gives_the_features_before_the_final_relu(name):
+    """LUCIR's backbone: the same parameters, features that can be negative (for the ResNets the
+    ReLU dropped is before the global pooling, so only the dense backbones give relu(raw) = usual)."""
+    kwargs, shape, _ = TINY[name]
+    with_relu = build_model(name, NUM_CLASSES, **kwargs)
+    without = build_model(name, NUM_CLASSES, **kwargs, last_relu=False)
+    x = jax.random.normal(jax.random.key(1), shape, jnp.float32)
+    variables = jax.jit(functools.partial(with_relu.init, train=False))(jax.random.key(0), x)
+    feats = jax.jit(functools.partial(with_relu.apply, train=False))(variables, x)[0]
+    raw = jax.jit(functools.partial(without.apply, train=False))(variables, x)[0]
+    assert float(raw.min()) < 0 <= float(feats.min())
+    if name in ("mlp", "convnet"):
+        np.testing.assert_allclose(np.asarray(jnp.maximum(raw, 0)), np.asarray(feats), atol=1e-6)

@@ -109,13 +109,18 @@ class Method:
     def backbone(self, make: Callable[..., Any], info: PhaseInfo, *, final: bool = False):
         """The backbone of the phase's model; `make(part='all')` builds the config's backbone.
 
-        `part` may be 'shallow' or 'deep' (`models.PARTS`) for backbones that split in two.
+        `part` may be 'shallow' or 'deep' (`models.PARTS`) for backbones that split in two; other
+        keyword arguments set backbone fields over the config's (`make(last_relu=False)`).
         `final=False` gives the model trained in the phase, `final=True` the one the phase ends
         with (evaluated, saved and carried into the next phase); they differ only for methods whose
         `compress` changes the model's shape.
         """
         del info, final
         return make()
+
+    def head_init(self, configured: str) -> str:
+        """How the new classes' head columns start (`surgery.HEAD_INITS`), given `head.init`."""
+        return configured
 
     def grow(self, ctx: PhaseContext, variables: PyTree, key: jax.Array) -> PyTree:
         """The previous phase's final variables fitted to this phase's backbone (a new branch, ...).

@@ -23,13 +23,15 @@ plain cross-entropy. While the less-forget constraint is on, the old classes' he
 
 Choices where the paper, its official code (hshustc/CVPR19_Incremental_Learning), PyCIL (`ucir.py`)
 and FACIL (`lucir.py`) differ, or where this code departs from them:
-- New-class weights: the official CIFAR-100 script imprints them (`--imprint_weights`: normalised
-  mean of the new classes' normalised features); PyCIL and FACIL draw them at random, FACIL noting it
-  makes no significant difference. A method hook cannot change the variables, so the default here is
-  the random initialisation of PyCIL and FACIL; `--config.head.init=imprint` gives imprinting
-  (`run.widen` averages the raw features before normalising, the official code the normalised ones).
-- The paper removes the last ReLU of the backbone so that features can be negative; the backbones
-  here keep it (that is a backbone option, not a method one), so features are non-negative.
+- New-class weights: imprinted (`imprint=True`, while `head.init` is 'default'), as the official
+  CIFAR-100 script does (`--imprint_weights`): the normalised mean of the new classes' normalised
+  features (`phase.begin.widen` with a cosine head). FACIL draws them at random, noting it makes no
+  significant difference (src/approach/lucir.py lines 115-116 at e09d2c8); `imprint=False` does too.
+- The last ReLU of the backbone is removed (`last_relu=False`: the backbones' option, here for the
+  MLP, ConvNet and both ResNets), so that features and cosines can be negative: the paper's Sec. 4.1
+  ("the ReLU in the penultimate layer is removed"), as FACIL does it (src/approach/lucir.py lines
+  90-98 at e09d2c83320a1aa945a6157d4875437515824dc9, the last block of the ResNet's last stage
+  without its ReLU). `last_relu=True` keeps it.
 - `top_k` is capped at the number of new classes of the phase (PyTorch's `topk` would fail).
 - Class-balanced finetuning (the paper's optional last step, `cbf_*.py` in the official code) is not
   done.
@@ -102,6 +104,8 @@ class LUCIR(Rehearsal):
     top_k: int = 2  # K hard new classes per old-class example (paper: 2)
     lambda_mr: float = 1.0  # weight of the margin ranking loss (official code's lw_mr; FACIL)
     freeze_old_columns: bool = True  # old classes' weights fixed (official code, PyCIL, FACIL)
+    last_relu: bool = False  # the backbone's last ReLU (the paper and FACIL remove it)
+    imprint: bool = True  # new classes' weights from their mean features (official code)
 
     def __post_init__(self):
         if self.lambda_base < 0 or self.lambda_mr < 0:
@@ -113,6 +117,13 @@ class LUCIR(Rehearsal):
             raise ValueError(f"method_args.top_k must be >= 1, got {self.top_k}.")
         if self.margin < 0:
             raise ValueError(f"method_args.margin must be >= 0, got {self.margin}.")
+
+    def head_init(self, configured: str) -> str:
+        return "imprint" if self.imprint and configured == "default" else configured
+
+    def backbone(self, make, info: PhaseInfo, *, final: bool = False):
+        del info, final
+        return make() if self.last_relu else make(last_relu=False)
 
     def setup(self, info: PhaseInfo) -> PhaseSetup:
         return PhaseSetup(freeze_old_columns=self.freeze_old_columns and info.num_old > 0)

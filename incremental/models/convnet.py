@@ -25,6 +25,7 @@ class ConvNet(nn.Module):
     channels: Sequence[int] = (32, 64)
     dense: int = 128
     dtype: DTypeLike = jnp.float32
+    last_relu: bool = True  # False: features before the dense layer's ReLU
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
@@ -39,4 +40,4 @@ class ConvNet(nn.Module):
                 x = nn.max_pool(x, (2, 2), strides=(2, 2))
         x = global_avg_pool(x)
         x = nn.Dense(int(self.dense), dtype=self.dtype, param_dtype=jnp.float32, name="dense")(x)
-        return nn.relu(x)
+        return nn.relu(x) if self.last_relu else x

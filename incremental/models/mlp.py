@@ -16,6 +16,7 @@ class MLP(nn.Module):
     hidden: Sequence[int] = (256, 256)
     dtype: DTypeLike = jnp.float32
     part: str = "all"  # all | shallow (all layers but the last) | deep (the last): see PARTS
+    last_relu: bool = True  # False: features before the last layer's ReLU (LUCIR's official code)
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
@@ -36,5 +37,5 @@ class MLP(nn.Module):
             if (self.part == "shallow" and i == last) or (self.part == "deep" and i < last):
                 continue
             h = nn.Dense(int(width), dtype=self.dtype, param_dtype=jnp.float32, name=f"dense{i}")(h)
-            h = nn.relu(h)
+            h = nn.relu(h) if i < last or self.last_relu else h
         return h

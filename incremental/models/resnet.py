@@ -32,6 +32,7 @@ class BasicBlock(nn.Module):
     stride: int = 1
     dtype: DTypeLike = jnp.float32
     shortcut: str = "B"
+    relu_out: bool = True  # False: the block's sum is returned without its ReLU
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
@@ -47,7 +48,7 @@ class BasicBlock(nn.Module):
             else:
                 x = conv(self.features, 1, self.stride, self.dtype, "shortcut_conv")(x)
                 x = batch_norm(train, self.dtype, "shortcut_bn")(x)
-        return nn.relu(x + y)
+        return nn.relu(x + y) if self.relu_out else x + y
 
 
 def _stages(
@@ -58,17 +59,27 @@ def _stages(
     dtype: DTypeLike,
     stages: range | None = None,
     shortcut: str = "B",
+    last_relu: bool = True,
 ) -> jax.Array:
     """Runs `blocks` BasicBlocks per width; every stage after the first starts with stride 2.
 
-    `stages` picks which of the stages to run (all by default), for backbones split in parts.
+    `stages` picks which of the stages to run (all by default), for backbones split in parts;
+    `last_relu=False` drops the ReLU at the end of the last stage's last block.
     """
     for s, width in enumerate(widths):
         if stages is not None and s not in stages:
             continue
         for b in range(blocks):
             stride = 2 if s > 0 and b == 0 else 1
-            block = BasicBlock(width, stride, dtype, shortcut, name=f"stage{s + 1}_block{b}")
+            final = s == len(widths) - 1 and b == blocks - 1
+            block = BasicBlock(
+                width,
+                stride,
+                dtype,
+                shortcut,
+                last_relu or not final,
+                name=f"stage{s + 1}_block{b}",
+            )
             x = block(x, train=train)
     return x
 
@@ -84,6 +95,7 @@ class CifarResNet(nn.Module):
     dtype: DTypeLike = jnp.float32
     part: str = "all"  # all | shallow (stem, stages 1-2) | deep (stage 3, pooling): see PARTS
     shortcut: str = "A"
+    last_relu: bool = True  # False: features before the final ReLU, as LUCIR's official code
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
@@ -105,7 +117,9 @@ class CifarResNet(nn.Module):
             x = nn.relu(batch_norm(train, self.dtype, "stem_bn")(x))
         stages = {"all": range(3), "shallow": range(2), "deep": range(2, 3)}[self.part]
         blocks = (self.depth - 2) // 6
-        x = _stages(x, (16, 32, 64), blocks, train, self.dtype, stages, self.shortcut)
+        x = _stages(
+            x, (16, 32, 64), blocks, train, self.dtype, stages, self.shortcut, self.last_relu
+        )
         return x if self.part == "shallow" else global_avg_pool(x)
 
 
@@ -119,6 +133,7 @@ class ResNet18(nn.Module):
     small_input: bool = False
     dtype: DTypeLike = jnp.float32
     part: str = "all"  # all | shallow (stem, stages 1-3) | deep (stage 4, pooling): see PARTS
+    last_relu: bool = True  # False: features before the final ReLU
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
@@ -132,5 +147,5 @@ class ResNet18(nn.Module):
             if not self.small_input:
                 x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
         stages = {"all": range(4), "shallow": range(3), "deep": range(3, 4)}[self.part]
-        x = _stages(x, (64, 128, 256, 512), 2, train, self.dtype, stages)
+        x = _stages(x, (64, 128, 256, 512), 2, train, self.dtype, stages, "B", self.last_relu)
         return x if self.part == "shallow" else global_avg_pool(x)

@@ -123,7 +123,7 @@ def start_variables(config, method, data: RunData, ctx: PhaseContext, carried: C
         variables = init_variables(narrow, data.x_train[0], named_key(key, "init"))
         return capacity.initial(variables, wide) if wide else variables
     variables = method.grow(ctx, carried.variables, named_key(key, "grow"))
-    widen_fn = lambda v: widen(config, v, ctx, named_key(key, "widen"))  # noqa: E731
+    widen_fn = lambda v: widen(config, method, v, ctx, named_key(key, "widen"))  # noqa: E731
     return capacity.add_classes(variables, info, widen_fn) if wide else widen_fn(variables)
 
 
@@ -196,16 +196,23 @@ def bind_epoch(epoch_fn, method: Method, args: train.PhaseArgs | None):
     return train_epoch
 
 
-def widen(config, variables: PyTree, ctx: PhaseContext, key: jax.Array) -> PyTree:
-    """The previous phase's variables with head columns for this phase's new classes."""
+def widen(config, method: Method, variables: PyTree, ctx: PhaseContext, key: jax.Array) -> PyTree:
+    """The previous phase's variables with head columns for this phase's new classes.
+
+    The columns' init is `method.head_init(config.head.init)`; for 'imprint' the class means are of
+    the features as the head sees them (L2-normalised first for a cosine head).
+    """
     info = ctx.info
+    init = method.head_init(config.head.init)
     class_means = None
-    if config.head.init == "imprint":
+    if init == "imprint":
         idx = methods.base.data_of_classes(ctx.y_train, info.num_old, info.num_seen)
         feats = ctx.embed(variables, ctx.x_train[idx])
+        if method.head == "cosine":
+            feats = feats / jnp.maximum(jnp.linalg.norm(feats, axis=1, keepdims=True), 1e-12)
         labels = ctx.y_train[idx] - info.num_old
         class_means = jnp.stack([feats[labels == c].mean(0) for c in range(info.num_new)])
     params = surgery.widen_head(
-        variables["params"], info.num_new, key, config.head.init, class_means=class_means
+        variables["params"], info.num_new, key, init, class_means=class_means
     )
     return {"params": params, "batch_stats": variables["batch_stats"]}

@@ -61,9 +61,9 @@ def phase_model(
     dtype = dtype_of(config)
     kwargs = dict(config.model.kwargs.to_dict())
 
-    def make(part: str = "all"):
+    def make(part: str = "all", **fields):
         extra = {} if part == "all" else {"part": part}
-        return build_backbone(config.model.name, dtype=dtype, **kwargs, **extra)
+        return build_backbone(config.model.name, dtype=dtype, **{**kwargs, **fields}, **extra)
 
     backbone = method.backbone(make, info, final=final)
     width = num_classes or config.head.capacity or info.num_seen
