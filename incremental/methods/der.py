@@ -41,6 +41,7 @@ from incremental.methods.base import (
     check_choice,
 )
 from incremental.methods.rehearsal import Rehearsal
+from incremental.methods.wa import align_gamma
 from incremental.models import Branches, head_logits
 
 OLD_ROWS = ("random", "zeros")
@@ -125,16 +126,8 @@ def random_new_rows(params, dim: int, key: jax.Array):
     return {**params, "head": {**params["head"], "kernel": kernel.at[-dim:].set(rows)}}
 
 
-@jax.jit
-def _aligned_kernel(kernel_DxC: jax.Array, new_C: jax.Array) -> jax.Array:
-    norms_C = jnp.linalg.norm(kernel_DxC, axis=0)
-    old_mean = jnp.sum(jnp.where(new_C, 0.0, norms_C)) / jnp.sum(~new_C)
-    new_mean = jnp.sum(jnp.where(new_C, norms_C, 0.0)) / jnp.sum(new_C)
-    return jnp.where(new_C[None, :], kernel_DxC * (old_mean / new_mean), kernel_DxC)
-
-
 def aligned(head: dict, num_old: int) -> dict:
     """Weight aligning (Zhao et al. 2020, as DER and MEMO use it in PyCIL): the new classes' kernel
-    columns scaled by gamma = mean column norm of the old classes / mean of the new; bias kept."""
-    new_C = jnp.arange(head["kernel"].shape[1]) >= num_old
-    return {**head, "kernel": _aligned_kernel(head["kernel"], new_C)}
+    columns scaled by `wa.align_gamma` (old classes' mean column norm / new classes'); bias kept."""
+    kernel = jnp.asarray(head["kernel"])
+    return {**head, "kernel": kernel.at[:, num_old:].multiply(align_gamma(kernel, num_old))}
