@@ -12,10 +12,13 @@ import tempfile
 
 # Tests never write the user's ~/.cache/incremental: generated data and compiled programs go to one
 # temporary directory for the whole session, shared by every test and the processes they start, so
-# a program compiled by one test is read from the persistent cache by the next.
-_cache = tempfile.mkdtemp(prefix="incremental-tests-")
-os.environ["INCREMENTAL_CACHE"] = _cache
-atexit.register(shutil.rmtree, _cache, ignore_errors=True)
+# a program compiled by one test is read from the persistent cache by the next. The first pytest
+# process makes it; pytest-xdist's workers inherit its environment and share it (JAX and the data
+# cache write their files atomically), and only the process that made it removes it.
+if "INCREMENTAL_TEST_CACHE" not in os.environ:
+    os.environ["INCREMENTAL_TEST_CACHE"] = tempfile.mkdtemp(prefix="incremental-tests-")
+    atexit.register(shutil.rmtree, os.environ["INCREMENTAL_TEST_CACHE"], ignore_errors=True)
+os.environ["INCREMENTAL_CACHE"] = os.environ["INCREMENTAL_TEST_CACHE"]
 
 import jax  # noqa: E402
 import pytest  # noqa: E402

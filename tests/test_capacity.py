@@ -9,9 +9,7 @@ import pytest
 from configs import digits
 from incremental import run as run_lib
 from incremental import workdirs
-from incremental.methods import METHODS, Finetune
-from incremental.methods.freeze_backbone import FreezeBackbone
-from incremental.methods.replay import Replay
+from incremental.methods import METHODS
 
 NUM_CLASSES = 10  # digits
 
@@ -28,54 +26,6 @@ def small_config(method="finetune", *, capacity=NUM_CLASSES, epochs=3):
 
 def losses(results):
     return [p["final_loss"] for p in results["phases"]]
-
-
-@pytest.mark.parametrize(
-    "method, overrides",
-    [
-        ("finetune", {}),
-        # The exemplar memory grows every phase; NME scores every class of the wide head.
-        ("replay", {"checkpoint.every_steps": 5}),
-        (
-            "joint",
-            {"train.loop": "steps", "train.optimizer": "adam", "train.carry_opt_state": True},
-        ),
-        ("finetune", {"train.schedule": "cosine", "head.init": "imprint"}),
-        ("freeze_backbone", {"train_first.lr": 0.1}),  # two programs: phase 0's and the rest's
-    ],
-)
-def test_capacity_gives_the_widening_numbers(tmp_path, method, overrides):
-    results = {}
-    for capacity in (0, NUM_CLASSES):
-        config = small_config(method, capacity=capacity)
-        for key, value in overrides.items():
-            section, name = key.split(".")
-            config[section][name] = value
-        results[capacity] = run_lib.run(config, str(tmp_path / str(capacity)))
-    wide, widened = results[NUM_CLASSES], results[0]
-    assert wide["accuracy_matrix"] == widened["accuracy_matrix"]
-    assert wide["task_aware_matrix"] == widened["task_aware_matrix"]
-    assert wide.get("nme_accuracy_matrix") == widened.get("nme_accuracy_matrix")
-    # Measured bit-identical here (10 classes); the tolerance allows another reduction order.
-    np.testing.assert_allclose(losses(wide), losses(widened), rtol=1e-6)
-    assert wide["last_accuracy"] > 0  # a real run, not two empty ones
-
-
-def test_columns_of_unseen_classes_stay_zero_and_seen_ones_train(tmp_path):
-    config = small_config("finetune", capacity=12)  # room beyond the protocol's classes too
-    run_lib.run(config, str(tmp_path))
-    for phase, num_seen in enumerate((4, 6, 8, 10)):
-        _, saved = workdirs.restore(str(tmp_path), phase)
-        head = saved.state["params"]["head"]
-        assert head["kernel"].shape == (256, 12)
-        np.testing.assert_array_equal(np.asarray(head["kernel"])[:, num_seen:], 0)
-        np.testing.assert_array_equal(np.asarray(head["bias"])[num_seen:], 0)
-        assert np.all(np.abs(np.asarray(head["kernel"])[:, :num_seen]).sum(0) > 0)
-    # Evaluating a saved phase masks the classes it had not seen.
-    doc = workdirs.evaluate(str(tmp_path), phase=1)
-    predicted = {int(p) for row in doc["confusion"].values() for p in row}
-    seen = {c["class"] for c in doc["per_class"]}
-    assert predicted <= seen and len(seen) == 6
 
 
 trace_counts: dict[str, int] = {}
@@ -104,34 +54,69 @@ def counting(base):
 
 
 @pytest.mark.parametrize(
-    "cls, loop, programs",
+    "method, overrides, programs",
     [
-        (Finetune, "scan", 1),
-        (Replay, "scan", 1),  # the exemplar memory grows every phase, outside the program
-        (Replay, "steps", 1),
-        (FreezeBackbone, "scan", 2),  # phase 0's program, and the frozen backbone's
+        ("finetune", {}, 1),
+        # The exemplar memory grows every phase, outside the program; NME scores every class of
+        # the wide head; several calls of the epoch per epoch.
+        ("replay", {"checkpoint.every_steps": 5}, 1),
+        (
+            "joint",
+            {"train.loop": "steps", "train.optimizer": "adam", "train.carry_opt_state": True},
+            1,
+        ),
+        ("finetune", {"train.schedule": "cosine", "head.init": "imprint"}, 1),
+        # Two programs: phase 0's and the frozen backbone's.
+        ("freeze_backbone", {"train_first.lr": 0.1}, 2),
     ],
 )
-def test_capacity_traces_the_train_and_eval_steps_once_per_run(
-    tmp_path, monkeypatch, cls, loop, programs
+def test_capacity_gives_the_widening_numbers_and_compiles_once(
+    tmp_path, monkeypatch, method, overrides, programs
 ):
-    cls = counting(cls)
+    """Capacity and widening give the same numbers; widening traces the train step and the
+    prediction once per phase, capacity once per run (per program)."""
+    cls = counting(METHODS[method])
     monkeypatch.setitem(METHODS, cls.name, cls)
-    counts = {}
+    results, counts = {}, {}
     for capacity in (0, NUM_CLASSES):
         trace_counts.clear()
-        config = small_config(cls.name, capacity=capacity, epochs=2)
-        config.train.loop = loop
-        config.checkpoint.every_steps = 4  # several calls of the epoch per epoch
-        results = run_lib.run(config, str(tmp_path / str(capacity)))
+        config = small_config(cls.name, capacity=capacity)
+        for key, value in overrides.items():
+            section, name = key.split(".")
+            config[section][name] = value
+        results[capacity] = run_lib.run(config, str(tmp_path / str(capacity)))
         counts[capacity] = dict(trace_counts)
-    phases = results["num_phases"]
+    wide, widened = results[NUM_CLASSES], results[0]
+    assert wide["accuracy_matrix"] == widened["accuracy_matrix"]
+    assert wide["task_aware_matrix"] == widened["task_aware_matrix"]
+    assert wide.get("nme_accuracy_matrix") == widened.get("nme_accuracy_matrix")
+    # Measured bit-identical here (10 classes); the tolerance allows another reduction order.
+    np.testing.assert_allclose(losses(wide), losses(widened), rtol=1e-6)
+    assert wide["last_accuracy"] > 0  # a real run, not two empty ones
+    phases = wide["num_phases"]
     assert phases == 4
     # The scan traces the step twice (the compile, and the shapes of a skipped step's metrics);
-    # the Python loop once. Widening does that every phase, capacity once for the whole run.
-    per_compile = 2 if loop == "scan" else 1
+    # the Python loop once, however many calls and batches a phase takes.
+    per_compile = 1 if config.train.loop == "steps" else 2
     assert counts[0] == {"loss": per_compile * phases, "predict": phases}
     assert counts[NUM_CLASSES] == {"loss": per_compile * programs, "predict": 1}
+
+
+def test_columns_of_unseen_classes_stay_zero_and_seen_ones_train(tmp_path):
+    config = small_config("finetune", capacity=12)  # room beyond the protocol's classes too
+    run_lib.run(config, str(tmp_path))
+    for phase, num_seen in enumerate((4, 6, 8, 10)):
+        _, saved = workdirs.restore(str(tmp_path), phase)
+        head = saved.state["params"]["head"]
+        assert head["kernel"].shape == (256, 12)
+        np.testing.assert_array_equal(np.asarray(head["kernel"])[:, num_seen:], 0)
+        np.testing.assert_array_equal(np.asarray(head["bias"])[num_seen:], 0)
+        assert np.all(np.abs(np.asarray(head["kernel"])[:, :num_seen]).sum(0) > 0)
+    # Evaluating a saved phase masks the classes it had not seen.
+    doc = workdirs.evaluate(str(tmp_path), phase=1)
+    predicted = {int(p) for row in doc["confusion"].values() for p in row}
+    seen = {c["class"] for c in doc["per_class"]}
+    assert predicted <= seen and len(seen) == 6
 
 
 def test_capacity_run_resumes_with_the_same_numbers(tmp_path):

@@ -38,7 +38,7 @@ out = {"device_count": jax.device_count()}
 for devices, shard, wide in ((1, False, 0), (4, False, 0), (4, True, 0), (4, False, 10)):
     config = digits.get_config("method=inspecting")
     config.train.epochs = config.train_first.epochs = 3
-    config.protocol.init_classes, config.protocol.increment = 4, 3
+    config.protocol.phase_sizes = "4,6"  # phase 1 trains on new data and the memory
     config.log.progress = config.log.plot = False
     config.parallel.devices = devices
     config.parallel.shard_params, config.parallel.shard_min_size = shard, 1000

@@ -1,6 +1,7 @@
 """config.seeds: the seeds train together under jax.vmap, each with a separate run's numbers."""
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -17,26 +18,40 @@ def small_config(method):
     return config
 
 
+@pytest.fixture(scope="module")
+def together(tmp_path_factory):
+    """`config.seeds=(0, 1)` runs, one per method, made when a test first asks for it."""
+    made = {}
+
+    def get(method):
+        if method not in made:
+            config = small_config(method)
+            config.seeds = (0, 1)
+            workdir = tmp_path_factory.mktemp(f"together_{method}")
+            made[method] = (run_lib.run(config, str(workdir)), workdir)
+        return made[method]
+
+    return get
+
+
 # finetune: every seed trains on the same examples (shared data); replay: the exemplar memories
 # differ per seed (stacked data), and the method state (the memory) is stacked too.
 @pytest.mark.parametrize("method", ["finetune", "replay"])
-def test_each_seed_has_the_numbers_of_its_own_run(tmp_path, method):
-    config = small_config(method)
-    config.seeds = (0, 1)
-    doc = run_lib.run(config, str(tmp_path / "together"))
+def test_each_seed_has_the_numbers_of_its_own_run(tmp_path, together, method):
+    doc, workdir = together(method)
     assert doc["seeds"] == [0, 1] and doc["complete"]
     lasts = []
     for seed in (0, 1):
         single = small_config(method)
         single.seed = seed
         alone = run_lib.run(single, str(tmp_path / f"alone_{seed}"))
-        together = json.loads((tmp_path / "together" / f"seed_{seed}" / "results.json").read_text())
-        assert together["accuracy_matrix"] == alone["accuracy_matrix"]
+        seed_doc = json.loads((workdir / f"seed_{seed}" / "results.json").read_text())
+        assert seed_doc["accuracy_matrix"] == alone["accuracy_matrix"]
         assert doc["per_seed"][str(seed)]["accuracy_matrix"] == alone["accuracy_matrix"]
         if method == "replay":
-            assert together["nme_accuracy_matrix"] == alone["nme_accuracy_matrix"]
+            assert seed_doc["nme_accuracy_matrix"] == alone["nme_accuracy_matrix"]
         np.testing.assert_allclose(
-            [p["final_loss"] for p in together["phases"]],
+            [p["final_loss"] for p in seed_doc["phases"]],
             [p["final_loss"] for p in alone["phases"]],
             rtol=1e-5,
         )
@@ -46,12 +61,12 @@ def test_each_seed_has_the_numbers_of_its_own_run(tmp_path, method):
     assert len(set(lasts)) > 1  # the seeds really differ
 
 
-def test_seeds_resume_after_the_last_phase_every_seed_finished(tmp_path):
+def test_seeds_resume_after_the_last_phase_every_seed_finished(tmp_path, together):
+    whole, workdir = together("replay")
     config = small_config("replay")
     config.seeds = (0, 1)
-    whole = run_lib.run(config, str(tmp_path / "whole"))
     staged = tmp_path / "staged"
-    run_lib.run(config, str(staged))
+    shutil.copytree(workdir, staged)  # a finished run, whose latest phases are then lost
     for phase in ("1", "2"):  # seed 1 lost its last two phases, seed 0 its last
         for seed, lost in (("0", ("2",)), ("1", ("1", "2"))):
             if phase in lost:
