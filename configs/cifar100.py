@@ -23,8 +23,11 @@ finetune 9.2, EWC 12.5, LwF 23.3, replay 41.0, iCaRL 49.3, BiC 50.6, WA 52.3, DE
 joint 70.2. Average incremental accuracy: EWC 29.8, LwF 43.7, BiC 64.9, WA 67.2, DER 69.7, FOSTER 72.8.
 B50-Inc10 (`protocol=b50_inc10`, PyCIL's "B50 5 steps") last accuracy: FOSTER 64.0, DER 62, WA 56,
 iCaRL 52, BiC 49.3, replay 41.3. DER, MEMO and FOSTER grow the network: DER's parameter count grows
-by one ResNet-32 (about 0.46M) per phase, MEMO's by one third stage, FOSTER's stays one backbone.
+by one ResNet-32 (about 0.46M) per phase, MEMO's by one third stage; FOSTER reports a two-backbone
+teacher from phase 1 on and carries a one-backbone student.
 """
+
+import ml_collections
 
 from incremental.config import base_config, parse_arg, set_method, set_protocol
 
@@ -62,8 +65,8 @@ METHOD_SETTINGS = {
     # DER and MEMO (PyCIL's der.py / memo.py): later phases 170 epochs, milestones 80/120/150.
     "der": {"epochs": 170, "milestones": (80, 120, 150)},
     "memo": {"epochs": 170, "milestones": (80, 120, 150)},
-    # FOSTER (PyCIL's foster.json): cosine schedule, weight decay 5e-4; 170 boosting epochs per
-    # phase, then 130 compression epochs.
+    # FOSTER (PyCIL's foster.json, the official configs): cosine schedule, weight decay 5e-4; 170
+    # boosting epochs per phase, then 130 compression epochs; Cutout and beta1 in get_config.
     "foster": {
         "epochs": 170,
         "milestones": (),
@@ -80,6 +83,10 @@ METHOD_SETTINGS = {
         "memory_per_class": 20,
     },
 }
+
+
+# FOSTER's official B0-Inc10 config: beta1 of phases 1-9 (PyCIL's foster.json, B50-Inc10: 0.96).
+FOSTER_B0_INC10_BETA1 = (0.98, 0.975, 0.97, 0.965, 0.96, 0.955, 0.95, 0.945, 0.94)
 
 
 # BiC's paper (Wu et al. 2019, implementation details): 250 epochs, lr 0.1 divided by 10 after 100, 150 and 200
@@ -128,6 +135,14 @@ def get_config(arg: str | None = None):
     config.augment.crop_padding = 4
     config.augment.flip = True
     config.augment.brightness = 63 / 255  # PyCIL utils/data.py line 46 (iCIFAR100.train_trsf)
+    if args["method"] == "foster":
+        # The official code's CIFAR-100 pipeline adds Cutout(16) (G-U-N/ECCV22-FOSTER utils/data.py
+        # line 79 at 555c7f0; its AutoAugment CIFAR-10 policy, line 77, is not implemented here),
+        # and its B0-Inc10 config a beta1 per phase (configs/cifar/b0inc10.json).
+        config.augment.cutout = 16
+        if args["protocol"] == "b0_inc10":  # a tuple where the method's default is a float
+            fields = {**config.method_args.to_dict(), "beta1": FOSTER_B0_INC10_BETA1}
+            config.method_args = ml_collections.ConfigDict(fields)
     config.eval.batch_size = 1000
     return config
 

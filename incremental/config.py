@@ -147,6 +147,7 @@ def _add_training(c: ml_collections.ConfigDict) -> None:
     c.augment.crop_padding = 0  # random crop after zero padding by this many pixels (0: off)
     c.augment.flip = False  # random horizontal flip
     c.augment.brightness = 0.0  # ColorJitter(brightness=...): factor in [1 - b, 1 + b] (0: off)
+    c.augment.cutout = 0  # Cutout: a zeroed square of this side at a random centre (0: off)
 
     c.eval = ml_collections.ConfigDict()
     c.eval.batch_size = 500

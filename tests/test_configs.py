@@ -63,6 +63,16 @@ def test_unknown_protocol_arg_is_named():
         cifar100.get_config("protocol=b10")
 
 
+def test_foster_cifar100_config_is_the_official_codes():
+    """G-U-N/ECCV22-FOSTER at 555c7f0: Cutout(16) in utils/data.py, beta1 per phase in
+    configs/cifar/b0inc10.json; the B50 protocol keeps PyCIL's foster.json beta1."""
+    b0 = cifar100.get_config("method=foster")
+    assert b0.augment.cutout == 16 and cifar100.get_config("method=icarl").augment.cutout == 0
+    assert b0.method_args.beta1 == (0.98, 0.975, 0.97, 0.965, 0.96, 0.955, 0.95, 0.945, 0.94)
+    b50 = cifar100.get_config("method=foster,protocol=b50_inc10")
+    assert b50.method_args.beta1 == 0.96 and b50.augment.cutout == 16
+
+
 def test_cifar100_reference_settings():
     """PyCIL's (87cc411) settings where they differ from the method files' paper defaults."""
     bic = cifar100.get_config("method=bic")  # models/bic.py lines 12-19, every phase and stage 2

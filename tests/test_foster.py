@@ -143,9 +143,12 @@ def two_phases():
         state, method_state, metrics = pr.train_epoch(state, method_state, pr.x, pr.y)
         steps.add(metrics)
     teacher = {"params": state.params, "batch_stats": state.batch_stats}
-    student, _ = method.compress(pr.ctx, teacher, method_state)
+    reported, kept = method.compress(pr.ctx, teacher, method_state)
+    student = kept["student"]
     initial = method.student_init(teacher, method_state["old_head"], pr.info, jax.random.PRNGKey(1))
     return types.SimpleNamespace(
+        reported=reported,
+        kept=kept,
         config=config,
         data=data,
         method=method,
@@ -172,21 +175,52 @@ def test_parameter_counts_of_both_stages(two_phases):
     assert trained["backbone"] == 2 * backbone
     assert trained["backbone/branch_0"] == trained["backbone/branch_1"] == backbone
     assert trained["fe_fc"] == dim * 4 + 4
-    final = surgery.count_params(two_phases.student["params"], depth=1)
-    assert final == {"": backbone + dim * 4 + 4, "backbone": backbone, "head": dim * 4 + 4}
-    # ... shaped as the run's final model of the phase, which it evaluates, saves and carries.
+    student = surgery.count_params(two_phases.student["params"], depth=1)
+    assert student == {"": backbone + dim * 4 + 4, "backbone": backbone, "head": dim * 4 + 4}
+    # The phase reports (evaluates, saves) the teacher without fe_fc, shaped as the run's final
+    # model; with report='student' the student is the final model.
     config, info = two_phases.config, two_phases.pr.info
-    model = phase_model.phase_model(config, two_phases.method, info, final=True)
-    shapes = jax.eval_shape(
-        lambda: phase_model.init_variables(model, two_phases.data.x_train[0], jax.random.PRNGKey(0))
+    teacher = {k: v for k, v in two_phases.teacher["params"].items() if k != "fe_fc"}
+    for report, final in (("teacher", teacher), ("student", two_phases.student["params"])):
+        method = methods.build("foster", {**config.method_args, "report": report})
+        model = phase_model.phase_model(config, method, info, final=True)
+        shapes = jax.eval_shape(
+            lambda m=model: phase_model.init_variables(
+                m, two_phases.data.x_train[0], jax.random.PRNGKey(0)
+            )
+        )
+        assert jax.tree.structure(shapes["params"]) == jax.tree.structure(final), report
+    assert set(two_phases.reported["params"]) == {"backbone", "head"}
+    assert set(two_phases.reported["params"]["backbone"]) == {"branch_0", "branch_1"}
+    pairs = zip(
+        *(jax.tree.leaves(t) for t in (teacher, two_phases.reported["params"])), strict=True
     )
-    assert jax.tree.structure(shapes) == jax.tree.structure(two_phases.student)
+    for a, b in pairs:
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert "boost_weights" not in two_phases.kept
+
+
+def test_the_student_is_reported_beside_the_teacher_and_the_next_phase_grows_from_it(two_phases):
+    method, info = two_phases.method, two_phases.pr.info
+    other = two_phases.method.companions(info, two_phases.reported, two_phases.kept)
+    (name, (backbone, variables)), *rest = other.items()
+    assert name == "student" and not rest and variables is two_phases.student
+    assert method.grow_from(two_phases.reported, two_phases.kept) is two_phases.student
+    # report='student': the other way round; in phase 0 the one model is both.
+    paper = methods.build("foster", {"report": "student"})
+    teacher = {"params": {"backbone": {}}, "batch_stats": {}}
+    assert list(paper.companions(info, two_phases.student, {"teacher": teacher})) == ["teacher"]
+    assert paper.grow_from(two_phases.student, {"teacher": teacher}) is two_phases.student
+    first = PhaseInfo(0, 0, 2)
+    assert method.companions(first, teacher, {})["student"][1] is teacher
 
 
 def test_compression_distils_the_two_branch_model(two_phases):
     pr, config, data = two_phases.pr, two_phases.config, two_phases.data
     x = np.asarray(jax.device_get(pr.x))
-    final = phase_model.phase_model(config, two_phases.method, pr.info, final=True)
+    final = phase_model.phase_model(
+        config, two_phases.method, pr.info, final=True, backbone=lambda make: make()
+    )  # the student's
     teacher = predictions(pr.model, two_phases.teacher, x, config, data)
     student = predictions(final, two_phases.student, x, config, data)
     initial = predictions(final, two_phases.initial, x, config, data)
@@ -204,29 +238,58 @@ def runs(tmp_path_factory):
     }
 
 
-def test_foster_remembers(runs):
+def test_foster_remembers_and_reports_teacher_and_student(runs):
     foster, finetune = runs["foster"][0], runs["finetune"][0]
     assert len(foster["accuracy_matrix"]) == 5
-    assert foster["last_accuracy"] >= finetune["last_accuracy"] + 0.40
-    assert foster["nme_last_accuracy"] >= finetune["last_accuracy"] + 0.40
+    for key in ("last_accuracy", "nme_last_accuracy", "student_last_accuracy"):
+        assert foster[key] >= finetune["last_accuracy"] + 0.40, key
+    teacher, student = foster["accuracy_matrix"], foster["student_accuracy_matrix"]
+    assert teacher[0] == student[0]  # phase 0: one model
+    assert teacher[1:] != student[1:]  # later: two models
 
 
-def test_every_saved_phase_is_one_backbone(runs):
+def test_saved_phases_hold_the_two_branch_teacher_and_the_student_it_grows_from(runs):
     config, path = config_for("foster"), runs["foster"][1]
     data, protocol, _ = load.load_data(config)
     method = methods.build("foster", config.method_args, config.memory)
     ckpts = checkpoint.Checkpoints(str(path))
     try:
-        counts = []
-        for phase in range(protocol.num_phases):
-            target = save.state_target(config, method, protocol, data, phase)
-            state, method_state, _ = ckpts.restore(phase, target)
-            assert "fe_fc" not in state["params"]
-            assert method_state["old_head"]["kernel"].shape[1] == protocol.num_seen(phase)
-            dim = state["params"]["head"]["kernel"].shape[0]
-            count = surgery.count_params(state["params"], depth=1)
-            assert count["head"] == (dim + 1) * protocol.num_seen(phase)
-            counts.append(count["backbone"])
+        saved = [
+            ckpts.restore(p, save.state_target(config, method, protocol, data, p))[:2]
+            for p in range(protocol.num_phases)
+        ]
     finally:
         ckpts.close()
-    assert len(set(counts)) == 1  # the same single backbone's size in every phase
+    single = surgery.count_params(saved[0][0]["params"], depth=1)["backbone"]
+    for phase, (state, method_state) in enumerate(saved):
+        assert "fe_fc" not in state["params"]
+        assert method_state["old_head"]["kernel"].shape[1] == protocol.num_seen(phase)
+        count = surgery.count_params(state["params"], depth=1)
+        dim = state["params"]["head"]["kernel"].shape[0]
+        assert count["head"] == (dim + 1) * protocol.num_seen(phase)
+        assert count["backbone"] == (1 if phase == 0 else 2) * single
+        if phase:
+            student = method_state["student"]["params"]
+            assert surgery.count_params(student, depth=1)["backbone"] == single
+            # The old head is the student's; the next phase's frozen branch_0 is this student.
+            np.testing.assert_array_equal(
+                method_state["old_head"]["kernel"], student["head"]["kernel"]
+            )
+        if phase >= 2:
+            grown_from = saved[phase - 1][1]["student"]["params"]["backbone"]
+            branch_0 = state["params"]["backbone"]["branch_0"]
+            for a, b in zip(*(jax.tree.leaves(t) for t in (grown_from, branch_0)), strict=True):
+                np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_beta1_may_be_one_per_phase_after_the_first():
+    method = methods.build("foster", {"beta1": [0.98, 0.9]})
+    assert method.beta1 == (0.98, 0.9)
+    assert (method.beta1_of(1), method.beta1_of(2)) == (0.98, 0.9)
+    assert methods.build("foster").beta1_of(7) == 0.96
+    with pytest.raises(ValueError, match="beta1 has 2 values.*phase 3"):
+        method.beta1_of(3)
+    with pytest.raises(ValueError, match="beta1"):
+        methods.build("foster", {"beta1": (0.9, 1.0)})
+    with pytest.raises(ValueError, match="report"):
+        methods.build("foster", {"report": "both"})

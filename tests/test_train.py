@@ -58,6 +58,34 @@ def test_brightness_scales_each_image_by_one_factor_as_colorjitter(key):
     assert floats.max() == 1.0  # float images are clipped at 1
 
 
+def cutout_by_loops(image, y, x, length):
+    """The official FOSTER code's Cutout for one image and centre, as its loop writes it."""
+    h, w = image.shape[:2]
+    y1, y2 = np.clip(y - length // 2, 0, h), np.clip(y + length // 2, 0, h)
+    x1, x2 = np.clip(x - length // 2, 0, w), np.clip(x + length // 2, 0, w)
+    out = image.copy()
+    out[y1:y2, x1:x2] = 0
+    return out
+
+
+@pytest.mark.parametrize("length", [16, 5])
+def test_cutout_zeroes_one_clipped_square_per_image(key, length):
+    x = jnp.full((512, 32, 32, 3), 7, jnp.uint8)
+    out = np.asarray(device.random_cutout(key, x, length))
+    assert out.dtype == np.uint8
+    for image in out:
+        rows, cols = np.nonzero(image[..., 0] == 0)
+        # The zeroed pixels are one square clipped at the borders, the same on every channel...
+        y = rows.min() + length // 2 if rows.min() > 0 else rows.max() + 1 - length // 2
+        x_ = cols.min() + length // 2 if cols.min() > 0 else cols.max() + 1 - length // 2
+        np.testing.assert_array_equal(image, cutout_by_loops(np.full_like(image, 7), y, x_, length))
+    # ...centred anywhere on the image, so that it is clipped at each border sometimes.
+    side = 2 * (length // 2)  # the official loop's square: an odd length loses a row and a column
+    zeroed = (out[..., 0] == 0).sum((1, 2))
+    assert zeroed.max() == side * side and zeroed.min() < side * side // 2
+    assert (out[:, 0] == 0).any() and (out[:, -1] == 0).any() and (out[:, :, 0] == 0).any()
+
+
 def test_augment_without_brightness_keeps_its_crops_and_flips(key):
     """Adding brightness draws from its own key: crops and flips stay those of the same step."""
     x = jnp.arange(8 * 4 * 4 * 1, dtype=jnp.uint8).reshape(8, 4, 4, 1)

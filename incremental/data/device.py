@@ -64,22 +64,44 @@ def random_brightness(rng: jax.Array, x_BHWC: jax.Array, strength: float) -> jax
     return jnp.clip(x_BHWC.astype(jnp.float32) * factor, 0.0, top)
 
 
+def random_cutout(rng: jax.Array, x_BHWC: jax.Array, length: int) -> jax.Array:
+    """Cutout (DeVries and Taylor 2017) as the official FOSTER code applies it (G-U-N/ECCV22-FOSTER
+    `utils/data.py` lines 8-33 at 555c7f0): per image one square of side `length` centred on a pixel
+    drawn uniformly, clipped at the borders (rows [y - length // 2, y + length // 2), so an odd `length` loses a row and
+    a column as there), set to 0."""
+    b, h, w, _ = x_BHWC.shape
+    y_rng, x_rng = jax.random.split(rng)
+    y, x = jax.random.randint(y_rng, (b, 1), 0, h), jax.random.randint(x_rng, (b, 1), 0, w)
+    half = length // 2
+    rows = jnp.abs(jnp.arange(h)[None, :] - y + 0.5) <= half  # (B, H)
+    cols = jnp.abs(jnp.arange(w)[None, :] - x + 0.5) <= half  # (B, W)
+    hole = rows[:, :, None, None] & cols[:, None, :, None]
+    return jnp.where(hole, jnp.zeros((), x_BHWC.dtype), x_BHWC)
+
+
 class Augment(NamedTuple):
-    """Training augmentation of raw images on the device, in PyCIL's order: crop, flip, brightness."""
+    """Training augmentation of raw images on the device, in PyCIL's order: crop, flip, brightness,
+    then (the official FOSTER code's) Cutout."""
 
     crop_padding: int = 0  # random crop of the original size after zero padding (0: off)
     flip: bool = False  # random horizontal flip
     brightness: float = 0.0  # ColorJitter's brightness strength (0: off); PyCIL CIFAR: 63 / 255
+    cutout: int = 0  # side of Cutout's zeroed square, in pixels (0: off); official FOSTER: 16
 
     @classmethod
     def from_config(cls, augment, is_image: bool) -> Augment:
         """`config.augment` for images; nothing for feature vectors."""
         if not is_image:
             return cls()
-        return cls(augment.crop_padding, augment.flip, augment.get("brightness", 0.0))
+        return cls(
+            augment.crop_padding,
+            augment.flip,
+            augment.get("brightness", 0.0),
+            augment.get("cutout", 0),
+        )
 
     def __bool__(self) -> bool:
-        return bool(self.crop_padding or self.flip or self.brightness)
+        return bool(self.crop_padding or self.flip or self.brightness or self.cutout)
 
 
 def augment(rng: jax.Array, x: jax.Array, spec: Augment) -> jax.Array:
@@ -91,6 +113,8 @@ def augment(rng: jax.Array, x: jax.Array, spec: Augment) -> jax.Array:
         x = random_flip(flip_rng, x)
     if spec.brightness:
         x = random_brightness(jax.random.fold_in(rng, 2), x, spec.brightness)
+    if spec.cutout:
+        x = random_cutout(jax.random.fold_in(rng, 3), x, spec.cutout)
     return x
 
 

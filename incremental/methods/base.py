@@ -68,9 +68,10 @@ class PhaseContext(NamedTuple):
     normalize: Callable[[jax.Array], jax.Array] | None = None
     seed: int = 0  # the run's seed (config.seed), for host-side randomness of hooks
     config: Any = None  # the run's config, for hooks that read its settings (lr, batch size, ...)
-    # `fit(variables, *, method, tx, epochs, method_state, rng, rows, name) -> variables`: plain
-    # training of the phase's final model with another method's loss, for hooks that train on their
-    # own (a compression stage); built by the loop (`phase.fit.make_fit`), so no method imports it.
+    # `fit(variables, *, method, tx, epochs, method_state, rng, rows, name, backbone=None) ->
+    # variables`: plain training of the phase's final model (or of the model with `backbone(make)`)
+    # with another method's loss, for hooks that train on their own (a compression stage); built by
+    # the loop (`phase.fit.make_fit`), so no method imports it.
     fit: Callable | None = None
 
 
@@ -122,11 +123,21 @@ class Method:
         """How the new classes' head columns start (`surgery.HEAD_INITS`), given `head.init`."""
         return configured
 
+    def grow_from(self, variables: PyTree, method_state: dict) -> PyTree:
+        """What the next phase grows from, given the phase's final variables and method state.
+
+        Default: the final variables. FOSTER, whose reported model is its two-branch teacher,
+        grows the next phase from the compressed student kept in its method state.
+        """
+        del method_state
+        return variables
+
     def grow(self, ctx: PhaseContext, variables: PyTree, key: jax.Array) -> PyTree:
         """The previous phase's final variables fitted to this phase's backbone (a new branch, ...).
 
         Runs at the start of every phase after the first, before the head gets the new classes'
-        columns; `ctx.embed` and `ctx.apply_fn` already apply this phase's model. Default: unchanged.
+        columns, on what `grow_from` gives; `ctx.embed` and `ctx.apply_fn` already apply this
+        phase's model. Default: unchanged.
         """
         del ctx, key
         return variables
@@ -197,6 +208,19 @@ class Method:
 
         Each is evaluated like `predict` and reported under `<name>_...` keys in results.json.
         """
+        return {}
+
+    def companions(
+        self, info: PhaseInfo, variables: PyTree, method_state: dict
+    ) -> dict[str, tuple[Callable[..., Any], PyTree]]:
+        """Other models the phase reports beside its final one, by name: `(backbone, variables)`.
+
+        `backbone(make)` builds the companion's backbone as `backbone` does; its head is the final
+        model's kind over `info.num_seen` classes. Each is scored with `predict` and reported under
+        `<name>_...` keys, like `extra_predictions` (FOSTER's student beside its teacher). Every
+        phase must return the same names. Default: none.
+        """
+        del info, variables, method_state
         return {}
 
     def predict(self, out: Outputs, method_state: dict) -> jax.Array:

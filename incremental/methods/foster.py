@@ -23,17 +23,34 @@ Phase 0 trains one backbone with cross-entropy. Every later phase has two stages
   with w2 the beta2 weights. The student is the phase's final model: it is evaluated, selects the
   exemplars, is saved, and is grown into two branches by the next phase.
 
-Choices where the paper, PyCIL (`models/foster.py`) and this code differ:
-- Evaluation: PyCIL reports the two-branch model of each phase (its student replaces it only at the
-  start of the next phase, and the exemplars are selected with the two-branch model's features); here
-  the phase ends with the compressed student, as the paper's model does, and everything after
-  training (exemplars, NME means, the reported accuracy) uses the student.
+Which model a phase reports (`report`): PyCIL (`models/foster.py` at 87cc411, lines 37-46 and 72-74)
+and the official code (G-U-N/ECCV22-FOSTER at 555c7f0, the same lines of its `models/foster.py`)
+evaluate the two-branch model of each phase and select its exemplars with that model's features;
+the student only logs its accuracy ("darknet eval", PyCIL lines 370-386) and replaces the
+two-branch model at the start of the next phase (`self._network = self._snet`, line 41), where it
+is the old model and the new phase's `branch_0`. `report='teacher'` (the default) does the same:
+the phase's final model (evaluated, its exemplars and NME means, saved) is the teacher, and the
+student, kept in the method state (`student`), is what the next phase grows from and distils from.
+`report='student'` is the paper's model: the phase ends with the student and everything after
+training uses it. Either way the other one is scored too, under `student_*` (or `teacher_*`) keys
+of results.json; in phase 0 both are the one model.
+
+`beta1` is one value for every phase (PyCIL's `exps/foster.json`: 0.96, its B50-Inc10 setting) or
+one per phase after the first, as the official B0-Inc10 config gives it (`configs/cifar/b0inc10.json`
+at 555c7f0: 0.98 down to 0.94 in steps of 0.005; `models/foster.py` lines 92-95 index it by phase).
+
+The official code trains CIFAR-100 with AutoAugment's CIFAR-10 policy and Cutout(16) after PyCIL's
+crop, flip and brightness (`utils/data.py` lines 72-80 at 555c7f0); PyCIL does not (its
+`utils/data.py` has crop, flip and brightness only). `augment.cutout` is Cutout; AutoAugment is not
+implemented.
+
+Other choices where the paper, PyCIL and this code differ:
 - The head rows of the new branch's features start at zero, so boosting starts from the old model's
   outputs; PyCIL leaves the old classes' rows for them at the layer's random initialisation.
 - Class counts are those of the phase's data (the exemplars actually held); PyCIL uses the nominal
   per-class memory size for old classes.
 - `oofc='az'` (zeroing the new classes' weights on the old features) is not implemented; PyCIL's
-  default is 'ft'. PyCIL's cutout augmentation is not applied.
+  default is 'ft'.
 - Optimisation of the boosting stage lives in the config (PyCIL: 170 epochs, lr 0.1, batch 128,
   weight decay 5e-4, cosine; memory 2000).
 """
@@ -67,6 +84,7 @@ from incremental.models import Branches, head_logits
 PyTree = Any
 AUX = "fe_fc"  # the new branch's classifier: {'kernel': (D, num_seen), 'bias': (num_seen,)}
 OOFC = ("ft",)
+REPORTS = ("teacher", "student")
 
 
 def effective_number_weights(counts_C: np.ndarray, beta: float) -> np.ndarray:
@@ -111,7 +129,12 @@ class FOSTER(Rehearsal):
     """Two-branch feature boosting, then distillation back into one backbone, every phase > 0."""
 
     name = "foster"
-    beta1: float = 0.96  # effective-number beta of the boosting stage's logit adjustment (PyCIL)
+    # Only what the jitted steps read: not the memory, nor the student kept for the next phase.
+    train_keys = ("old_head", "boost_weights")
+    eval_keys = ("class_means",)
+    # Effective-number beta of the boosting stage's logit adjustment: one value (PyCIL), or one per
+    # phase after the first (the official B0-Inc10 config).
+    beta1: float | tuple[float, ...] = 0.96
     beta2: float = 0.97  # effective-number beta of the compression stage's balanced KD (PyCIL)
     oofc: str = "ft"  # the new classes' weights on the old features: 'ft' train them (PyCIL)
     lambda_okd: float = 1.0  # weight of the KD from the old model in boosting (PyCIL)
@@ -121,13 +144,24 @@ class FOSTER(Rehearsal):
     wa_value: float = 1.0  # weight aligning multiplies gamma by wa_value ** (old / new) (PyCIL)
     compression_epochs: int = 130  # epochs of the compression stage (PyCIL, CIFAR-100)
     compression_weight_decay: float = 0.0  # PyCIL's compression optimizer has none
+    report: str = "teacher"  # the phase's model: 'teacher' (PyCIL, official code) or 'student'
 
     def __post_init__(self):
-        for field in ("beta1", "beta2"):
-            if not 0 < getattr(self, field) < 1:
+        if isinstance(self.beta1, (list, tuple)):
+            object.__setattr__(self, "beta1", tuple(float(b) for b in self.beta1))
+        betas = {"beta1": self.beta1, "beta2": self.beta2}
+        for field, value in betas.items():
+            values = value if isinstance(value, tuple) else (value,)
+            if not values or not all(0 < v < 1 for v in values):
                 raise ValueError(
-                    f"method_args.{field} must be in (0, 1), got {getattr(self, field)}."
+                    f"method_args.{field} must be in (0, 1) (beta1 may be one per phase after the "
+                    f"first), got {value}."
                 )
+        if self.report not in REPORTS:
+            raise ValueError(
+                f"method_args.report must be one of {REPORTS} (the model each phase reports), got "
+                f"{self.report!r}."
+            )
         if self.oofc not in OOFC:
             raise ValueError(
                 f"method_args.oofc must be one of {OOFC} ('az' is not implemented), got "
@@ -146,9 +180,33 @@ class FOSTER(Rehearsal):
             )
 
     def backbone(self, make, info: PhaseInfo, *, final: bool = False):
-        if info.phase == 0 or final:
+        if info.phase == 0 or (final and self.report == "student"):
             return make()
-        return Branches(make(), num_branches=2, frozen=1)
+        return two_branches(make)
+
+    def grow_from(self, variables, method_state: dict):
+        """The student of the phase that just ended, where the teacher was its reported model."""
+        return method_state.get("student", variables)
+
+    def companions(self, info: PhaseInfo, variables, method_state: dict):
+        """The student beside the reported teacher (`report='teacher'`), or the other way round."""
+        other = "student" if self.report == "teacher" else "teacher"
+        if info.phase == 0:  # one model: it is both
+            return {other: (single_branch, variables)}
+        backbone = single_branch if other == "student" else two_branches
+        return {other: (backbone, method_state[other])}
+
+    def beta1_of(self, phase: int) -> float:
+        """The boosting stage's beta1 in `phase` (>= 1)."""
+        if not isinstance(self.beta1, tuple):
+            return self.beta1
+        if phase > len(self.beta1):
+            raise ValueError(
+                f"method_args.beta1 has {len(self.beta1)} values, one per phase after the first, "
+                f"but the protocol has a phase {phase}; give one value per later phase, or one "
+                "value for all."
+            )
+        return self.beta1[phase - 1]
 
     def setup(self, info: PhaseInfo) -> PhaseSetup:
         if info.phase == 0:
@@ -200,7 +258,8 @@ class FOSTER(Rehearsal):
                 f"FOSTER phase {ctx.info.phase} has no previous head in its method state; start "
                 "the run from phase 0 or resume from a checkpoint written by foster."
             )
-        weights = effective_number_weights(self.class_counts(ctx, method_state), self.beta1)
+        counts = self.class_counts(ctx, method_state)
+        weights = effective_number_weights(counts, self.beta1_of(ctx.info.phase))
         return {**method_state, "boost_weights": jnp.asarray(weights)}
 
     def loss(self, out: Outputs, batch: Batch, *, params, method_state, info, apply_fn):
@@ -220,7 +279,8 @@ class FOSTER(Rehearsal):
         return ce + fe + self.lambda_okd * kd, {"ce": ce, "fe": fe, "kd": kd}
 
     def compress(self, ctx: PhaseContext, variables, method_state: dict):
-        """Distils the two-branch model into one backbone (phase > 0); returns the student."""
+        """Distils the two-branch model into one backbone (phase > 0). Returns the reported model
+        (the teacher without `fe_fc`, or the student) and keeps the other in the method state."""
         if ctx.info.phase == 0:
             return variables, method_state
         params = {k: v for k, v in variables["params"].items() if k != AUX}
@@ -230,8 +290,11 @@ class FOSTER(Rehearsal):
         student = self.distil(ctx, teacher, method_state)
         if self.is_student_wa:
             student = self.weight_align(student, ctx.info)
-        method_state = {k: v for k, v in method_state.items() if k != "boost_weights"}
-        return student, method_state
+        drop = ("boost_weights", "student", "teacher")
+        method_state = {k: v for k, v in method_state.items() if k not in drop}
+        if self.report == "teacher":
+            return teacher, {**method_state, "student": student}
+        return student, {**method_state, "teacher": teacher}
 
     def weight_align(self, variables, info: PhaseInfo):
         """PyCIL's `weight_align`: new columns scaled to the old ones' mean norm (times a factor)."""
@@ -281,8 +344,21 @@ class FOSTER(Rehearsal):
             rng=train_key,
             rows=rows,
             name=f"FOSTER's compression, phase {info.phase}",
+            backbone=single_branch,
         )
 
     def end_phase(self, ctx: PhaseContext, variables, method_state: dict) -> dict:
+        """Exemplars by the reported model's features; the old head for the next phase is that of
+        the model it grows from (the student, PyCIL's `oldfc` after `self._network = self._snet`)."""
         method_state = super().end_phase(ctx, variables, method_state)
-        return {**method_state, "old_head": copy_tree(variables["params"]["head"])}
+        old_head = self.grow_from(variables, method_state)["params"]["head"]
+        return {**method_state, "old_head": copy_tree(old_head)}
+
+
+def single_branch(make):
+    return make()
+
+
+def two_branches(make):
+    """The boosting model's backbone: `branch_0` frozen (BatchNorm in inference mode), `branch_1`."""
+    return Branches(make(), num_branches=2, frozen=1)

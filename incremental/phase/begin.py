@@ -72,7 +72,7 @@ def begin(
     info = phase_info(protocol, phase)
     programs = programs or capacity.Programs()
     model = phase_model(config, method, info)
-    ctx = make_context(config, data, info, model, phase_model(config, method, info, final=True))
+    ctx = make_context(config, data, info, method)
     variables = start_variables(config, method, data, ctx, carried)
     method_state = method.begin_phase(ctx, variables, method_state)
 
@@ -122,7 +122,8 @@ def start_variables(config, method, data: RunData, ctx: PhaseContext, carried: C
         narrow = phase_model(config, method, info, num_classes=info.num_seen)
         variables = init_variables(narrow, data.x_train[0], named_key(key, "init"))
         return capacity.initial(variables, wide) if wide else variables
-    variables = method.grow(ctx, carried.variables, named_key(key, "grow"))
+    base = method.grow_from(carried.variables, carried.method_state)
+    variables = method.grow(ctx, base, named_key(key, "grow"))
     widen_fn = lambda v: widen(config, method, v, ctx, named_key(key, "widen"))  # noqa: E731
     return capacity.add_classes(variables, info, widen_fn) if wide else widen_fn(variables)
 

@@ -3,23 +3,28 @@
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
+from typing import Any
 
 from incremental import train
 from incremental.data import device
-from incremental.methods import PhaseContext, PhaseInfo
+from incremental.methods import Method, PhaseContext, PhaseInfo
 from incremental.phase import fit
 from incremental.phase.load import RunData
-from incremental.phase.model import dtype_of
+from incremental.phase.model import dtype_of, phase_model
 
 
-def make_context(config, data: RunData, info: PhaseInfo, model, final_model=None) -> PhaseContext:
-    """The context of the hooks of `info`'s phase, applying `model`.
-
-    `final_model` is the model the phase ends with (when a method's `compress` changes the shape),
-    the one the `fit` service trains; `model` when not given.
-    """
+def make_context(config, data: RunData, info: PhaseInfo, method: Method, *, final: bool = False):
+    """The `PhaseContext` of the hooks of `info`'s phase, applying the phase's model (the final
+    model with `final=True`); its `fit` service trains the final model, or the model whose backbone
+    it is given (`fit(..., backbone=...)`, FOSTER's student)."""
     dtype = dtype_of(config)
+    model = phase_model(config, method, info, final=final)
     embed = train.make_apply_batches(model, data.norm, lambda out, _: out.features, dtype)
+
+    def model_of(backbone: Callable[..., Any] | None):
+        return phase_model(config, method, info, final=True, backbone=backbone)
+
     return PhaseContext(
         info,
         data.y_train,
@@ -29,5 +34,5 @@ def make_context(config, data: RunData, info: PhaseInfo, model, final_model=None
         normalize=functools.partial(device.normalize, norm=data.norm, dtype=dtype),
         seed=config.seed,
         config=config,
-        fit=fit.make_fit(config, data, info, final_model or model),
+        fit=fit.make_fit(config, data, info, model_of),
     )

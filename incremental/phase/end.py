@@ -32,7 +32,7 @@ def end(
     model, ctx, opt_state = pr.model, pr.ctx, state.opt_state
     final = phase_model(config, method, info, final=True)
     if final != model:
-        model, ctx = final, make_context(config, data, info, final)
+        model, ctx = final, make_context(config, data, info, method, final=True)
     if jax.tree.structure(variables["params"]) != jax.tree.structure(state.params):
         # The trained optimizer state fits other params: a fresh one for the final model's.
         tx = make_tx(config, method, info, pr.steps_per_epoch, variables["params"])

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from incremental import capacity, evaluate, train
 from incremental.methods import base
+from incremental.phase.begin import phase_info
 from incremental.phase.load import RunData
-from incremental.phase.model import dtype_of
+from incremental.phase.model import dtype_of, phase_model
 from incremental.protocol import Protocol
 
 
@@ -15,9 +16,10 @@ def evaluate_phase(
 ) -> dict:  # fmt: skip
     """Scores the test data of every seen class and returns the phase's rows of the matrices.
 
-    The method's extra classifiers (e.g. nearest-mean) are evaluated the same way, under `extra`.
-    Under `head.capacity` the whole test set is scored, a shape that does not change with the
-    phase, with the classes not seen yet masked, by functions kept in `programs` for later phases.
+    The method's extra classifiers (e.g. nearest-mean) and companion models (`Method.companions`)
+    are evaluated the same way, under `extra`. Under `head.capacity` the whole test set is scored,
+    a shape that does not change with the phase, with the classes not seen yet masked, by
+    functions kept in `programs` for later phases.
     """
     num_seen = protocol.num_seen(phase)
     seen = data.y_test < num_seen
@@ -26,7 +28,7 @@ def evaluate_phase(
     eval_state = base.select_state(method_state, method.eval_keys)
     dtype = dtype_of(config)
 
-    def rows(name, predict_fn):
+    def rows(name, predict_fn, model=model, variables=variables):
         build = lambda: train.make_apply_batches(model, data.norm, predict_fn, dtype, mask=wide)  # noqa: E731
         apply = programs.get(("eval", name), build) if wide else build()
         x = data.x_test if wide else data.x_test[seen]
@@ -38,4 +40,8 @@ def evaluate_phase(
 
     row = rows("predict", method.predict)
     extra = {name: rows(name, fn) for name, fn in method.extra_predictions().items()}
+    info = phase_info(protocol, phase)
+    for name, (backbone, companion) in method.companions(info, variables, method_state).items():
+        other = phase_model(config, method, info, final=True, backbone=backbone)
+        extra[name] = rows(name, method.predict, other, companion)
     return {**row, "extra": extra} if extra else row

@@ -8,6 +8,7 @@ compression stage, say) gets in its context, so that no method imports the loop 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -94,19 +95,21 @@ def fit(pr, state, method_state, *, steps: Steps | None = None, on_call=None):
     return state, method_state, steps
 
 
-def make_fit(config, data, info: PhaseInfo, model):
-    """The `fit` service of a phase's context: plain training of `model` on the host's data.
+def make_fit(config, data, info: PhaseInfo, model_of: Callable[[Callable | None], Any]):
+    """The `fit` service of a phase's context: plain training of a model on the host's data.
 
-    `fit(variables, *, method, tx, epochs, method_state, rng, rows, name) -> variables` trains
-    `model` (the phase's final model) for `epochs` over the training rows `rows`, with `method`'s
-    loss and `tx`, batches drawn from `rng` as the phase's own are, the phase's augmentation and
-    the config's batch size. `name` names the stage in errors.
+    `fit(variables, *, method, tx, epochs, method_state, rng, rows, name, backbone=None) ->
+    variables` trains `model_of(backbone)` (with `backbone=None` the phase's final model, else the
+    one with that backbone, as `Method.companions` gives them) for `epochs` over the training rows
+    `rows`, with `method`'s loss and `tx`, batches drawn from `rng` as the phase's own are, the
+    phase's augmentation and the config's batch size. `name` names the stage in errors.
     """
 
     def fit_fn(variables, *, method: Method, tx: optax.GradientTransformation, epochs: int,
-               method_state: dict, rng: jax.Array, rows: np.ndarray, name: str) -> PyTree:  # fmt: skip
+               method_state: dict, rng: jax.Array, rows: np.ndarray, name: str,
+               backbone: Callable | None = None) -> PyTree:  # fmt: skip
         train_epoch = train.make_train_epoch(
-            model=model,
+            model=model_of(backbone),
             tx=tx,
             method=method,
             info=info,

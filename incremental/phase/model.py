@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import zlib
+from collections.abc import Callable
 from typing import Any
 
 import flax
@@ -51,12 +52,19 @@ def train_loop(config) -> str:
 
 
 def phase_model(
-    config, method: Method, info: PhaseInfo, *, final: bool = False, num_classes: int = 0
+    config,
+    method: Method,
+    info: PhaseInfo,
+    *,
+    final: bool = False,
+    num_classes: int = 0,
+    backbone: Callable[..., Any] | None = None,
 ):
     """The phase's model: the method's backbone (built from the config's) and its head's classes.
 
     The head has `num_classes` columns if given, else `config.head.capacity` if set, else the
-    phase's `num_seen`.
+    phase's `num_seen`. `backbone(make)`, if given, builds the backbone instead of the method's
+    (a companion model, `Method.companions`).
     """
     dtype = dtype_of(config)
     kwargs = dict(config.model.kwargs.to_dict())
@@ -65,9 +73,9 @@ def phase_model(
         extra = {} if part == "all" else {"part": part}
         return build_backbone(config.model.name, dtype=dtype, **{**kwargs, **fields}, **extra)
 
-    backbone = method.backbone(make, info, final=final)
+    module = backbone(make) if backbone else method.backbone(make, info, final=final)
     width = num_classes or config.head.capacity or info.num_seen
-    return models.classifier(backbone, width, method.head)
+    return models.classifier(module, width, method.head)
 
 
 def init_variables(model, x_example: np.ndarray, key: jax.Array) -> PyTree:
