@@ -14,7 +14,9 @@ random crop (padding 4), horizontal flip and ColorJitter(brightness=63/255); Res
 shortcuts; memory 2000 split over seen classes, herding. Normalisation uses the training
 set's channel statistics (the CIFAR-100 values PyCIL hard-codes). Where PyCIL departs from the paper,
 this config follows PyCIL so its numbers compare: iCaRL uses cross-entropy + KD (`loss_type=ce_kd`),
-LwF uses lambda 3, WA a fixed KD weight 2 and no weight clipping. The method files' own defaults are
+LwF uses lambda 3, WA a fixed KD weight 2 and no weight clipping, BiC's stage 2 runs on minibatches
+of the augmented validation set with PyCIL's loss (`bias_stage=pycil`), and FOSTER reports its
+two-branch teacher with the official code's AutoAugment and Cutout. The method files' own defaults are
 the papers', except where a method's docstring says it follows PyCIL (EWC: its clipped batch Fisher,
 alpha-averaged over phases, cross-entropy on the new classes, lambda 1000).
 
@@ -55,7 +57,11 @@ METHOD_SETTINGS = {
         "milestones": (60, 100, 140),
         "weight_decay": 2e-4,
         "first": True,
-        "method_args": {"bias_epochs": 170, "bias_milestones": (60, 100, 140)},
+        "method_args": {
+            "bias_epochs": 170,
+            "bias_milestones": (60, 100, 140),
+            "bias_stage": "pycil",  # minibatches of the augmented validation set (lines 93-121)
+        },
     },
     "wa": {
         "epochs": 170,
@@ -136,9 +142,10 @@ def get_config(arg: str | None = None):
     config.augment.flip = True
     config.augment.brightness = 63 / 255  # PyCIL utils/data.py line 46 (iCIFAR100.train_trsf)
     if args["method"] == "foster":
-        # The official code's CIFAR-100 pipeline adds Cutout(16) (G-U-N/ECCV22-FOSTER utils/data.py
-        # line 79 at 555c7f0; its AutoAugment CIFAR-10 policy, line 77, is not implemented here),
-        # and its B0-Inc10 config a beta1 per phase (configs/cifar/b0inc10.json).
+        # The official code's CIFAR-100 pipeline adds AutoAugment's CIFAR-10 policy and Cutout(16)
+        # (G-U-N/ECCV22-FOSTER utils/data.py lines 77-79 at 555c7f0), and its B0-Inc10 config a
+        # beta1 per phase (configs/cifar/b0inc10.json).
+        config.augment.autoaugment = "cifar10"
         config.augment.cutout = 16
         if args["protocol"] == "b0_inc10":  # a tuple where the method's default is a float
             fields = {**config.method_args.to_dict(), "beta1": FOSTER_B0_INC10_BETA1}

@@ -148,6 +148,7 @@ def _add_training(c: ml_collections.ConfigDict) -> None:
     c.augment.flip = False  # random horizontal flip
     c.augment.brightness = 0.0  # ColorJitter(brightness=...): factor in [1 - b, 1 + b] (0: off)
     c.augment.cutout = 0  # Cutout: a zeroed square of this side at a random centre (0: off)
+    c.augment.autoaugment = ""  # AutoAugment policy before Cutout: 'cifar10' ('': off)
 
     c.eval = ml_collections.ConfigDict()
     c.eval.batch_size = 500

@@ -12,7 +12,7 @@ from incremental import run as run_lib
 from incremental import train
 from incremental.data import device, sources
 from incremental.methods import Batch, Outputs, PhaseContext, PhaseInfo, PhaseSetup
-from incremental.methods.bic import BiC
+from incremental.methods.bic import BIAS_PARAM, BiasCorrection, BiC
 from incremental.methods.wa import WA
 from incremental.phase import model as phase_model
 
@@ -91,7 +91,8 @@ def test_bic_bias_layer_corrects_only_the_new_classes():
     ctx, method, state = bic_phase_one()
     head = tiny_head(4)
     variables = {"params": {"head": head}}
-    out_state = method.end_phase(ctx, variables, state)
+    variables, out_state = method.compress(ctx, variables, state)  # stage 2
+    out_state = method.end_phase(ctx, variables, out_state)
     alpha, beta = np.asarray(out_state["bias"]["alpha"]), np.asarray(out_state["bias"]["beta"])
     np.testing.assert_array_equal(alpha[:2], np.float32([0.8, 0.8]))  # old layers kept as they were
     np.testing.assert_array_equal(beta[:2], np.float32([0.3, 0.3]))
@@ -135,6 +136,29 @@ def test_bic_loss_distils_the_corrected_teacher_with_lambda():
     ce = np.array([ce_np(zc[i : i + 1], y[i : i + 1]) for i in range(5)])
     np.testing.assert_allclose(metrics["kd"], kd, rtol=1e-5)
     np.testing.assert_allclose(loss, 0.5 * ce + 0.5 * kd, rtol=1e-5)  # lambda = 2 / 4
+
+
+def test_bic_pycil_stage_two_loss_is_the_ce_of_the_corrected_softmax():
+    """PyCIL's `F.cross_entropy(torch.softmax(logits, 1), y)`: log-softmax of the probabilities."""
+    bias = {"alpha": jnp.array([0.8, 0.8, 1.0, 1.0]), "beta": jnp.array([0.3, 0.3, 0.0, 0.0])}
+    rng = np.random.default_rng(2)
+    z = rng.normal(size=(6, 4)).astype(np.float32) * 3
+    y = np.array([0, 1, 2, 3, 3, 2])
+    ab = jnp.array([0.7, -0.2])
+    loss, _ = BiasCorrection().loss(
+        Outputs(jnp.zeros((6, 3)), jnp.asarray(z)),
+        Batch(jnp.zeros((6, 3)), jnp.asarray(y), jnp.ones(6)),
+        params={BIAS_PARAM: ab},
+        method_state={"bias": bias},
+        info=PhaseInfo(1, 2, 2),
+        apply_fn=None,
+    )
+    corrected = np.concatenate([0.8 * z[:, :2] + 0.3, 0.7 * z[:, 2:] - 0.2], 1)
+    probs = np.exp(corrected) / np.exp(corrected).sum(1, keepdims=True)
+    expected = np.array([ce_np(probs[i : i + 1], y[i : i + 1]) for i in range(6)])
+    np.testing.assert_allclose(np.asarray(loss), expected, rtol=1e-5)
+    with pytest.raises(ValueError, match="bias_stage"):
+        BiC(bias_stage="minibatch")
 
 
 def test_wa_aligns_the_new_weight_norms_to_the_old_mean():
@@ -216,9 +240,13 @@ def config_for(method, epochs=10, seed=0):
     return config
 
 
-@pytest.mark.parametrize("method", ["bic", "wa"])
+@pytest.mark.parametrize("method", ["bic", "bic-pycil", "wa"])
 def test_remembers_on_digits(tmp_path, method):
-    results = run_lib.run(config_for(method), str(tmp_path))
+    method, _, stage = method.partition("-")
+    config = config_for(method)
+    if stage:  # stage 2 as PyCIL: minibatches through the fit service, softmax twice
+        config.method_args.bias_stage = stage
+    results = run_lib.run(config, str(tmp_path))
     assert results["last_accuracy"] >= FINETUNE_LAST + 0.60
     assert results["last_accuracy"] >= JOINT_LAST - 0.08
     assert results["nme_last_accuracy"] >= FINETUNE_LAST + 0.60

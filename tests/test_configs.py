@@ -68,6 +68,7 @@ def test_foster_cifar100_config_is_the_official_codes():
     configs/cifar/b0inc10.json; the B50 protocol keeps PyCIL's foster.json beta1."""
     b0 = cifar100.get_config("method=foster")
     assert b0.augment.cutout == 16 and cifar100.get_config("method=icarl").augment.cutout == 0
+    assert b0.augment.autoaugment == "cifar10"
     assert b0.method_args.beta1 == (0.98, 0.975, 0.97, 0.965, 0.96, 0.955, 0.95, 0.945, 0.94)
     b50 = cifar100.get_config("method=foster,protocol=b50_inc10")
     assert b50.method_args.beta1 == 0.96 and b50.augment.cutout == 16
@@ -83,6 +84,7 @@ def test_cifar100_reference_settings():
             2e-4,
         )
     assert (bic.method_args.bias_epochs, bic.method_args.bias_milestones) == (170, (60, 100, 140))
+    assert bic.method_args.bias_stage == "pycil"
     paper = cifar100.get_config("method=bic,schedule=paper")
     assert (paper.train_first.epochs, paper.method_args.bias_milestones) == (250, (100, 150, 200))
     with pytest.raises(ValueError, match="'paper' \\(bic only\\)"):

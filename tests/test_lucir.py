@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from configs import digits
-from incremental import methods
+from incremental import methods, workdirs
 from incremental import run as run_lib
 from incremental.methods import Batch, Outputs, PhaseContext, PhaseInfo
 from incremental.methods.lucir import less_forget_loss, margin_ranking_loss
@@ -124,6 +124,26 @@ def test_lucir_remembers_on_digits(tmp_path):
     assert results["last_accuracy"] >= finetune["last_accuracy"] + 0.40
     assert results["nme_last_accuracy"] >= finetune["last_accuracy"] + 0.40
     assert len(results["nme_accuracy_matrix"]) == 5
+
+
+def test_class_balanced_finetuning_trains_the_head_columns_alone(tmp_path):
+    """The official code's CBF (ft_flag=2): after the phase, the head's columns move on the
+    exemplars; the backbone and sigma stay those the phase's training left."""
+    saved = {}
+    for cbf in (False, True):
+        config = config_for("lucir", epochs=3)
+        config.protocol.phase_sizes = "4,6"
+        config.method_args.class_balanced_finetune = cbf
+        config.method_args.cbf_epochs, config.method_args.cbf_milestones = 4, (2,)
+        results = run_lib.run(config, str(tmp_path / str(cbf)))
+        assert results["complete"] and 0 < results["last_accuracy"] <= 1
+        saved[cbf] = workdirs.restore(str(tmp_path / str(cbf)), 1)[1].state["params"]
+    plain, tuned = saved[False], saved[True]
+    for a, b in zip(*(jax.tree.leaves(p["backbone"]) for p in (plain, tuned)), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert float(plain["head"]["sigma"]) == float(tuned["head"]["sigma"])
+    moved = np.abs(np.asarray(plain["head"]["kernel"]) - np.asarray(tuned["head"]["kernel"]))
+    assert (moved[:, :4].max(0) > 0).all() and (moved[:, 4:].max(0) > 0).all()  # old and new
 
 
 @pytest.mark.parametrize("imprint", [True, False])

@@ -13,6 +13,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from incremental.data import autoaugment
+
 
 class Normalizer(NamedTuple):
     """Per-channel (images) or per-feature (vectors) mean and standard deviation, in stored units.
@@ -81,12 +83,13 @@ def random_cutout(rng: jax.Array, x_BHWC: jax.Array, length: int) -> jax.Array:
 
 class Augment(NamedTuple):
     """Training augmentation of raw images on the device, in PyCIL's order: crop, flip, brightness,
-    then (the official FOSTER code's) Cutout."""
+    then (the official FOSTER code's) AutoAugment and Cutout."""
 
     crop_padding: int = 0  # random crop of the original size after zero padding (0: off)
     flip: bool = False  # random horizontal flip
     brightness: float = 0.0  # ColorJitter's brightness strength (0: off); PyCIL CIFAR: 63 / 255
     cutout: int = 0  # side of Cutout's zeroed square, in pixels (0: off); official FOSTER: 16
+    autoaugment: str = ""  # AutoAugment policy ('': off); official FOSTER CIFAR: 'cifar10'
 
     @classmethod
     def from_config(cls, augment, is_image: bool) -> Augment:
@@ -98,10 +101,11 @@ class Augment(NamedTuple):
             augment.flip,
             augment.get("brightness", 0.0),
             augment.get("cutout", 0),
+            augment.get("autoaugment", ""),
         )
 
     def __bool__(self) -> bool:
-        return bool(self.crop_padding or self.flip or self.brightness or self.cutout)
+        return any(self)
 
 
 def augment(rng: jax.Array, x: jax.Array, spec: Augment) -> jax.Array:
@@ -113,6 +117,8 @@ def augment(rng: jax.Array, x: jax.Array, spec: Augment) -> jax.Array:
         x = random_flip(flip_rng, x)
     if spec.brightness:
         x = random_brightness(jax.random.fold_in(rng, 2), x, spec.brightness)
+    if spec.autoaugment:
+        x = autoaugment.autoaugment(jax.random.fold_in(rng, 4), x, spec.autoaugment)
     if spec.cutout:
         x = random_cutout(jax.random.fold_in(rng, 3), x, spec.cutout)
     return x

@@ -7,7 +7,7 @@ A rehearsal method (exemplar memory, NME reported beside the head) in two stages
    KD = -sum_{c<old} softmax(t / T)_c log softmax(z_c / T), T = 2 (paper, PyCIL; no T^2 factor), t the
    previous phase's model (the teacher: a snapshot taken at the end of each phase, BatchNorm in
    inference mode, no gradient). Phase 0 is plain cross-entropy.
-2. Bias correction (phases > 0): with the network fixed, a two-parameter layer corrects the new
+2. Bias correction (phases > 0, in `compress`, before the memory is updated): with the network fixed, a two-parameter layer corrects the new
    classes' logits, `alpha * z + beta`, old classes' logits unchanged (Eq. 5). alpha, beta are fitted
    by cross-entropy over all seen classes on the validation set: `split_ratio` of every old class's
    exemplars and as many examples of every new class, class-balanced, drawn at random from
@@ -30,11 +30,16 @@ Choices where the paper and PyCIL (`models/bic.py`) differ, or where this code d
   `memory.per_class`), and at least 1. The paper splits the exemplars 9:1 (split_ratio 0.1).
 - Bias-correction loss: the paper's cross-entropy on the corrected logits. PyCIL feeds softmax
   probabilities into `F.cross_entropy` (a softmax applied twice), which only shrinks its gradients.
-- Bias-correction optimisation: PyCIL's stage-2 settings (SGD, momentum 0.9, lr 0.1, weight decay
-  2e-4, 250 epochs, lr divided by 10 at epochs 100, 150, 200), but one full-batch step per epoch,
-  where PyCIL takes batches of 128: the problem is convex in (alpha, beta) and the validation set is
-  small. The validation features are those of the un-augmented examples (PyCIL applies its training
-  augmentation to them).
+- Bias-correction optimisation (`bias_stage`): 'full_batch' (the default) is the paper's loss with
+  PyCIL's stage-2 settings (SGD, momentum 0.9, lr 0.1, weight decay 2e-4 on alpha and beta, lr
+  divided by 10 at the milestones), one full-batch step per epoch on the un-augmented validation
+  examples' logits, computed once: the problem is convex in (alpha, beta) and the validation set is
+  small. 'pycil' is stage 2 as PyCIL runs it (`models/bic.py` lines 93-121 and 177-199 at 87cc411):
+  minibatches (`config.train.batch_size`, shuffled) of the validation examples with the training
+  augmentation, the network in train mode (BatchNorm normalises by batch statistics and its running
+  averages move, and are kept), and the cross-entropy of the softmax probabilities. It runs through
+  the phase context's `fit` service with alpha and beta as the only trained parameters.
+  `configs/cifar100.py` sets 'pycil' so its numbers compare with PyCIL's.
 - Stage 1 uses the run's optimiser config; PyCIL's BiC trains 250 epochs, lr 0.1 divided by 10 at
   epochs 100, 150, 200, weight decay 2e-4, batch 128, memory 2000 on CIFAR-100 (B0-Inc10).
 """
@@ -52,12 +57,21 @@ import numpy as np
 import optax
 
 from incremental import memory as memory_lib
-from incremental.methods.base import Batch, Outputs, PhaseContext, PhaseInfo, data_of_classes
-from incremental.methods.distill import kd_loss, snapshot
+from incremental.methods.base import (
+    Batch,
+    Method,
+    Outputs,
+    PhaseContext,
+    PhaseInfo,
+    data_of_classes,
+)
+from incremental.methods.distill import copy_tree, kd_loss, snapshot
 from incremental.methods.rehearsal import Rehearsal
 from incremental.models import head_logits
 
 PyTree = Any
+BIAS_STAGES = ("full_batch", "pycil")
+BIAS_PARAM = "bias_layer"  # alpha, beta as a parameter while stage 2 runs through `ctx.fit`
 
 
 def identity_bias(num_classes: int) -> dict:
@@ -148,6 +162,25 @@ def fit_bias_layer(
 
 
 @dataclasses.dataclass(frozen=True)
+class BiasCorrection(Method):
+    """PyCIL's stage-2 objective: the CE of the softmax of the corrected logits (a softmax applied
+    twice, as `F.cross_entropy(torch.softmax(logits, dim=1), targets)`), where this phase's classes
+    are corrected by the trained `[alpha, beta]` and earlier ones by their fixed layers."""
+
+    name = "bic_bias_correction"
+
+    def loss(self, out: Outputs, batch: Batch, *, params, method_state, info, apply_fn):
+        del apply_fn
+        logits = out.logits.astype(jnp.float32)
+        ab = params[BIAS_PARAM]
+        is_new = jnp.arange(logits.shape[-1]) >= info.num_old
+        earlier = correct(logits, method_state["bias"])  # this phase's classes: still identity
+        corrected = jnp.where(is_new[None, :], ab[0] * logits + ab[1], earlier)
+        ce = optax.softmax_cross_entropy_with_integer_labels(jax.nn.softmax(corrected), batch.y)
+        return ce, {"ce": ce}
+
+
+@dataclasses.dataclass(frozen=True)
 class BiC(Rehearsal):
     """Exemplars, lambda-weighted distillation, and a bias-correction layer per phase."""
 
@@ -164,6 +197,7 @@ class BiC(Rehearsal):
     bias_weight_decay: float = 2e-4  # (PyCIL, on alpha and beta)
     bias_milestones: tuple[int, ...] = (100, 150, 200)  # lr times bias_lr_decay here
     bias_lr_decay: float = 0.1  # (PyCIL)
+    bias_stage: str = "full_batch"  # 'full_batch' (paper's loss, cached logits) or 'pycil'
 
     def __post_init__(self):
         # A config may hand over a list; a tuple keeps the method hashable.
@@ -172,6 +206,10 @@ class BiC(Rehearsal):
             raise ValueError(f"method_args.temperature must be > 0, got {self.temperature}.")
         if not 0 < self.split_ratio < 1:
             raise ValueError(f"method_args.split_ratio must be in (0, 1), got {self.split_ratio}.")
+        if self.bias_stage not in BIAS_STAGES:
+            raise ValueError(
+                f"method_args.bias_stage must be one of {BIAS_STAGES}, got {self.bias_stage!r}."
+            )
         if self.bias_epochs < 1 or self.bias_lr <= 0:
             raise ValueError(
                 "method_args.bias_epochs must be >= 1 and bias_lr > 0, got "
@@ -241,14 +279,13 @@ class BiC(Rehearsal):
         lam = info.num_old / info.num_seen
         return (1 - lam) * ce + lam * kd, {"ce": ce, "kd": kd}
 
-    def fit_bias(self, ctx: PhaseContext, variables: PyTree, method_state: dict) -> dict:
-        """Stage 2: this phase's alpha, beta fitted on the validation set; returns all bias layers."""
-        info = ctx.info
-        bias = method_state["bias"]
-        validation = method_state["validation"]
+    def fit_bias(self, ctx: PhaseContext, variables: PyTree, method_state: dict) -> jax.Array:
+        """Stage 2, 'full_batch': this phase's `[alpha, beta]` from the validation set's logits."""
+        info, validation = ctx.info, method_state["validation"]
         feats = ctx.embed(variables, ctx.x_train[np.asarray(validation["indices"])])
-        logits = correct(head_logits(jnp.asarray(feats), variables["params"]["head"]), bias)
-        ab = fit_bias_layer(
+        head = variables["params"]["head"]
+        logits = correct(head_logits(jnp.asarray(feats), head), method_state["bias"])
+        return fit_bias_layer(
             logits,
             validation["labels"],
             jnp.arange(info.num_seen) >= info.num_old,
@@ -259,14 +296,64 @@ class BiC(Rehearsal):
             milestones=self.bias_milestones,
             lr_decay=self.bias_lr_decay,
         )
-        return {
+
+    def fit_bias_as_pycil(self, ctx: PhaseContext, variables: PyTree, method_state: dict):
+        """Stage 2, 'pycil': `([alpha, beta], variables)`, trained by the context's `fit` service
+        on augmented minibatches in train mode; the returned variables carry the moved BatchNorm
+        statistics, the parameters unchanged."""
+        config, info = ctx.config, ctx.info
+        if config is None or ctx.fit is None:
+            raise ValueError(
+                "BiC's bias_stage='pycil' trains through the phase context's `fit` service; build "
+                "the context with `phase.context.make_context`."
+            )
+        rows = np.asarray(method_state["validation"]["indices"])
+        per_epoch = -(-len(rows) // config.train.batch_size)
+        boundaries = {int(m) * per_epoch: self.bias_lr_decay for m in self.bias_milestones}
+        sgd = optax.chain(
+            optax.add_decayed_weights(self.bias_weight_decay),
+            optax.sgd(
+                optax.piecewise_constant_schedule(self.bias_lr, boundaries),
+                momentum=self.bias_momentum or None,
+            ),
+        )
+        # Fresh buffers: `fit` donates the state it trains, and these variables are the phase's.
+        fresh = copy_tree(variables)
+        params = {**fresh["params"], BIAS_PARAM: jnp.array([1.0, 0.0], jnp.float32)}
+        labels = {k: "bias" if k == BIAS_PARAM else "fixed" for k in params}
+        tx = optax.multi_transform({"bias": sgd, "fixed": optax.set_to_zero()}, labels)
+        key = jax.random.fold_in(jax.random.PRNGKey(ctx.seed), info.phase)
+        trained = ctx.fit(
+            {**fresh, "params": params},
+            method=BiasCorrection(),
+            tx=tx,
+            epochs=self.bias_epochs,
+            method_state={"bias": copy_tree(method_state["bias"])},
+            rng=jax.random.fold_in(key, 0xB1C),
+            rows=rows,
+            name=f"BiC's bias correction, phase {info.phase}",
+        )
+        ab = trained["params"][BIAS_PARAM]
+        stats = trained["batch_stats"]
+        return ab, {"params": variables["params"], "batch_stats": stats}
+
+    def compress(self, ctx: PhaseContext, variables: PyTree, method_state: dict):
+        """Stage 2 (phases > 0): this phase's bias layer, fitted on the validation set."""
+        info = ctx.info
+        if info.num_old == 0:
+            return variables, method_state
+        if self.bias_stage == "pycil":
+            ab, variables = self.fit_bias_as_pycil(ctx, variables, method_state)
+        else:
+            ab = self.fit_bias(ctx, variables, method_state)
+        bias = method_state["bias"]
+        bias = {
             "alpha": bias["alpha"].at[info.num_old :].set(ab[0]),
             "beta": bias["beta"].at[info.num_old :].set(ab[1]),
         }
+        return variables, {**method_state, "bias": bias}
 
     def end_phase(self, ctx: PhaseContext, variables: PyTree, method_state: dict) -> dict:
-        if ctx.info.num_old:
-            method_state = {**method_state, "bias": self.fit_bias(ctx, variables, method_state)}
         method_state = super().end_phase(ctx, variables, method_state)
         return {**method_state, "teacher": snapshot(variables)}
 

@@ -41,8 +41,8 @@ at 555c7f0: 0.98 down to 0.94 in steps of 0.005; `models/foster.py` lines 92-95 
 
 The official code trains CIFAR-100 with AutoAugment's CIFAR-10 policy and Cutout(16) after PyCIL's
 crop, flip and brightness (`utils/data.py` lines 72-80 at 555c7f0); PyCIL does not (its
-`utils/data.py` has crop, flip and brightness only). `augment.cutout` is Cutout; AutoAugment is not
-implemented.
+`utils/data.py` has crop, flip and brightness only). They are `augment.autoaugment='cifar10'`
+(`data/autoaugment.py`) and `augment.cutout=16`, on in `configs/cifar100.py` for FOSTER.
 
 Other choices where the paper, PyCIL and this code differ:
 - The head rows of the new branch's features start at zero, so boosting starts from the old model's

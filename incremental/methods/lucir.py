@@ -5,12 +5,11 @@ A rehearsal method (exemplar memory, NME reported beside the head) with three ch
 
 - Cosine normalisation: the head scores `sigma * cos(f(x), w_c)` (`head = "cosine"`, the model's
   `CosineHead`), with one learnable scale `sigma` shared by all classes, initialised to 1 and carried
-  across phases (official code, PyCIL and FACIL).
+  across phases (official code and FACIL).
 - Less-forget constraint (Eq. 6): `lambda * (1 - cos(f(x), f*(x)))` on every training example, with
   `f*` the features of the previous phase's final model (the teacher, BatchNorm in inference mode)
   and the adaptive weight of Eq. 7, `lambda = lambda_base * sqrt(num_old / num_new)`. That ratio is
-  what the official code, FACIL and PyCIL compute (PyCIL remarks that its reading of the paper's
-  printed formula differs and follows the code).
+  what the official code and FACIL compute.
 - Inter-class separation (margin ranking, Eq. 8): for each example of an old class, its cosine score
   (without sigma) for its own class should exceed each of the `top_k` highest new-class cosine scores
   by `margin`: `relu(margin - cos_gt + cos_hard)`, averaged over the old-class examples of the batch
@@ -19,10 +18,10 @@ A rehearsal method (exemplar memory, NME reported beside the head) with three ch
 
 The total is `CE(sigma * cos, y) + less_forget + margin_ranking` over all seen classes; phase 0 is
 plain cross-entropy. While the less-forget constraint is on, the old classes' head columns are frozen
-(learning rate and weight decay 0), as in the official code, PyCIL and FACIL (`freeze_old_columns`).
+(learning rate and weight decay 0), as in the official code and FACIL (`freeze_old_columns`).
 
-Choices where the paper, its official code (hshustc/CVPR19_Incremental_Learning), PyCIL (`ucir.py`)
-and FACIL (`lucir.py`) differ, or where this code departs from them:
+Choices where the paper, its official code (hshustc/CVPR19_Incremental_Learning) and FACIL
+(`lucir.py`) differ, or where this code departs from them (PyCIL has no LUCIR at 87cc411):
 - New-class weights: imprinted (`imprint=True`, while `head.init` is 'default'), as the official
   CIFAR-100 script does (`--imprint_weights`): the normalised mean of the new classes' normalised
   features (`phase.begin.widen` with a cosine head). FACIL draws them at random, noting it makes no
@@ -33,8 +32,15 @@ and FACIL (`lucir.py`) differ, or where this code departs from them:
   90-98 at e09d2c83320a1aa945a6157d4875437515824dc9, the last block of the ResNet's last stage
   without its ReLU). `last_relu=True` keeps it.
 - `top_k` is capped at the number of new classes of the phase (PyTorch's `topk` would fail).
-- Class-balanced finetuning (the paper's optional last step, `cbf_*.py` in the official code) is not
-  done.
+- Class-balanced finetuning (`class_balanced_finetune`, off by default as the official code's
+  `--cb_finetune`, which only its ImageNet-Full script uses: imagenet-class-incremental/
+  cbf_class_incremental_cosine_imagenet.py lines 96-105 and 562-659 at
+  e5a90aed7640f3b00e5b1a8dfb5376c1628bfe6a, `ft_flag=2`): after training, in phases > 0, the head's
+  old and new columns (not sigma) are trained on the exemplars of every seen class (the memory the
+  phase ends with, selected by the trained model) with the phase's loss, the backbone and its
+  BatchNorm statistics fixed: `cbf_epochs` 20, SGD at `cbf_lr` 0.01 divided by `train.lr_decay` at
+  `cbf_milestones` (10), the run's momentum and weight decay, the training augmentation. FACIL and
+  PyCIL have no such step.
 - Memory: the paper keeps 20 exemplars per class (`--config.memory.per_class=20`); the run config's
   memory (a fixed total by default) is used as it is.
 """
@@ -48,10 +54,12 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
+from incremental import surgery
 from incremental.methods.base import Batch, Outputs, PhaseContext, PhaseInfo, PhaseSetup
-from incremental.methods.distill import snapshot
+from incremental.methods.distill import copy_tree, snapshot
 from incremental.methods.rehearsal import Rehearsal, normalise
 from incremental.models import cosine_logits
 
@@ -98,16 +106,27 @@ class LUCIR(Rehearsal):
     name = "lucir"
     head = "cosine"
 
-    lambda_base: float = 5.0  # paper, CIFAR-100 (10 for ImageNet); official code, PyCIL, FACIL
+    lambda_base: float = 5.0  # paper, CIFAR-100 (10 for ImageNet); official code, FACIL
     adaptive: bool = True  # Eq. 7, lambda_base * sqrt(num_old / num_new); official --adapt_lamda
     margin: float = 0.5  # m of Eq. 8 (paper: 0.5 in all experiments)
     top_k: int = 2  # K hard new classes per old-class example (paper: 2)
     lambda_mr: float = 1.0  # weight of the margin ranking loss (official code's lw_mr; FACIL)
-    freeze_old_columns: bool = True  # old classes' weights fixed (official code, PyCIL, FACIL)
+    freeze_old_columns: bool = True  # old classes' weights fixed (official code, FACIL)
     last_relu: bool = False  # the backbone's last ReLU (the paper and FACIL remove it)
     imprint: bool = True  # new classes' weights from their mean features (official code)
+    class_balanced_finetune: bool = False  # official --cb_finetune (its ImageNet-Full script only)
+    cbf_epochs: int = 20  # official --ft_epochs
+    cbf_lr: float = 0.01  # official --ft_base_lr
+    cbf_milestones: tuple[int, ...] = (10,)  # official --ft_lr_strat
 
     def __post_init__(self):
+        # A config may hand over a list; a tuple keeps the method hashable.
+        object.__setattr__(self, "cbf_milestones", tuple(int(m) for m in self.cbf_milestones))
+        if self.cbf_epochs < 1 or self.cbf_lr <= 0:
+            raise ValueError(
+                "method_args.cbf_epochs must be >= 1 and cbf_lr > 0, got "
+                f"{self.cbf_epochs} and {self.cbf_lr}."
+            )
         if self.lambda_base < 0 or self.lambda_mr < 0:
             raise ValueError(
                 f"method_args.lambda_base and lambda_mr must be >= 0, got {self.lambda_base} "
@@ -160,6 +179,44 @@ class LUCIR(Rehearsal):
             margin=self.margin,
         )
         return ce + lf + mr, {"ce": ce, "lf": lf, "mr": mr}
+
+    def compress(self, ctx: PhaseContext, variables: PyTree, method_state: dict):
+        """Class-balanced finetuning of the head (phases > 0, `class_balanced_finetune`)."""
+        if not self.class_balanced_finetune or ctx.info.num_old == 0:
+            return variables, method_state
+        config, info = ctx.config, ctx.info
+        if config is None or ctx.fit is None:
+            raise ValueError(
+                "LUCIR's class-balanced finetuning trains through the phase context's `fit` "
+                "service; build the context with `phase.context.make_context`."
+            )
+        # The exemplars the phase ends with: the backbone does not change, so end_phase selects
+        # the same ones again.
+        rows = np.asarray(self.next_memory(ctx, variables, method_state)["indices"])
+        per_epoch = -(-len(rows) // config.train.batch_size)
+        decay = {int(m) * per_epoch: config.train.lr_decay for m in self.cbf_milestones}
+        sgd = optax.chain(
+            optax.add_decayed_weights(config.train.weight_decay),
+            optax.sgd(
+                optax.piecewise_constant_schedule(self.cbf_lr, decay),
+                momentum=config.train.momentum or None,
+            ),
+        )
+        fresh = copy_tree(variables)  # `fit` donates what it trains
+        tx = surgery.freeze(sgd, fresh["params"], ((r"head/kernel", False), (r".*", True)))
+        key = jax.random.fold_in(jax.random.PRNGKey(ctx.seed), info.phase)
+        tuned = ctx.fit(
+            fresh,
+            method=self,
+            tx=tx,
+            epochs=self.cbf_epochs,
+            method_state=method_state,
+            rng=jax.random.fold_in(key, 0xCBF),
+            rows=rows,
+            name=f"LUCIR's class-balanced finetuning, phase {info.phase}",
+            setup=PhaseSetup(train_batch_norm=False),
+        )
+        return {"params": tuned["params"], "batch_stats": variables["batch_stats"]}, method_state
 
     def end_phase(self, ctx: PhaseContext, variables: PyTree, method_state: dict) -> dict:
         method_state = super().end_phase(ctx, variables, method_state)

@@ -50,10 +50,12 @@ class Rehearsal(Method):
         new = data_of_classes(ctx.y_train, ctx.info.num_old, ctx.info.num_seen)
         return np.concatenate([new, np.asarray(method_state["memory"]["indices"], np.int64)])
 
-    def end_phase(self, ctx: PhaseContext, variables, method_state: dict) -> dict:
+    def next_memory(self, ctx: PhaseContext, variables, method_state: dict) -> dict:
+        """The memory after this phase: old classes cut to the new per-class count, the new classes'
+        exemplars selected by the features of `variables`."""
         info = ctx.info
         new = data_of_classes(ctx.y_train, info.num_old, info.num_seen)
-        memory = memory_lib.update(
+        return memory_lib.update(
             method_state["memory"],
             self.memory,
             new_indices=new,
@@ -62,6 +64,9 @@ class Rehearsal(Method):
             num_seen=info.num_seen,
             seed=ctx.seed * 1000 + info.phase,
         )
+
+    def end_phase(self, ctx: PhaseContext, variables, method_state: dict) -> dict:
+        memory = self.next_memory(ctx, variables, method_state)
         idx = np.asarray(memory["indices"])
         feats = ctx.embed(variables, ctx.x_train[idx])
         # A mean per head column: num_seen, or every class of a `head.capacity` head (zero rows).

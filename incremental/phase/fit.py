@@ -95,25 +95,29 @@ def fit(pr, state, method_state, *, steps: Steps | None = None, on_call=None):
     return state, method_state, steps
 
 
+PLAIN = PhaseSetup()  # every parameter trains (as `tx` lets it), BatchNorm in train mode
+
+
 def make_fit(config, data, info: PhaseInfo, model_of: Callable[[Callable | None], Any]):
     """The `fit` service of a phase's context: plain training of a model on the host's data.
 
     `fit(variables, *, method, tx, epochs, method_state, rng, rows, name, backbone=None) ->
     variables` trains `model_of(backbone)` (with `backbone=None` the phase's final model, else the
-    one with that backbone, as `Method.companions` gives them) for `epochs` over the training rows
+    one with that backbone, as `Method.companions` gives them; `setup.train_batch_norm=False` keeps
+    BatchNorm in inference mode, freezing is `tx`'s) for `epochs` over the training rows
     `rows`, with `method`'s loss and `tx`, batches drawn from `rng` as the phase's own are, the
     phase's augmentation and the config's batch size. `name` names the stage in errors.
     """
 
     def fit_fn(variables, *, method: Method, tx: optax.GradientTransformation, epochs: int,
                method_state: dict, rng: jax.Array, rows: np.ndarray, name: str,
-               backbone: Callable | None = None) -> PyTree:  # fmt: skip
+               backbone: Callable | None = None, setup: PhaseSetup = PLAIN) -> PyTree:  # fmt: skip
         train_epoch = train.make_train_epoch(
             model=model_of(backbone),
             tx=tx,
             method=method,
             info=info,
-            setup=PhaseSetup(),
+            setup=setup,
             norm=data.norm,
             batch_size=config.train.batch_size,
             augment=device.Augment.from_config(config.augment, data.is_image),
