@@ -33,6 +33,12 @@ config_flags.DEFINE_config_file(
     "config", DEFAULT_CONFIG, "Config file, optionally with ':ARG'.", lock_config=True
 )
 flags.DEFINE_string("workdir", None, "Work directory (default: runs/<dataset>-<method>-<time>).")
+flags.DEFINE_bool(
+    "allow_data_change",
+    False,
+    "Resume although the data differs from the saved run's (each phase records its data's "
+    "fingerprint).",
+)
 
 
 def default_workdir(config) -> str:
@@ -49,7 +55,7 @@ def main(argv: list[str]) -> None:
     workdir = flags.FLAGS.workdir or default_workdir(config)
     report.console.print(f"work directory: {workdir}")
     try:
-        results = run_lib.run(config, workdir)
+        results = run_lib.run(config, workdir, allow_data_change=flags.FLAGS.allow_data_change)
     except (ValueError, TypeError, FloatingPointError) as error:
         report.console.print(f"[bold red]error:[/] {escape(str(error))}", soft_wrap=True)
         sys.exit(2)

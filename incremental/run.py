@@ -29,7 +29,9 @@ class PhaseResult(NamedTuple):
     record: dict
 
 
-def run(config, workdir: str, *, stop_after: int | None = None) -> dict:
+def run(
+    config, workdir: str, *, stop_after: int | None = None, allow_data_change: bool = False
+) -> dict:
     """Runs (or resumes) the phases of `config` in `workdir` and returns the results document.
 
     Args:
@@ -38,12 +40,13 @@ def run(config, workdir: str, *, stop_after: int | None = None) -> dict:
         checkpoints of the same config is resumed where it stopped (after the last finished phase,
         or within a phase after the last saved step).
       stop_after: stop after this phase (a staged run; calling again resumes).
+      allow_data_change: resume although the data's fingerprint differs from the saved run's.
 
     Raises:
       Preempted: after SIGTERM/SIGINT, once the current steps are saved.
     """
     if config.seeds:
-        return seeds.run_seeds(config, workdir)
+        return seeds.run_seeds(config, workdir, allow_data_change=allow_data_change)
     parallel.initialize(config)
     data, protocol, method = load.validate(config, workdir)
     load.make_workdir(workdir)
@@ -52,7 +55,9 @@ def run(config, workdir: str, *, stop_after: int | None = None) -> dict:
     main = parallel.is_main_process()  # the others train alongside and write no files
     ckpts = checkpoint.Checkpoints(workdir, config.checkpoint.keep)
     try:
-        first, carried, method_state, records = save.resume(ckpts, config, method, protocol, data)
+        first, carried, method_state, records = save.resume(
+            ckpts, config, method, protocol, data, allow_data_change=allow_data_change
+        )
         progress = report.Progress(protocol, enabled=config.log.progress and main, start=first)
         results = record.results_from_records(config, protocol, records) if records else None
         last = (
@@ -68,7 +73,9 @@ def run(config, workdir: str, *, stop_after: int | None = None) -> dict:
                     pr, state, method_state = begin.begin(
                         config, method, data, protocol, phase, carried, method_state, programs
                     )
-                    within = Within(config, ckpts, preempt, progress, protocol, records)
+                    within = Within(
+                        config, ckpts, preempt, progress, protocol, records, data.fingerprint
+                    )
                     state, method_state, steps = within.fit(pr, state, method_state)
                     model, carried = end.end(config, method, data, pr, state, method_state)
                     seconds = {"train_seconds": time.perf_counter() - start}
@@ -82,12 +89,23 @@ def run(config, workdir: str, *, stop_after: int | None = None) -> dict:
                 seconds["compile_seconds"] = compiled.seconds  # inside train + eval seconds
                 seconds["compile_cache_hits"] = compiled.cache_hits
                 records.append(
-                    record.record(protocol, pr, carried.variables, row, steps.last_epoch, seconds)
+                    record.record(
+                        protocol,
+                        pr,
+                        carried.variables,
+                        row,
+                        steps.last_epoch,
+                        seconds,
+                        data.fingerprint,
+                    )  # fmt: skip
                 )
                 results = record.results_from_records(config, protocol, records)
                 if main:
                     record.write_results(workdir, results)
-                save.save(ckpts, config, protocol, phase, carried, state.rng, records, mesh)
+                save.save(
+                    ckpts, config, protocol, phase, carried, state.rng, records, mesh,
+                    data.fingerprint,
+                )  # fmt: skip
                 progress.phase_done(records[-1])
                 if preempt.requested and phase < last:
                     raise Preempted(f"Stopped after phase {phase}, saved.")
@@ -102,9 +120,10 @@ class Within:
     """The fit stage of a checkpointed run: resumes after a within-phase checkpoint, saves every
     `checkpoint.every_steps` / `every_epochs`, and stops (saved) when preemption is requested."""
 
-    def __init__(self, config, ckpts, preempt, progress, protocol, records: list):
+    def __init__(self, config, ckpts, preempt, progress, protocol, records: list, fingerprint=""):
         self.config, self.ckpts, self.preempt = config, ckpts, preempt
         self.progress, self.protocol, self.records = progress, protocol, records
+        self.fingerprint = fingerprint
 
     def fit(self, pr: begin.PhaseRun, state, method_state):
         phase, saved = pr.info.phase, None
@@ -133,7 +152,12 @@ class Within:
             or (epoch_end and every_epochs and steps.epoch % every_epochs == 0)
         ):
             meta = save.meta(
-                self.config, self.protocol, steps.phase, self.records, steps.state_dict()
+                self.config,
+                self.protocol,
+                steps.phase,
+                self.records,
+                steps.state_dict(),
+                self.fingerprint,
             )
             self.ckpts.save_within(steps.phase, steps.step, state, method_state, meta)
         if self.preempt.requested:
@@ -160,7 +184,9 @@ def train_phase(
     row = evaluate.evaluate_phase(
         config, model, method, data, protocol, phase, carried.variables, carried.method_state
     )
-    rec = record.record(protocol, pr, carried.variables, row, steps.last_epoch, seconds)
+    rec = record.record(
+        protocol, pr, carried.variables, row, steps.last_epoch, seconds, data.fingerprint
+    )
     return PhaseResult(carried.variables, carried.opt_state, carried.method_state, rec)
 
 

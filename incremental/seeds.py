@@ -62,7 +62,7 @@ def unstack(tree, count: int) -> list:
     return [jax.tree.map(lambda leaf, i=i: leaf[i], tree) for i in range(count)]
 
 
-def run_seeds(config, workdir: str) -> dict:
+def run_seeds(config, workdir: str, *, allow_data_change: bool = False) -> dict:
     """Runs (or resumes) every seed of `config.seeds`; returns the document of `results.json`."""
     seeds = check(config)
     configs = [seed_config(config, s) for s in seeds]
@@ -74,7 +74,8 @@ def run_seeds(config, workdir: str) -> dict:
     ckpts = [checkpoint.Checkpoints(d, config.checkpoint.keep) for d in dirs]
     try:
         found = [
-            save.resume(k, c, method, protocol, data) for k, c in zip(ckpts, configs, strict=True)
+            save.resume(k, c, method, protocol, data, allow_data_change=allow_data_change)
+            for k, c in zip(ckpts, configs, strict=True)
         ]
         first = min(f[0] for f in found)
         found = [
@@ -113,12 +114,21 @@ def run_seeds(config, workdir: str) -> dict:
                 method_states[i] = carried[i].method_state
                 records[i].append(
                     record.record(
-                        protocol, pr, carried[i].variables, row, steps.last_epoch, seconds
-                    )
+                        protocol,
+                        pr,
+                        carried[i].variables,
+                        row,
+                        steps.last_epoch,
+                        seconds,
+                        data.fingerprint,
+                    )  # fmt: skip
                 )
                 record.write_results(dirs[i], record.results_from_records(c, protocol, records[i]))
                 mesh = parallel.make_mesh(c.parallel.devices)
-                save.save(ckpts[i], c, protocol, phase, carried[i], state.rng, records[i], mesh)
+                save.save(
+                    ckpts[i], c, protocol, phase, carried[i], state.rng, records[i], mesh,
+                    data.fingerprint,
+                )  # fmt: skip
     finally:
         for k in ckpts:
             k.close()

@@ -38,7 +38,7 @@ from incremental.phase.evaluate import evaluate_phase
 from incremental.phase.load import RunData, load_data
 from incremental.phase.model import dtype_of, phase_model
 from incremental.phase.record import results_from_records, write_results
-from incremental.phase.save import state_target
+from incremental.phase.save import check_data, state_target
 from incremental.protocol import Protocol
 
 PyTree = Any
@@ -167,7 +167,10 @@ def restore(workdir: str, phase: int | None = None) -> tuple[RunSetup, Saved]:
     """The newest (or the given) phase checkpoint of `workdir`, and the setup of its saved config."""
     phase = _pick_phase(workdir, phase)
     with _checkpoints(workdir) as ckpts:
-        rs = setup(config_from_dict(ckpts.read_meta(phase)["config"]))
+        meta = ckpts.read_meta(phase)
+        rs = setup(config_from_dict(meta["config"]))
+        # Numbers of a model on other data than it was trained and saved with are not its own.
+        check_data(meta.get("data_fingerprint"), rs.data.fingerprint, workdir, allow_change=False)
         return rs, _restore(ckpts, rs, phase)
 
 
@@ -455,6 +458,7 @@ class _Writer:
             records=records,
             config=rs.config.to_dict(),
             class_order=list(rs.protocol.class_order),
+            data_fingerprint=rs.data.fingerprint,  # the edited run's data (its classes)
         )
         meta = json.loads(json.dumps(meta, default=_json_default))
         self.ckpts.save(phase, saved.state, saved.method_state, meta)

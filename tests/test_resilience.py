@@ -14,6 +14,7 @@ import pytest
 
 from configs import digits
 from incremental import run as run_lib
+from incremental import workdirs
 from incremental.phase import begin, fit, load, save
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -257,6 +258,28 @@ def test_bad_npz_is_refused_before_anything_is_written(tmp_path, overrides, mess
     with pytest.raises(ValueError, match=message):
         run_lib.run(config, str(tmp_path / "w"))
     assert not (tmp_path / "w").exists()
+
+
+def test_data_changed_between_stop_and_resume_is_refused_unless_allowed(tmp_path):
+    """The npz rewritten with its labels shuffled: resume and evaluate refuse, naming both
+    fingerprints; --allow_data_change goes on, and each phase's record keeps its data's."""
+    path = write_npz(tmp_path / "data.npz")
+    config = small_config()
+    config.dataset.name = f"npz:{path}"
+    config.protocol.init_classes = config.protocol.increment = 2
+    workdir = str(tmp_path / "w")
+    run_lib.run(config, workdir, stop_after=0)
+    before = json.loads((tmp_path / "w" / "results.json").read_text())["phases"][0]
+    write_npz(path, y_train=np.random.default_rng(1).permutation(np.arange(40) % 4))
+    saved = sorted(os.listdir(tmp_path / "w" / "checkpoints" / "phase"))
+    with pytest.raises(ValueError, match=f"fingerprint was {before['data_fingerprint']}"):
+        run_lib.run(config, workdir)
+    with pytest.raises(ValueError, match="trained on other data"):
+        workdirs.evaluate(workdir)
+    assert sorted(os.listdir(tmp_path / "w" / "checkpoints" / "phase")) == saved
+    results = run_lib.run(config, workdir, allow_data_change=True)
+    prints = [p["data_fingerprint"] for p in results["phases"]]
+    assert prints[0] == before["data_fingerprint"] != prints[1] and results["complete"]
 
 
 def test_conv_model_on_feature_vectors_is_refused(tmp_path):

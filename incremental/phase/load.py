@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 from typing import NamedTuple
 
@@ -26,6 +27,25 @@ class RunData(NamedTuple):
     y_test: np.ndarray
     norm: device.Normalizer
     is_image: bool
+    fingerprint: str = ""  # `fingerprint` of the four arrays, kept with every checkpoint
+
+
+FULL_HASH_BYTES = 1 << 30  # larger arrays are hashed on a sample of rows
+
+
+def fingerprint(*arrays: np.ndarray) -> str:
+    """A hash of the arrays' dtypes, shapes and contents: other data, another fingerprint.
+
+    Arrays up to 1 GiB are hashed whole; of a larger one (an ImageNet training set), every k-th row
+    with k = ceil(nbytes / 1 GiB), so a change confined to rows it skips goes unseen.
+    """
+    digest = hashlib.blake2b(digest_size=12)
+    for a in arrays:
+        a = np.asarray(a)
+        digest.update(f"{a.dtype.str}{a.shape}".encode())
+        step = max(1, -(-a.nbytes // FULL_HASH_BYTES))
+        digest.update(np.ascontiguousarray(a[::step]).tobytes())
+    return digest.hexdigest()
 
 
 def load_data(config) -> tuple[RunData, Protocol, sources.Source]:
@@ -39,14 +59,9 @@ def load_data(config) -> tuple[RunData, Protocol, sources.Source]:
     source = sources.subset_classes(source, config.dataset.classes)
     protocol = make_protocol(source.num_classes, config.protocol)
     norm = device.fit_normalizer(source.x_train, source.is_image)
-    data = RunData(
-        source.x_train,
-        protocol.remap(source.y_train),
-        source.x_test,
-        protocol.remap(source.y_test),
-        norm,
-        source.is_image,
-    )
+    y_train, y_test = protocol.remap(source.y_train), protocol.remap(source.y_test)
+    arrays = (source.x_train, y_train, source.x_test, y_test)
+    data = RunData(*arrays, norm, source.is_image, fingerprint(*arrays))
     return data, protocol, source
 
 

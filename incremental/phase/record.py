@@ -17,7 +17,13 @@ RESULTS_FILE = "results.json"
 
 
 def record(
-    protocol: Protocol, pr: PhaseRun, variables, row: dict, metrics: dict, seconds: dict
+    protocol: Protocol,
+    pr: PhaseRun,
+    variables,
+    row: dict,
+    metrics: dict,
+    seconds: dict,
+    fingerprint: str = "",
 ) -> dict:
     """The phase's entry: what it trained on, its final loss, its timings and its evaluation rows.
 
@@ -29,6 +35,7 @@ def record(
         "classes": [int(c) for c in protocol.class_order[info.num_old : info.num_seen]],
         "num_seen": info.num_seen,
         "num_train_examples": pr.num_train,
+        "data_fingerprint": fingerprint,  # of the data the phase trained on (`load.fingerprint`)
         "num_params": surgery.count_params(variables["params"], depth=1),
         "epochs": pr.epochs,
         "final_loss": float(metrics["loss"]) if metrics else None,

@@ -8,7 +8,7 @@ from typing import Any
 
 import jax
 
-from incremental import checkpoint, parallel, train
+from incremental import checkpoint, parallel, report, train
 from incremental.methods import Method
 from incremental.phase.begin import Carried, make_tx, phase_info
 from incremental.phase.load import RunData
@@ -19,10 +19,19 @@ from incremental.protocol import Protocol
 PyTree = Any
 
 
-def meta(config, protocol: Protocol, phase: int, records: list, steps: dict | None = None) -> dict:
-    """The checkpoint's JSON side: where the run is, its records so far and its config."""
+def meta(
+    config,
+    protocol: Protocol,
+    phase: int,
+    records: list,
+    steps: dict | None = None,
+    fingerprint: str = "",
+) -> dict:
+    """The checkpoint's JSON side: where the run is, its records so far, its config and the
+    fingerprint of its data."""
     doc = {
         "phase": phase,
+        "data_fingerprint": fingerprint,
         "steps": steps,  # within a phase: `Steps.state_dict()`; None at a phase's end
         "records": records,
         "config": config.to_dict(),
@@ -32,14 +41,24 @@ def meta(config, protocol: Protocol, phase: int, records: list, steps: dict | No
 
 
 def save(
-    ckpts: checkpoint.Checkpoints, config, protocol, phase, carried: Carried, rng, records, mesh
+    ckpts: checkpoint.Checkpoints,
+    config,
+    protocol,
+    phase,
+    carried: Carried,
+    rng,
+    records,
+    mesh,
+    fingerprint: str = "",
 ):
     """Saves everything the next phase needs, at `phase`'s end."""
     saved = {**carried.variables, "opt_state": carried.opt_state, "rng": rng}
     # Every array on the mesh: orbax saves arrays that span all processes, not ones a hook
     # computed on one.
     saved, method_state = parallel.replicate((saved, carried.method_state), mesh)
-    ckpts.save(phase, saved, method_state, meta(config, protocol, phase, records))
+    ckpts.save(
+        phase, saved, method_state, meta(config, protocol, phase, records, None, fingerprint)
+    )
 
 
 def state_target(config, method: Method, protocol: Protocol, data: RunData, phase: int) -> PyTree:
@@ -53,18 +72,26 @@ def state_target(config, method: Method, protocol: Protocol, data: RunData, phas
     return {**variables, "opt_state": opt_state, "rng": jax.eval_shape(lambda: key)}
 
 
-def resume(ckpts, config, method, protocol, data) -> tuple[int, Carried | None, dict, list]:
+def resume(
+    ckpts, config, method, protocol, data, *, allow_data_change: bool = False
+) -> tuple[int, Carried | None, dict, list]:
     """The phase to start from, what the last finished phase left, its method state and the
-    records so far, from the work directory."""
+    records so far, from the work directory.
+
+    A run whose data changed since it was saved (another fingerprint) is refused unless
+    `allow_data_change`; each phase's record keeps the fingerprint it trained on.
+    """
     saved = ckpts.latest_meta()
     if saved is not None:
+        workdir = os.path.dirname(ckpts.directory)
         diffs = checkpoint.config_diff(saved["config"], config.to_dict())
         if diffs:
             raise ValueError(
-                f"The work directory {os.path.dirname(ckpts.directory)} holds a run with a "
+                f"The work directory {workdir} holds a run with a "
                 "different config; resume it with the same config or pick a new --workdir. "
                 "Differences:\n  " + "\n  ".join(diffs)
             )
+        check_data(saved.get("data_fingerprint"), data.fingerprint, workdir, allow_data_change)
     found = ckpts.restore_latest_phase(
         lambda phase: parallel.with_sharding(
             state_target(config, method, protocol, data, phase),
@@ -75,6 +102,25 @@ def resume(ckpts, config, method, protocol, data) -> tuple[int, Carried | None, 
         return 0, None, method.init_state(), []
     last, state, method_state, saved_meta = found
     return last + 1, carried_of(state, method_state), method_state, saved_meta["records"]
+
+
+def check_data(saved: str | None, now: str, workdir: str, allow_change: bool) -> None:
+    """Refuses to resume on data other than the saved run's (checkpoints from before fingerprints
+    were kept have none, and pass)."""
+    if not saved or saved == now:
+        return
+    if not allow_change:
+        raise ValueError(
+            f"The work directory {workdir} holds a run trained on other data: its fingerprint was "
+            f"{saved}, the data loaded now has {now} (the dataset's files changed since the run "
+            "stopped). Restore them, or pick a new --workdir; `incremental run` goes on with this "
+            "data given --allow_data_change (each phase's record keeps the fingerprint it trained "
+            "on)."
+        )
+    report.console.print(
+        f"warning: {workdir}: the data changed since the run stopped ({saved} -> {now}); going on.",
+        markup=False,
+    )
 
 
 def restore(ckpts, config, method, protocol, data, phase: int) -> tuple[int, Carried, dict, list]:
