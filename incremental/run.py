@@ -3,13 +3,14 @@ resume and preemption; `config.seeds` hands over to `incremental.seeds`."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import threading
 import time
 from typing import Any, NamedTuple
 
-from incremental import capacity, checkpoint, compilation, parallel, report, seeds
+from incremental import capacity, checkpoint, compilation, lock, parallel, report, seeds
 from incremental.phase import begin, end, evaluate, fit, load, record, save
 from incremental.phase.begin import Carried
 
@@ -53,64 +54,66 @@ def run(
     compilation.use_cache(config.compile_cache)
     mesh = parallel.make_mesh(config.parallel.devices)
     main = parallel.is_main_process()  # the others train alongside and write no files
-    ckpts = checkpoint.Checkpoints(workdir, config.checkpoint.keep)
-    try:
-        first, carried, method_state, records = save.resume(
-            ckpts, config, method, protocol, data, allow_data_change=allow_data_change
-        )
-        progress = report.Progress(protocol, enabled=config.log.progress and main, start=first)
-        results = record.results_from_records(config, protocol, records) if records else None
-        last = (
-            protocol.num_phases - 1
-            if stop_after is None
-            else min(stop_after, protocol.num_phases - 1)
-        )
-        programs = capacity.Programs()  # head.capacity: the programs every phase shares
-        with Preemption() as preempt, progress:
-            for phase in range(first, last + 1):
-                start = time.perf_counter()
-                with compilation.CompileTimer() as compiled:
-                    pr, state, method_state = begin.begin(
-                        config, method, data, protocol, phase, carried, method_state, programs
-                    )
-                    within = Within(
-                        config, ckpts, preempt, progress, protocol, records, data.fingerprint
-                    )
-                    state, method_state, steps = within.fit(pr, state, method_state)
-                    model, carried = end.end(config, method, data, pr, state, method_state)
-                    seconds = {"train_seconds": time.perf_counter() - start}
+    # One writer per work directory (the main process of a multi-host run writes its files).
+    with lock.hold(workdir) if main else contextlib.nullcontext():
+        ckpts = checkpoint.Checkpoints(workdir, config.checkpoint.keep)
+        try:
+            first, carried, method_state, records = save.resume(
+                ckpts, config, method, protocol, data, allow_data_change=allow_data_change
+            )
+            progress = report.Progress(protocol, enabled=config.log.progress and main, start=first)
+            results = record.results_from_records(config, protocol, records) if records else None
+            last = (
+                protocol.num_phases - 1
+                if stop_after is None
+                else min(stop_after, protocol.num_phases - 1)
+            )
+            programs = capacity.Programs()  # head.capacity: the programs every phase shares
+            with Preemption() as preempt, progress:
+                for phase in range(first, last + 1):
                     start = time.perf_counter()
-                    row = evaluate.evaluate_phase(
-                        config, model, method, data, protocol, phase, carried.variables,
-                        carried.method_state, programs,
-                    )  # fmt: skip
-                    seconds["eval_seconds"] = time.perf_counter() - start
-                method_state = carried.method_state
-                seconds["compile_seconds"] = compiled.seconds  # inside train + eval seconds
-                seconds["compile_cache_hits"] = compiled.cache_hits
-                records.append(
-                    record.record(
-                        protocol,
-                        pr,
-                        carried.variables,
-                        row,
-                        steps.last_epoch,
-                        seconds,
+                    with compilation.CompileTimer() as compiled:
+                        pr, state, method_state = begin.begin(
+                            config, method, data, protocol, phase, carried, method_state, programs
+                        )
+                        within = Within(
+                            config, ckpts, preempt, progress, protocol, records, data.fingerprint
+                        )
+                        state, method_state, steps = within.fit(pr, state, method_state)
+                        model, carried = end.end(config, method, data, pr, state, method_state)
+                        seconds = {"train_seconds": time.perf_counter() - start}
+                        start = time.perf_counter()
+                        row = evaluate.evaluate_phase(
+                            config, model, method, data, protocol, phase, carried.variables,
+                            carried.method_state, programs,
+                        )  # fmt: skip
+                        seconds["eval_seconds"] = time.perf_counter() - start
+                    method_state = carried.method_state
+                    seconds["compile_seconds"] = compiled.seconds  # inside train + eval seconds
+                    seconds["compile_cache_hits"] = compiled.cache_hits
+                    records.append(
+                        record.record(
+                            protocol,
+                            pr,
+                            carried.variables,
+                            row,
+                            steps.last_epoch,
+                            seconds,
+                            data.fingerprint,
+                        )  # fmt: skip
+                    )
+                    results = record.results_from_records(config, protocol, records)
+                    if main:
+                        record.write_results(workdir, results)
+                    save.save(
+                        ckpts, config, protocol, phase, carried, state.rng, records, mesh,
                         data.fingerprint,
                     )  # fmt: skip
-                )
-                results = record.results_from_records(config, protocol, records)
-                if main:
-                    record.write_results(workdir, results)
-                save.save(
-                    ckpts, config, protocol, phase, carried, state.rng, records, mesh,
-                    data.fingerprint,
-                )  # fmt: skip
-                progress.phase_done(records[-1])
-                if preempt.requested and phase < last:
-                    raise Preempted(f"Stopped after phase {phase}, saved.")
-    finally:
-        ckpts.close()
+                    progress.phase_done(records[-1])
+                    if preempt.requested and phase < last:
+                        raise Preempted(f"Stopped after phase {phase}, saved.")
+        finally:
+            ckpts.close()
     if config.log.plot and results is not None and main:
         report.plot(results, os.path.join(workdir, "accuracy.png"))
     return results

@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from incremental import checkpoint, compilation, parallel
+from incremental import checkpoint, compilation, lock, parallel
 from incremental.phase import begin, end, evaluate, fit, load, record, save
 
 SUMMARY_KEYS = ("last_accuracy", "average_incremental_accuracy", "forgetting", "backward_transfer")
@@ -71,73 +71,77 @@ def run_seeds(config, workdir: str, *, allow_data_change: bool = False) -> dict:
     for d in dirs:
         load.make_workdir(d)
     compilation.use_cache(config.compile_cache)
-    ckpts = [checkpoint.Checkpoints(d, config.checkpoint.keep) for d in dirs]
-    try:
-        found = [
-            save.resume(k, c, method, protocol, data, allow_data_change=allow_data_change)
-            for k, c in zip(ckpts, configs, strict=True)
-        ]
-        first = min(f[0] for f in found)
-        found = [
-            f if f[0] == first else save.restore(k, c, method, protocol, data, first - 1)
-            for f, k, c in zip(found, ckpts, configs, strict=True)
-        ]
-        carried, method_states = [f[1] for f in found], [f[2] for f in found]
-        records = [f[3][:first] for f in found]
-        for phase in range(first, protocol.num_phases):
-            start = time.perf_counter()
-            begun = [
-                begin.begin(c, method, data, protocol, phase, carried[i], method_states[i])
-                for i, c in enumerate(configs)
+    with lock.hold(workdir):  # one writer per work directory
+        ckpts = [checkpoint.Checkpoints(d, config.checkpoint.keep) for d in dirs]
+        try:
+            found = [
+                save.resume(k, c, method, protocol, data, allow_data_change=allow_data_change)
+                for k, c in zip(ckpts, configs, strict=True)
             ]
-            prs = [b[0] for b in begun]
-            trained = train_together(prs, [b[1] for b in begun], [b[2] for b in begun])
-            elapsed = time.perf_counter() - start
-            for i, (c, pr, (state, method_state, steps)) in enumerate(
-                zip(configs, prs, trained, strict=True)
-            ):
+            first = min(f[0] for f in found)
+            found = [
+                f if f[0] == first else save.restore(k, c, method, protocol, data, first - 1)
+                for f, k, c in zip(found, ckpts, configs, strict=True)
+            ]
+            carried, method_states = [f[1] for f in found], [f[2] for f in found]
+            records = [f[3][:first] for f in found]
+            for phase in range(first, protocol.num_phases):
                 start = time.perf_counter()
-                model, carried[i] = end.end(c, method, data, pr, state, method_state)
-                seconds = {"train_seconds": elapsed / len(seeds) + time.perf_counter() - start}
-                start = time.perf_counter()
-                row = evaluate.evaluate_phase(
-                    c,
-                    model,
-                    method,
-                    data,
-                    protocol,
-                    phase,
-                    carried[i].variables,
-                    carried[i].method_state,
-                )
-                seconds["eval_seconds"] = time.perf_counter() - start
-                method_states[i] = carried[i].method_state
-                records[i].append(
-                    record.record(
+                begun = [
+                    begin.begin(c, method, data, protocol, phase, carried[i], method_states[i])
+                    for i, c in enumerate(configs)
+                ]
+                prs = [b[0] for b in begun]
+                trained = train_together(prs, [b[1] for b in begun], [b[2] for b in begun])
+                elapsed = time.perf_counter() - start
+                for i, (c, pr, (state, method_state, steps)) in enumerate(
+                    zip(configs, prs, trained, strict=True)
+                ):
+                    start = time.perf_counter()
+                    model, carried[i] = end.end(c, method, data, pr, state, method_state)
+                    seconds = {"train_seconds": elapsed / len(seeds) + time.perf_counter() - start}
+                    start = time.perf_counter()
+                    row = evaluate.evaluate_phase(
+                        c,
+                        model,
+                        method,
+                        data,
                         protocol,
-                        pr,
+                        phase,
                         carried[i].variables,
-                        row,
-                        steps.last_epoch,
-                        seconds,
+                        carried[i].method_state,
+                    )
+                    seconds["eval_seconds"] = time.perf_counter() - start
+                    method_states[i] = carried[i].method_state
+                    records[i].append(
+                        record.record(
+                            protocol,
+                            pr,
+                            carried[i].variables,
+                            row,
+                            steps.last_epoch,
+                            seconds,
+                            data.fingerprint,
+                        )  # fmt: skip
+                    )
+                    record.write_results(
+                        dirs[i], record.results_from_records(c, protocol, records[i])
+                    )
+                    mesh = parallel.make_mesh(c.parallel.devices)
+                    save.save(
+                        ckpts[i], c, protocol, phase, carried[i], state.rng, records[i], mesh,
                         data.fingerprint,
                     )  # fmt: skip
-                )
-                record.write_results(dirs[i], record.results_from_records(c, protocol, records[i]))
-                mesh = parallel.make_mesh(c.parallel.devices)
-                save.save(
-                    ckpts[i], c, protocol, phase, carried[i], state.rng, records[i], mesh,
-                    data.fingerprint,
-                )  # fmt: skip
-    finally:
-        for k in ckpts:
-            k.close()
-    per_seed = [
-        record.results_from_records(c, protocol, r) for c, r in zip(configs, records, strict=True)
-    ]
-    doc = summarize(config, seeds, per_seed)
-    record.write_results(workdir, doc)
-    return doc
+        finally:
+            for k in ckpts:
+                k.close()
+        per_seed = [
+            record.results_from_records(c, protocol, r)
+            for c, r in zip(configs, records, strict=True)
+        ]
+        doc = summarize(config, seeds, per_seed)
+        record.write_results(workdir, doc)
+        return doc
 
 
 def train_together(prs, states, method_states) -> list[tuple]:

@@ -282,6 +282,38 @@ def test_data_changed_between_stop_and_resume_is_refused_unless_allowed(tmp_path
     assert prints[0] == before["data_fingerprint"] != prints[1] and results["complete"]
 
 
+HOLD_LOCK = """
+import sys, time
+sys.path.insert(0, ".")
+from incremental import lock
+with lock.hold(sys.argv[1]):
+    print("held", flush=True)
+    time.sleep(600)
+"""
+
+
+def test_a_second_run_on_a_work_directory_is_refused_until_the_first_ends(tmp_path):
+    workdir = tmp_path / "w"
+    workdir.mkdir()
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD_LOCK, str(workdir)],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        config = small_config()
+        with pytest.raises(ValueError, match=rf"in use by another run \(pid {holder.pid}: "):
+            run_lib.run(config, str(workdir), stop_after=0)
+        assert sorted(os.listdir(workdir)) == [".lock"]  # nothing else was written
+    finally:
+        holder.kill()
+        holder.wait()
+    # The killed holder's lock went with it: the next run takes the directory.
+    assert run_lib.run(config, str(workdir), stop_after=0)["phases"]
+
+
 def test_conv_model_on_feature_vectors_is_refused(tmp_path):
     config = small_config()
     config.dataset.name = f"npz:{write_npz(tmp_path / 'data.npz')}"
