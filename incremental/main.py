@@ -22,23 +22,53 @@ from ml_collections import config_flags
 from rich.markup import escape
 
 from incremental import report
-from incremental import run as run_lib
 
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs", "digits.py")
 COMMANDS = ("run", "evaluate", "surgery", "benchmark")
 WORKDIR_COMMANDS = ("evaluate", "surgery")
 PREEMPTED_EXIT_CODE = 3  # stopped by SIGTERM/SIGINT after saving; the same command resumes
+RUN_FLAGS = "[--config=configs/NAME.py[:ARG]] [--config.KEY=VALUE ...] [--workdir=DIR]"
+USAGE = f"""usage: incremental VERB [flags]
 
-config_flags.DEFINE_config_file(
-    "config", DEFAULT_CONFIG, "Config file, optionally with ':ARG'.", lock_config=True
-)
-flags.DEFINE_string("workdir", None, "Work directory (default: runs/<dataset>-<method>-<time>).")
-flags.DEFINE_bool(
-    "allow_data_change",
-    False,
-    "Resume although the data differs from the saved run's (each phase records its data's "
-    "fingerprint).",
-)
+  run        train a class-incremental run, phase by phase (the same command resumes it)
+             incremental run {RUN_FLAGS}
+  evaluate   evaluate a saved phase of a work directory again, per class
+             incremental evaluate WORKDIR [--phase=P]
+  surgery    write an edited copy of a work directory (classes removed, parameters grafted)
+             incremental surgery WORKDIR (--remove-classes=3,7 | --graft=REGEX:OTHER) --out=NEWDIR
+  benchmark  time the train step against the machine's matmul peak
+             incremental benchmark [--models=mlp,wide_mlp,resnet32] [--quick] [--json=PATH]
+
+`incremental VERB --help` describes a verb's flags."""
+RUN_USAGE = f"""usage: incremental run {RUN_FLAGS} [--allow_data_change]
+
+Trains the config's method on its protocol's phases in the work directory, checkpointing every phase;
+the same command with the same --workdir resumes where it stopped.
+
+  --config=FILE[:ARG]   a config file and its argument (default configs/digits.py), e.g.
+                        --config=configs/cifar100.py:method=icarl,protocol=b50_inc10
+  --config.KEY=VALUE    set any key of the config, e.g. --config.train.epochs=5
+  --workdir=DIR         where results.json, the plot and the checkpoints go
+                        (default runs/<dataset>-<method>-<time>)
+  --allow_data_change   resume although the data changed since the run stopped
+  --helpfull            every flag, absl's included"""
+
+
+def define_run_flags() -> None:
+    """`run`'s absl flags; defining --config loads the default config file, which imports JAX,
+    so the other verbs and the help never define them."""
+    config_flags.DEFINE_config_file(
+        "config", DEFAULT_CONFIG, "Config file, optionally with ':ARG'.", lock_config=True
+    )
+    flags.DEFINE_string(
+        "workdir", None, "Work directory (default: runs/<dataset>-<method>-<time>)."
+    )
+    flags.DEFINE_bool(
+        "allow_data_change",
+        False,
+        "Resume although the data differs from the saved run's (each phase records its data's "
+        "fingerprint).",
+    )
 
 
 def default_workdir(config) -> str:
@@ -47,6 +77,8 @@ def default_workdir(config) -> str:
 
 
 def main(argv: list[str]) -> None:
+    from incremental import run as run_lib  # imports JAX: after the cheap checks
+
     if argv[1:] != ["run"]:
         raise app.UsageError(f"Usage: incremental {'|'.join(COMMANDS)} [--flags]; got {argv[1:]}.")
     if not flags.FLAGS["verbosity"].present:
@@ -142,6 +174,16 @@ def workdir_command(argv: list[str]) -> None:
 
 
 def entry_point() -> None:
+    args = sys.argv[1:]
+    if not args or args[0] in ("-h", "--help", "help"):
+        print(USAGE)
+        return
+    if args[0] not in COMMANDS:
+        print(f"error: unknown command {args[0]!r}; commands: {', '.join(COMMANDS)}.\n\n{USAGE}")
+        sys.exit(2)
+    if args[0] == "run" and ({"-h", "--help"} & set(args)):
+        print(RUN_USAGE)
+        return
     if sys.argv[1:2] == ["benchmark"]:
         from incremental import bench
 
@@ -154,6 +196,7 @@ def entry_point() -> None:
         workdir_command(sys.argv[1:])
         return
     check_config_file(sys.argv)
+    define_run_flags()
     app.run(main)
 
 

@@ -54,3 +54,24 @@ def test_bad_config_arg_and_missing_config_file_are_reported(tmp_path):
     assert proc.returncode != 0 and "methd=joint" in proc.stderr + proc.stdout
     proc = incremental("--config=configs/nope.py")
     assert proc.returncode != 0 and "nope.py" in proc.stderr + proc.stdout
+
+
+def command(*args):
+    cmd = [sys.executable, "-m", "incremental.main", *args]
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+
+
+def test_help_lists_the_verbs_and_each_verbs_flags():
+    for args in ((), ("--help",), ("-h",)):
+        proc = command(*args)
+        assert proc.returncode == 0, (args, proc.stderr[-1000:])
+        assert all(f"  {verb} " in proc.stdout for verb in ("run", "evaluate", "surgery"))
+    proc = command("run", "--help")
+    assert proc.returncode == 0 and "--config.KEY=VALUE" in proc.stdout
+    assert "--allow_data_change" in proc.stdout
+    for verb in ("evaluate", "surgery", "benchmark"):
+        proc = command(verb, "--help")
+        assert proc.returncode == 0 and proc.stdout.startswith("usage: "), verb
+    proc = command("trian")
+    assert proc.returncode == 2 and "unknown command 'trian'" in proc.stdout
+    assert "Traceback" not in proc.stdout + proc.stderr
