@@ -71,42 +71,20 @@ def run(
             programs = capacity.Programs()  # head.capacity: the programs every phase shares
             with Preemption() as preempt, progress:
                 for phase in range(first, last + 1):
-                    start = time.perf_counter()
-                    with compilation.CompileTimer() as compiled:
-                        pr, state, method_state = begin.begin(
-                            config, method, data, protocol, phase, carried, method_state, programs
-                        )
-                        within = Within(
-                            config, ckpts, preempt, progress, protocol, records, data.fingerprint
-                        )
-                        state, method_state, steps = within.fit(pr, state, method_state)
-                        model, carried = end.end(config, method, data, pr, state, method_state)
-                        seconds = {"train_seconds": time.perf_counter() - start}
-                        start = time.perf_counter()
-                        row = evaluate.evaluate_phase(
-                            config, model, method, data, protocol, phase, carried.variables,
-                            carried.method_state, programs,
-                        )  # fmt: skip
-                        seconds["eval_seconds"] = time.perf_counter() - start
-                    method_state = carried.method_state
-                    seconds["compile_seconds"] = compiled.seconds  # inside train + eval seconds
-                    seconds["compile_cache_hits"] = compiled.cache_hits
-                    records.append(
-                        record.record(
-                            protocol,
-                            pr,
-                            carried.variables,
-                            row,
-                            steps.last_epoch,
-                            seconds,
-                            data.fingerprint,
-                        )  # fmt: skip
+                    within = Within(
+                        config, ckpts, preempt, progress, protocol, records, data.fingerprint
                     )
+                    carried, rng, rec = run_phase(
+                        config, method, data, protocol, phase, carried, method_state, programs,
+                        within,
+                    )  # fmt: skip
+                    method_state = carried.method_state
+                    records.append(rec)
                     results = record.results_from_records(config, protocol, records)
                     if main:
                         record.write_results(workdir, results)
                     save.save(
-                        ckpts, config, protocol, phase, carried, state.rng, records, mesh,
+                        ckpts, config, protocol, phase, carried, rng, records, mesh,
                         data.fingerprint,
                     )  # fmt: skip
                     progress.phase_done(records[-1])
@@ -117,6 +95,35 @@ def run(
     if config.log.plot and results is not None and main:
         report.plot(results, os.path.join(workdir, "accuracy.png"))
     return results
+
+
+def run_phase(
+    config, method, data, protocol, phase: int, carried, method_state: dict, programs, within
+):
+    """One phase of a run: begin, fit (checkpointed by `within`), end and evaluate, timed.
+
+    Returns the carried state, the phase's training key (saved with it) and the phase's record.
+    """
+    start = time.perf_counter()
+    with compilation.CompileTimer() as compiled:
+        pr, state, method_state = begin.begin(
+            config, method, data, protocol, phase, carried, method_state, programs
+        )
+        state, method_state, steps = within.fit(pr, state, method_state)
+        model, carried = end.end(config, method, data, pr, state, method_state)
+        seconds = {"train_seconds": time.perf_counter() - start}
+        start = time.perf_counter()
+        row = evaluate.evaluate_phase(
+            config, model, method, data, protocol, phase, carried.variables,
+            carried.method_state, programs,
+        )  # fmt: skip
+        seconds["eval_seconds"] = time.perf_counter() - start
+    seconds["compile_seconds"] = compiled.seconds  # inside train + eval seconds
+    seconds["compile_cache_hits"] = compiled.cache_hits
+    rec = record.record(
+        protocol, pr, carried.variables, row, steps.last_epoch, seconds, data.fingerprint
+    )
+    return carried, state.rng, rec
 
 
 class Within:
