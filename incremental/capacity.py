@@ -16,9 +16,12 @@ head has C columns throughout, and one train program and one eval program serve 
   examples is the widening path's (`device.batch_indices`);
 - evaluation scores the whole test set, a fixed shape, and keeps the seen classes' examples.
 
-A method opts in with `Method.dynamic_phase` (finetune, joint, replay and freeze_backbone do): its
-jitted hooks must work with a `PhaseInfo` of traced counts and with masked logits for every class.
-One program is built per distinct `PhaseSetup` (freeze_backbone has two: phase 0's and the rest's).
+A method opts in with `Method.dynamic_phase` (every method but lucir, new_head_only and the growth
+methods der, memo and foster, whose backbone changes shape every phase): its jitted hooks must work
+with a `PhaseInfo` of traced counts and with masked logits for every class, and per-class state it
+passes them (bias layers, weight scales, class means) has a row per head column. One program is
+built per distinct `PhaseSetup` (freeze_backbone has two: phase 0's and the rest's) and per
+method-state structure (a teacher appears after phase 0: distillation methods have two).
 
 The numbers are the widening path's bit for bit on CPU for heads of up to `models.HEAD_BLOCK`
 columns: the head's logits and bias gradient, and `models.cross_entropy`'s sum, are fixed-shape

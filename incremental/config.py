@@ -97,7 +97,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.head.init = "default"  # new columns: default (the layer's initialiser) | zeros | imprint
     # 0: widen the head each phase (its steps compile again for each width). C >= the number of
     # classes: a head of C columns from the start, unseen classes masked, so the train and eval
-    # steps compile once for the whole run (incremental/capacity.py; finetune, joint, replay).
+    # steps compile once for the whole run (incremental/capacity.py; every method but lucir,
+    # new_head_only, der, memo and foster).
     c.head.capacity = 0
 
     _add_training(c)

@@ -57,8 +57,9 @@ def bic_phase_one(seed=0, exemplars=10):
         **method.init_state(),
         "memory": old_memory(ctx, exemplars),
         "bias": {"alpha": jnp.full((2,), 0.8), "beta": jnp.full((2,), 0.3)},
+        "teacher": {"params": {"head": tiny_head(2)}},
     }
-    return ctx, method, method.begin_phase(ctx, {}, state)
+    return ctx, method, method.begin_phase(ctx, {"params": {"head": tiny_head(4)}}, state)
 
 
 def test_bic_validation_split_is_balanced_and_held_out_of_training():
@@ -165,8 +166,8 @@ def test_wa_aligns_the_new_weight_norms_to_the_old_mean():
     ctx = tiny_context(1, 2, 2)
     method = WA(memory=memory_lib.MemoryConfig(budget=40))
     state = {**method.init_state(), "memory": old_memory(ctx, 10), "scale": jnp.ones((2,))}
-    state = method.begin_phase(ctx, {}, state)
     head = tiny_head(4, key=3)
+    state = method.begin_phase(ctx, {"params": {"head": head}}, {**state, "teacher": {}})
     kernel = np.asarray(head["kernel"])
     out_state = method.end_phase(ctx, {"params": {"head": head}}, state)
 

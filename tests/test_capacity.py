@@ -102,6 +102,65 @@ def test_capacity_gives_the_widening_numbers_and_compiles_once(
     assert counts[NUM_CLASSES] == {"loss": per_compile * programs, "predict": 1}
 
 
+# Methods with a teacher or an importance compile twice: phase 0 has no teacher to evaluate (one
+# program for it would cost phase 0 a teacher's forward pass in every step), the later phases
+# share one. ncm and analytic train in phase 0 only. (method, overrides, train programs)
+DYNAMIC = [
+    ("lwf", {}, 2),
+    ("lwf", {"method_args.ce_classes": "seen"}, 2),
+    ("icarl", {}, 2),
+    ("icarl", {"method_args.loss_type": "ce_kd"}, 2),
+    ("wa", {}, 2),
+    ("bic", {"method_args.bias_epochs": 3}, 2),
+    ("bic", {"method_args.bias_stage": "pycil", "method_args.bias_epochs": 1}, 2),
+    ("ewc", {}, 2),
+    ("online_ewc", {"method_args.strength": 10.0}, 2),
+    ("mas", {}, 2),
+    ("si", {}, 1),  # its state has the same shape in every phase: one program
+    ("ncm", {}, 1),
+    ("analytic", {"method_args.expansion": 64}, 1),
+]
+
+
+@pytest.mark.parametrize("method, overrides, programs", DYNAMIC)
+def test_every_dynamic_method_gives_the_widening_numbers(
+    tmp_path, monkeypatch, method, overrides, programs
+):
+    """Each method's hooks under traced counts: the widening path's accuracies (NME and the
+    methods' extra classifiers too) over 3 phases, and a fixed number of train and eval programs
+    however many phases (the widening path compiles them once per phase)."""
+    cls = counting(METHODS[method])
+    monkeypatch.setitem(METHODS, cls.name, cls)
+    results, counts = {}, {}
+    for capacity in (0, NUM_CLASSES):
+        trace_counts.clear()
+        config = small_config(cls.name, capacity=capacity, epochs=2)
+        config.train.milestones = config.train_first.milestones = (1,)
+        config.protocol.init_classes, config.protocol.increment = 4, 3  # 4 + 3 + 3
+        for key, value in overrides.items():
+            section, name = key.split(".")
+            config[section][name] = value
+        results[capacity] = run_lib.run(config, str(tmp_path / str(capacity)))
+        counts[capacity] = dict(trace_counts)
+    wide, widened = results[NUM_CLASSES], results[0]
+    matrices = sorted(k for k in widened if k.endswith("_matrix"))
+    assert matrices == sorted(k for k in wide if k.endswith("_matrix"))
+    for key in matrices:
+        assert wide[key] == widened[key], key
+    trained = [p for p in widened["phases"] if p["final_loss"] is not None]
+    assert trained, "no phase trained"
+    np.testing.assert_allclose(
+        [p["final_loss"] for p in wide["phases"] if p["final_loss"] is not None],
+        [p["final_loss"] for p in trained],
+        rtol=1e-6,
+    )
+    assert wide["accuracy_matrix"][0][0] > 0.5  # a real run: phase 0 learned its classes
+    assert counts[0]["predict"] == 3 and counts[NUM_CLASSES]["predict"] == 1
+    per_compile = 2  # the scan traces its step twice (see above)
+    assert counts[NUM_CLASSES].get("loss", 0) == per_compile * programs
+    assert counts[0].get("loss", 0) == per_compile * len(trained)
+
+
 def test_columns_of_unseen_classes_stay_zero_and_seen_ones_train(tmp_path):
     config = small_config("finetune", capacity=12)  # room beyond the protocol's classes too
     run_lib.run(config, str(tmp_path))
@@ -133,10 +192,10 @@ def test_capacity_run_resumes_with_the_same_numbers(tmp_path):
     "method, key, value, message",
     [
         (
-            "lwf",
+            "der",
             None,
             None,
-            r"Method 'lwf' does not support head.capacity.*finetune, freeze_backbone, joint, replay",
+            r"Method 'der' does not support head.capacity.*analytic, bic, ewc, finetune",
         ),
         ("finetune", "capacity", 8, r"head.capacity=8 is smaller than the protocol's 10 classes"),
         ("finetune", "seeds", (0, 1), r"head.capacity does not combine with config.seeds"),

@@ -49,7 +49,8 @@ def synthetic_phases(method, sizes, feats, labels):
     for phase, size in enumerate(sizes):
         info = PhaseInfo(phase, seen, size)
         ctx = PhaseContext(info, labels, feats, lambda variables, x: x)
-        state = method.end_phase(ctx, {}, state)
+        head = {"kernel": np.zeros((1, seen + size), np.float32)}  # only its width is read
+        state = method.end_phase(ctx, {"params": {"head": head}}, state)
         states.append(state)
         seen += size
     return states

@@ -36,6 +36,7 @@ import jax.numpy as jnp
 import jax.scipy.linalg as jsl
 import numpy as np
 
+from incremental import models
 from incremental.methods.base import (
     Method,
     Outputs,
@@ -113,10 +114,11 @@ def _woodbury(buffer: dict, inverse_ExE, weight_ExC, feats_BLxNxD, onehot_BLxNxC
 
 @dataclasses.dataclass(frozen=True)
 class Analytic(Method):
-    """Method state: `inverse_gram` R (E, E), `weight` W (E, num_seen) and, when `expansion > 0`,
+    """Method state: `inverse_gram` R (E, E), `weight` W (E, head width: num_seen, or `head.capacity`, zero beyond num_seen) and, when `expansion > 0`,
     the buffer's `projection` P (D, E)."""
 
     name = "analytic"
+    dynamic_phase = True
 
     gamma: float = 0.1  # ridge regularisation γ (the authors' code default, --gamma 0.1)
     expansion: int = 2048  # buffer width E; 0: no buffer (the authors' code uses 8192)
@@ -147,23 +149,32 @@ class Analytic(Method):
         idx = data_of_classes(ctx.y_train, info.num_old, info.num_seen)
         feats = np.asarray(ctx.embed(variables, ctx.x_train[idx]), np.float32)
         blocks = _blocks(feats, ctx.y_train[idx], info.num_seen, min(BLOCK, len(idx)))
+        width = variables["params"]["head"]["kernel"].shape[-1]
         if "inverse_gram" not in method_state:
             buffer = self.buffer(feats.shape[1])
             inverse, weight = _ridge(buffer, *blocks, jnp.float32(self.gamma))
-            return {**buffer, "inverse_gram": inverse, "weight": weight}
+            return {**buffer, "inverse_gram": inverse, "weight": _pad_columns(weight, width)}
         old = method_state["weight"]
-        if old.shape[1] != info.num_old:
+        if old.shape[1] < info.num_old:
             raise ValueError(
                 f"analytic's head has {old.shape[1]} classes before phase {info.phase}, expected "
                 f"{info.num_old}; the method state does not belong to this run."
             )
         buffer = {k: v for k, v in method_state.items() if k == "projection"}
-        weight = jnp.pad(old, ((0, 0), (0, info.num_new)))
+        weight = _pad_columns(old[:, : info.num_old], info.num_seen)
         inverse, weight = _woodbury(buffer, method_state["inverse_gram"], weight, *blocks)
-        return {**buffer, "inverse_gram": inverse, "weight": weight}
+        return {**buffer, "inverse_gram": inverse, "weight": _pad_columns(weight, width)}
 
     def predict(self, out: Outputs, method_state: dict) -> jax.Array:
-        """`h @ W` with `h` the buffer layer's output."""
-        return jnp.dot(
-            expand(out.features, method_state), method_state["weight"], precision=HIGHEST
+        """`h @ W` with `h` the buffer layer's output, in the head's blocks of columns
+        (`models.head_logits`), so that a `head.capacity` head's zero columns change nothing."""
+        weight = method_state["weight"]
+        zeros = jnp.zeros((weight.shape[1],), jnp.float32)
+        return models.head_logits(
+            expand(out.features, method_state), {"kernel": weight, "bias": zeros}
         )
+
+
+def _pad_columns(weight_ExC: jax.Array, width: int) -> jax.Array:
+    """`weight` with zero columns up to `width`: the seen classes', or a `head.capacity` head's."""
+    return jnp.pad(weight_ExC, ((0, 0), (0, width - weight_ExC.shape[1])))

@@ -250,6 +250,12 @@ def check_choice(key: str, value: Any, valid: tuple) -> None:
         raise ValueError(f"method_args.{key} must be one of {valid}, got {value!r}.")
 
 
+def static_first_phase(info: PhaseInfo) -> bool:
+    """True when `info` is phase 0 as a Python number; under `head.capacity` the phase is traced and
+    one program serves phase 0 and the later ones, so a hook can skip work only where this holds."""
+    return isinstance(info.phase, int) and info.phase == 0
+
+
 def classified_logits(logits: jax.Array, num_old: int | jax.Array, loss_classes: str) -> jax.Array:
     """The logits a `loss_classes` cross-entropy sees: all of them, or the old columns at -inf.
 

@@ -57,6 +57,7 @@ import numpy as np
 import optax
 
 from incremental import memory as memory_lib
+from incremental import models
 from incremental.methods.base import (
     Batch,
     Method,
@@ -65,7 +66,7 @@ from incremental.methods.base import (
     PhaseInfo,
     data_of_classes,
 )
-from incremental.methods.distill import copy_tree, kd_loss, snapshot
+from incremental.methods.distill import copy_tree, kd_loss, old_share, snapshot
 from incremental.methods.rehearsal import Rehearsal
 from incremental.models import head_logits
 
@@ -171,7 +172,7 @@ class BiasCorrection(Method):
 
     def loss(self, out: Outputs, batch: Batch, *, params, method_state, info, apply_fn):
         del apply_fn
-        logits = out.logits.astype(jnp.float32)
+        logits = out.logits[:, : info.num_seen].astype(jnp.float32)  # a capacity head is wider
         ab = params[BIAS_PARAM]
         is_new = jnp.arange(logits.shape[-1]) >= info.num_old
         earlier = correct(logits, method_state["bias"])  # this phase's classes: still identity
@@ -185,6 +186,9 @@ class BiC(Rehearsal):
     """Exemplars, lambda-weighted distillation, and a bias-correction layer per phase."""
 
     name = "bic"
+    dynamic_phase = True
+    train_keys = ("bias", "teacher")
+    eval_keys = ("bias", "class_means")
 
     temperature: float = 2.0  # T of the distillation (paper, PyCIL)
     split_ratio: float = 0.1  # share of each old class's exemplars held out (paper 9:1, PyCIL 0.1)
@@ -220,18 +224,26 @@ class BiC(Rehearsal):
         return {**super().init_state(), "bias": identity_bias(0)}
 
     def begin_phase(self, ctx: PhaseContext, variables: PyTree, method_state: dict) -> dict:
-        """Appends the identity layer of this phase's classes; holds out the validation set."""
-        del variables
+        """Appends the identity layer of this phase's classes; holds out the validation set.
+
+        The layers have a value per head column: the seen classes', or every class of a
+        `head.capacity` head (identity from `num_old` on)."""
         info = ctx.info
         bias = method_state["bias"]
-        if bias["alpha"].shape[0] != info.num_old:
+        width = variables["params"]["head"]["kernel"].shape[-1]
+        if bias["alpha"].shape[0] not in (info.num_old, width):
             raise ValueError(
                 f"BiC's method state has bias layers for {bias['alpha'].shape[0]} classes at the "
                 f"start of phase {info.phase}, which follows {info.num_old}; resume from a checkpoint "
                 "written by bic with the same protocol."
             )
-        new = identity_bias(info.num_new)
-        bias = {k: jnp.concatenate([bias[k], new[k]]) for k in bias}
+        if info.num_old and "teacher" not in method_state:
+            raise ValueError(
+                f"BiC phase {info.phase} has no teacher in its method state; start the run from "
+                "phase 0 or resume from a checkpoint written by bic."
+            )
+        new = identity_bias(width - info.num_old)
+        bias = {k: jnp.concatenate([bias[k][: info.num_old], new[k]]) for k in bias}
         method_state = {**method_state, "bias": bias}
         if info.num_old == 0:
             return method_state
@@ -265,26 +277,22 @@ class BiC(Rehearsal):
         del params
         bias = method_state["bias"]
         logits = correct(out.logits.astype(jnp.float32), bias)
-        ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch.y)
-        if info.num_old == 0:
+        ce = models.cross_entropy(logits, batch.y)
+        if "teacher" not in method_state:  # phase 0 (`begin_phase` checks the later ones)
             return ce, {"ce": ce}
-        if "teacher" not in method_state:
-            raise ValueError(
-                f"BiC phase {info.phase} has no teacher in its method state; start the run from "
-                "phase 0 or resume from a checkpoint written by bic."
-            )
         _, teacher_logits = apply_fn(method_state["teacher"], batch.x, train=False)
         teacher_logits = correct(teacher_logits.astype(jnp.float32), bias)
-        kd = kd_loss(logits[:, : info.num_old], teacher_logits, self.temperature)
-        lam = info.num_old / info.num_seen
-        return (1 - lam) * ce + lam * kd, {"ce": ce, "kd": kd}
+        kd = kd_loss(logits, teacher_logits, self.temperature, info.num_old)
+        lam, one_minus_lam = old_share(info.num_old, info.num_new)
+        return one_minus_lam * ce + lam * kd, {"ce": ce, "kd": kd}
 
     def fit_bias(self, ctx: PhaseContext, variables: PyTree, method_state: dict) -> jax.Array:
         """Stage 2, 'full_batch': this phase's `[alpha, beta]` from the validation set's logits."""
         info, validation = ctx.info, method_state["validation"]
         feats = ctx.embed(variables, ctx.x_train[np.asarray(validation["indices"])])
         head = variables["params"]["head"]
-        logits = correct(head_logits(jnp.asarray(feats), head), method_state["bias"])
+        logits = head_logits(jnp.asarray(feats), head)[:, : info.num_seen]  # a capacity head's seen
+        logits = correct(logits, method_state["bias"])
         return fit_bias_layer(
             logits,
             validation["labels"],
@@ -348,8 +356,8 @@ class BiC(Rehearsal):
             ab = self.fit_bias(ctx, variables, method_state)
         bias = method_state["bias"]
         bias = {
-            "alpha": bias["alpha"].at[info.num_old :].set(ab[0]),
-            "beta": bias["beta"].at[info.num_old :].set(ab[1]),
+            "alpha": bias["alpha"].at[info.num_old : info.num_seen].set(ab[0]),
+            "beta": bias["beta"].at[info.num_old : info.num_seen].set(ab[1]),
         }
         return variables, {**method_state, "bias": bias}
 

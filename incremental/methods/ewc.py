@@ -66,7 +66,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from incremental import surgery
+from incremental import models, surgery
 from incremental.methods.base import (
     LOSS_CLASSES,
     Batch,
@@ -119,7 +119,8 @@ def mean_over_phase_data(
     x = ctx.x_train[padded].reshape(num_batches, batch_size, *ctx.x_train.shape[1:])
     y = ctx.y_train[padded].reshape(num_batches, batch_size)
     weight = weight.reshape(num_batches, batch_size)
-    return _mean_fn(ctx.apply_fn, ctx.normalize, example_fn)(variables, x, y, weight)
+    mean_fn = _mean_fn(ctx.apply_fn, ctx.normalize, example_fn, ctx.info.num_seen)
+    return mean_fn(variables, x, y, weight)
 
 
 def _check_context(ctx: PhaseContext) -> None:
@@ -131,8 +132,11 @@ def _check_context(ctx: PhaseContext) -> None:
 
 
 @functools.lru_cache(maxsize=16)  # the same model and rule again reuse the compiled function
-def _mean_fn(apply_fn: Callable, normalize: Callable, example_fn: ExampleFn) -> Callable:
-    """Jitted `(variables, x_NxB, y_NxB, weight_NxB) -> weighted mean of example_fn`."""
+def _mean_fn(
+    apply_fn: Callable, normalize: Callable, example_fn: ExampleFn, num_seen: int
+) -> Callable:
+    """Jitted `(variables, x_NxB, y_NxB, weight_NxB) -> weighted mean of example_fn`, over the
+    logits of the `num_seen` classes (a `head.capacity` head has more columns)."""
 
     @jax.jit
     def mean(variables, x_NxB, y_NxB, weight_NxB):
@@ -142,7 +146,7 @@ def _mean_fn(apply_fn: Callable, normalize: Callable, example_fn: ExampleFn) -> 
             def logits_fn(p):
                 variables_p = {"params": p, "batch_stats": batch_stats}
                 _, logits_1xC = apply_fn(variables_p, normalize(x[None]), train=False)
-                return logits_1xC[0]
+                return logits_1xC[0, :num_seen]
 
             return example_fn(logits_fn, params, y)
 
@@ -180,7 +184,7 @@ def batch_fisher(
     if len(idx) == 0:
         raise ValueError(f"Phase {ctx.info.phase} has no training examples to estimate a Fisher.")
     order = np.random.default_rng([ctx.seed, ctx.info.phase]).permutation(idx)
-    squared_grad = _squared_batch_grad(ctx.apply_fn, ctx.normalize)
+    squared_grad = _squared_batch_grad(ctx.apply_fn, ctx.normalize, ctx.info.num_seen)
     total, num_batches = None, 0
     for start in range(0, len(order), batch_size):  # at most two shapes: full batches, the rest
         rows = order[start : start + batch_size]
@@ -191,7 +195,7 @@ def batch_fisher(
 
 
 @functools.lru_cache(maxsize=16)
-def _squared_batch_grad(apply_fn: Callable, normalize: Callable) -> Callable:
+def _squared_batch_grad(apply_fn: Callable, normalize: Callable, num_seen: int) -> Callable:
     @jax.jit
     def squared_grad(variables, x_B, y_B):
         def loss(params):
@@ -200,7 +204,7 @@ def _squared_batch_grad(apply_fn: Callable, normalize: Callable) -> Callable:
                 variables_p, normalize(x_B), train=True, mutable=["batch_stats"]
             )
             return optax.softmax_cross_entropy_with_integer_labels(
-                logits.astype(jnp.float32), y_B
+                logits[:, :num_seen].astype(jnp.float32), y_B
             ).mean()
 
         return jax.tree.map(jnp.square, jax.grad(loss)(variables["params"]))
@@ -239,10 +243,12 @@ def averaged(old: PyTree, new: PyTree, params: PyTree, num_old: int, num_seen: i
     """PyCIL's merge: alpha F_old + (1 - alpha) F_new, alpha = num_old / num_seen, where F_old covers
     the parameters (the new classes' head columns take F_new); the anchor is `params`."""
     alpha = num_old / num_seen
-    # alpha on what the old Fisher covers, 0 on the new columns (`old` is already widened).
+    # alpha on what the old Fisher covers, 0 on the new columns (`old` is already widened) and
+    # on a `head.capacity` head's unseen ones.
+    width = old["head"]["kernel"].shape[-1]
     weight = surgery.widen_like(
         surgery.narrow_head(jax.tree.map(lambda o: jnp.full_like(o, alpha), old), num_old),
-        num_seen - num_old,
+        width - num_old,
     )
     total = jax.tree.map(lambda w, o, n: w * o + (1 - w) * n, weight, old, new)
     return {"importance": total, "anchor": jax.tree.map(jnp.copy, params)}
@@ -264,6 +270,13 @@ def summed_penalties(old: PyTree, anchor: PyTree, new: PyTree, params: PyTree) -
     return {"importance": total, "anchor": jax.tree.map(weighted, old, anchor, new, params, total)}
 
 
+def new_columns(tree: PyTree, params: PyTree) -> int:
+    """How many head columns `params` has beyond `tree` (a state shaped like earlier params)."""
+    if "head" not in params:
+        return 0
+    return params["head"]["kernel"].shape[-1] - tree["head"]["kernel"].shape[-1]
+
+
 @dataclasses.dataclass(frozen=True)
 class QuadraticPenalty(Method):
     """Cross-entropy plus (strength / 2) sum_i w_i (theta_i - theta*_i)^2 after the first phase.
@@ -273,6 +286,7 @@ class QuadraticPenalty(Method):
     """
 
     name = "quadratic_penalty"
+    dynamic_phase = True
     importance_key = "importance"
 
     strength: float = 1.0
@@ -304,9 +318,12 @@ class QuadraticPenalty(Method):
         return {self.importance_key: merged["importance"], "anchor": merged["anchor"]}
 
     def begin_phase(self, ctx: PhaseContext, variables: PyTree, method_state: dict) -> dict:
-        del variables
+        del ctx
         # The new head columns get zero importance (and a zero anchor): they are free to learn.
-        return widen_state(method_state, ctx.info.num_new) if method_state else method_state
+        # (A `head.capacity` head's state has every column already.)
+        if not method_state:
+            return method_state
+        return widen_state(method_state, new_columns(method_state["anchor"], variables["params"]))
 
     def loss(
         self,
@@ -320,8 +337,8 @@ class QuadraticPenalty(Method):
     ) -> tuple[jax.Array, dict[str, jax.Array]]:
         del apply_fn
         logits = classified_logits(out.logits, info.num_old, self.loss_classes)
-        ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch.y)
-        if info.phase == 0 or self.importance_key not in method_state:
+        ce = models.cross_entropy(logits, batch.y)
+        if self.importance_key not in method_state:  # phase 0
             return ce, {"ce": ce}
         importance = method_state[self.importance_key]
         penalty = (

@@ -41,6 +41,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from incremental import models
 from incremental.methods.base import Batch, Outputs, PhaseContext, PhaseInfo
 from incremental.methods.distill import kd_loss, snapshot
 from incremental.methods.rehearsal import Rehearsal
@@ -50,14 +51,24 @@ LOSSES = ("bce", "ce_kd")
 
 
 def bce_distillation(
-    logits_BxC: jax.Array, teacher_logits_BxO: jax.Array, y_B: jax.Array
+    logits_BxC: jax.Array,
+    teacher_logits_BxT: jax.Array,
+    y_B: jax.Array,
+    num_old: int | jax.Array,
+    num_seen: int | jax.Array,
 ) -> jax.Array:
-    """iCaRL's loss per example: sigmoid BCE summed over classes, old targets from the teacher."""
-    num_old = teacher_logits_BxO.shape[-1]
-    onehot = jax.nn.one_hot(y_B, logits_BxC.shape[-1], dtype=logits_BxC.dtype)
-    old = jax.nn.sigmoid(jax.lax.stop_gradient(teacher_logits_BxO)).astype(logits_BxC.dtype)
-    targets = jnp.concatenate([old, onehot[:, num_old:]], axis=-1)
-    return optax.sigmoid_binary_cross_entropy(logits_BxC, targets).sum(-1)
+    """iCaRL's loss per example: sigmoid BCE summed over the seen classes, the first `num_old`
+    targets from the teacher. Columns from `num_seen` on (a `head.capacity` head's) add exact
+    zeros to the blocked sum (`models.sum_classes`); the counts may be traced."""
+    width = logits_BxC.shape[-1]
+    teacher = teacher_logits_BxT[:, :width]
+    teacher = jnp.pad(teacher, ((0, 0), (0, width - teacher.shape[-1])))
+    old = jax.nn.sigmoid(jax.lax.stop_gradient(teacher)).astype(logits_BxC.dtype)
+    onehot = jax.nn.one_hot(y_B, width, dtype=logits_BxC.dtype)
+    targets = jnp.where(models.columns_below(logits_BxC, num_old), old, onehot)
+    seen = models.columns_below(logits_BxC, num_seen)
+    bce = optax.sigmoid_binary_cross_entropy(jnp.where(seen, logits_BxC, 0.0), targets)
+    return models.sum_classes(jnp.where(seen, bce, 0.0))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,6 +76,9 @@ class ICaRL(Rehearsal):
     """Exemplars (herding), distillation from the previous model, NME reported beside the head."""
 
     name = "icarl"
+    dynamic_phase = True
+    train_keys = ("teacher",)
+    eval_keys = ("class_means",)
 
     # Named loss_type, not loss: a field `loss` would hide the `loss` hook of the method interface.
     loss_type: str = "bce"  # 'bce': the paper's sigmoid BCE | 'ce_kd': PyCIL's CE + KD
@@ -90,29 +104,27 @@ class ICaRL(Rehearsal):
     ) -> tuple[jax.Array, dict[str, jax.Array]]:
         del params
         logits = out.logits.astype(jnp.float32)
-        teacher_logits = self.teacher_logits(batch, method_state, info, apply_fn)
+        if "teacher" not in method_state:  # phase 0 (`begin_phase` checks the later ones)
+            teacher_logits = jnp.zeros((batch.x.shape[0], 0), jnp.float32)
+        else:
+            _, teacher_logits = apply_fn(method_state["teacher"], batch.x, train=False)
+            teacher_logits = jax.lax.stop_gradient(teacher_logits).astype(jnp.float32)
         if self.loss_type == "bce":
-            bce = bce_distillation(logits, teacher_logits, batch.y)
+            bce = bce_distillation(logits, teacher_logits, batch.y, info.num_old, info.num_seen)
             return bce, {"bce": bce}
-        ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch.y)
-        if not info.num_old:
+        ce = models.cross_entropy(logits, batch.y)
+        if "teacher" not in method_state:
             return ce, {"ce": ce}
-        kd = kd_loss(logits[:, : info.num_old], teacher_logits, self.temperature)
+        kd = kd_loss(logits, teacher_logits, self.temperature, info.num_old)
         return ce + kd, {"ce": ce, "kd": kd}
 
-    def teacher_logits(
-        self, batch: Batch, method_state: dict, info: PhaseInfo, apply_fn: Callable
-    ) -> jax.Array:
-        """The previous model's logits (B, num_old) on the batch; (B, 0) in phase 0."""
-        if not info.num_old:
-            return jnp.zeros((batch.x.shape[0], 0), jnp.float32)
-        if "teacher" not in method_state:
+    def begin_phase(self, ctx: PhaseContext, variables: PyTree, method_state: dict) -> dict:
+        if ctx.info.num_old and "teacher" not in method_state:
             raise ValueError(
-                f"iCaRL phase {info.phase} has no teacher in its method state; start the run from "
-                "phase 0 or resume from a checkpoint written by icarl."
+                f"iCaRL phase {ctx.info.phase} has no teacher in its method state; start the run "
+                "from phase 0 or resume from a checkpoint written by icarl."
             )
-        _, logits = apply_fn(method_state["teacher"], batch.x, train=False)
-        return jax.lax.stop_gradient(logits).astype(jnp.float32)
+        return super().begin_phase(ctx, variables, method_state)
 
     def end_phase(self, ctx: PhaseContext, variables: PyTree, method_state: dict) -> dict:
         method_state = super().end_phase(ctx, variables, method_state)

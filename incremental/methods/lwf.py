@@ -28,8 +28,8 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
-import optax
 
+from incremental import models
 from incremental.methods.base import Batch, Method, Outputs, PhaseContext, PhaseInfo
 from incremental.methods.distill import kd_loss, snapshot
 
@@ -40,6 +40,9 @@ CE_CLASSES = ("new", "seen")
 @dataclasses.dataclass(frozen=True)
 class LwF(Method):
     name = "lwf"
+    dynamic_phase = True
+    train_keys = ("teacher",)
+    eval_keys = ()
 
     strength: float = 1.0  # lambda_o of the paper (and FACIL's lamb); PyCIL uses 3
     temperature: float = 2.0  # T of the paper, FACIL and PyCIL
@@ -66,16 +69,15 @@ class LwF(Method):
         apply_fn: Callable,
     ) -> tuple[jax.Array, dict[str, jax.Array]]:
         del params
-        old = info.num_old
-        if info.phase == 0 or "teacher" not in method_state:
-            ce = optax.softmax_cross_entropy_with_integer_labels(out.logits, batch.y)
+        if "teacher" not in method_state:  # phase 0
+            ce = models.cross_entropy(out.logits, batch.y)
             return ce, {"ce": ce}
-        if self.ce_classes == "new":
-            ce = optax.softmax_cross_entropy_with_integer_labels(out.logits[:, old:], batch.y - old)
-        else:
-            ce = optax.softmax_cross_entropy_with_integer_labels(out.logits, batch.y)
+        logits = out.logits
+        if self.ce_classes == "new":  # the new classes' logits only, at any head width
+            logits = models.mask_old(logits, info.num_old)
+        ce = models.cross_entropy(logits, batch.y)
         _, teacher_logits = apply_fn(method_state["teacher"], batch.x, train=False)
-        kd = kd_loss(out.logits[:, :old], teacher_logits, self.temperature)
+        kd = kd_loss(out.logits, teacher_logits, self.temperature, info.num_old)
         return ce + self.strength * kd, {"ce": ce, "kd": kd}
 
     def end_phase(self, ctx: PhaseContext, variables: PyTree, method_state: dict) -> dict:

@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from incremental import models
 from incremental.methods.base import (
     Method,
     Outputs,
@@ -61,9 +62,11 @@ def class_means(feats_NxD: np.ndarray, labels_N: np.ndarray, num_classes: int) -
 
 @dataclasses.dataclass(frozen=True)
 class NCM(Method):
-    """Method state: `class_means` (num_seen, D), unit rows in class order."""
+    """Method state: `class_means` (head width, D), unit rows in class order (zero rows past the
+    seen classes under `head.capacity`)."""
 
     name = "ncm"
+    dynamic_phase = True
 
     train_first_phase: bool = True  # False: phase 0 takes no step either (for a pre-trained model)
 
@@ -78,17 +81,22 @@ class NCM(Method):
         feats = ctx.embed(variables, ctx.x_train[idx])
         new = class_means(feats, ctx.y_train[idx] - info.num_old, info.num_new)
         if "class_means" in method_state:
-            new = jnp.concatenate([method_state["class_means"], new])
-        if new.shape[0] != info.num_seen:
-            raise ValueError(
-                f"ncm holds {new.shape[0]} class means after phase {info.phase}, expected "
-                f"{info.num_seen}; the method state does not belong to this run."
-            )
-        return {"class_means": new}
+            old = method_state["class_means"]
+            if old.shape[0] < info.num_old:
+                raise ValueError(
+                    f"ncm holds {old.shape[0]} class means before phase {info.phase}, expected "
+                    f"{info.num_old}; the method state does not belong to this run."
+                )
+            new = jnp.concatenate([old[: info.num_old], new])
+        # A row per head column: the seen classes', or every class of a `head.capacity` head (zero
+        # rows, masked in evaluation), so that evaluation compiles once.
+        width = variables["params"]["head"]["kernel"].shape[-1]
+        return {"class_means": jnp.pad(new, ((0, width - info.num_seen), (0, 0)))}
 
     def predict(self, out: Outputs, method_state: dict) -> jax.Array:
         """Cosine similarity of each normalised feature to each class mean."""
         feats_BxD = l2_normalize(out.features.astype(jnp.float32))
-        return jnp.dot(
-            feats_BxD, method_state["class_means"].T, precision=jax.lax.Precision.HIGHEST
-        )
+        means_CxD = method_state["class_means"]
+        zeros = jnp.zeros((means_CxD.shape[0],), jnp.float32)
+        # In the head's blocks of columns (`models.head_logits`): exact at any number of rows.
+        return models.head_logits(feats_BxD, {"kernel": means_CxD.T, "bias": zeros})

@@ -26,9 +26,8 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
-import optax
 
-from incremental import surgery
+from incremental import models, surgery
 from incremental.methods.base import (
     LOSS_CLASSES,
     Batch,
@@ -39,7 +38,9 @@ from incremental.methods.base import (
     PyTree,
     check_choice,
     classified_logits,
+    static_first_phase,
 )
+from incremental.methods.ewc import new_columns
 
 _copy = lambda tree: jax.tree.map(jnp.array, tree)  # noqa: E731  (a donated tree must not alias)
 
@@ -50,6 +51,7 @@ class SI(Method):
     (the running path integral ω) and `start` (the parameters the phase started from)."""
 
     name = "si"
+    dynamic_phase = True
 
     strength: float = 0.1  # c, weight of the penalty (FACIL's lamb; the paper's split CIFAR value)
     damping: float = 0.1  # ξ, keeps Ω finite for parameters that barely moved (FACIL's damping)
@@ -67,9 +69,10 @@ class SI(Method):
 
     def begin_phase(self, ctx: PhaseContext, variables: PyTree, method_state: dict) -> dict:
         params = variables["params"]
-        if method_state:
-            importance = surgery.widen_like(method_state["importance"], ctx.info.num_new)
-            anchor = surgery.widen_like(method_state["anchor"], ctx.info.num_new)
+        if method_state:  # new head columns (none for a `head.capacity` head) start free
+            num_new = new_columns(method_state["anchor"], params)
+            importance = surgery.widen_like(method_state["importance"], num_new)
+            anchor = surgery.widen_like(method_state["anchor"], num_new)
         else:
             importance = jax.tree.map(jnp.zeros_like, params)
             anchor = _copy(params)
@@ -102,8 +105,8 @@ class SI(Method):
     ) -> tuple[jax.Array, dict[str, jax.Array]]:
         del apply_fn
         logits = classified_logits(out.logits, info.num_old, self.loss_classes)
-        ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch.y)
-        if info.phase == 0:  # Ω is zero: skip the penalty's cost
+        ce = models.cross_entropy(logits, batch.y)
+        if static_first_phase(info):  # Ω is zero: skip the penalty's cost
             return ce, {"ce": ce}
         penalty = jnp.broadcast_to(self.penalty(params, method_state), ce.shape)
         return ce + penalty, {"ce": ce, "penalty": penalty}

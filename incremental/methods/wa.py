@@ -49,10 +49,10 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import optax
 
+from incremental import models
 from incremental.methods.base import Batch, Outputs, PhaseContext, PhaseInfo
-from incremental.methods.distill import kd_loss, snapshot
+from incremental.methods.distill import kd_loss, old_share, snapshot
 from incremental.methods.rehearsal import Rehearsal
 from incremental.models import head_logits
 
@@ -76,6 +76,9 @@ class WA(Rehearsal):
     """Exemplars, distillation, non-negative head weights, and weight aligning after each phase."""
 
     name = "wa"
+    dynamic_phase = True
+    train_keys = ("teacher", "scale")
+    eval_keys = ("class_means", "aligned_head", "unaligned_head")
 
     temperature: float = 2.0  # T of the distillation (paper, PyCIL)
     kd_weighting: str = (
@@ -98,18 +101,26 @@ class WA(Rehearsal):
         return {**super().init_state(), "scale": jnp.zeros((0,), jnp.float32)}
 
     def begin_phase(self, ctx: PhaseContext, variables: PyTree, method_state: dict) -> dict:
-        """New classes start with scale 1: their columns are trained as they are."""
-        del variables
+        """New classes start with scale 1: their columns are trained as they are.
+
+        `scale` has a value per head column: the seen classes', or every class of a
+        `head.capacity` head (1 from `num_old` on)."""
         info = ctx.info
         scale = method_state["scale"]
-        if scale.shape[0] != info.num_old:
+        width = variables["params"]["head"]["kernel"].shape[-1]
+        if scale.shape[0] not in (info.num_old, width):
             raise ValueError(
                 f"WA's method state has weight scales for {scale.shape[0]} classes at the start of "
                 f"phase {info.phase}, which follows {info.num_old}; resume from a checkpoint written "
                 "by wa with the same protocol."
             )
-        scale = jnp.concatenate([scale, jnp.ones((info.num_new,), jnp.float32)])
-        return {**method_state, "scale": scale}
+        if info.num_old and "teacher" not in method_state:
+            raise ValueError(
+                f"WA phase {info.phase} has no teacher in its method state; start the run from "
+                "phase 0 or resume from a checkpoint written by wa."
+            )
+        ones = jnp.ones((width - info.num_old,), jnp.float32)
+        return {**method_state, "scale": jnp.concatenate([scale[: info.num_old], ones])}
 
     def loss(
         self,
@@ -122,22 +133,16 @@ class WA(Rehearsal):
         apply_fn: Callable,
     ) -> tuple[jax.Array, dict[str, jax.Array]]:
         logits = head_logits(out.features, scaled_head(params["head"], method_state["scale"]))
-        ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch.y)
-        if info.num_old == 0:
+        logits = models.mask_unseen(logits, info.num_seen)  # a `head.capacity` head's unseen
+        ce = models.cross_entropy(logits, batch.y)
+        if "teacher" not in method_state:  # phase 0
             return ce, {"ce": ce}
-        if "teacher" not in method_state:
-            raise ValueError(
-                f"WA phase {info.phase} has no teacher in its method state; start the run from "
-                "phase 0 or resume from a checkpoint written by wa."
-            )
         _, teacher_logits = apply_fn(method_state["teacher"], batch.x, train=False)
-        kd = kd_loss(
-            logits[:, : info.num_old], teacher_logits.astype(jnp.float32), self.temperature
-        )
+        kd = kd_loss(logits, teacher_logits.astype(jnp.float32), self.temperature, info.num_old)
         if self.kd_weighting == "fixed":
             return ce + self.kd_strength * kd, {"ce": ce, "kd": kd}
-        lam = info.num_old / info.num_seen
-        return (1 - lam) * ce + lam * kd, {"ce": ce, "kd": kd}
+        lam, one_minus_lam = old_share(info.num_old, info.num_new)
+        return one_minus_lam * ce + lam * kd, {"ce": ce, "kd": kd}
 
     def post_update(self, params: PyTree) -> PyTree:
         """The paper's clipping: the head kernel is kept non-negative (bias and backbone are not)."""
@@ -153,8 +158,10 @@ class WA(Rehearsal):
         teacher = snapshot(variables)
         head = teacher["params"]["head"]
         if info.num_old:
-            gamma = align_gamma(head["kernel"] * scale[None, :], info.num_old)
-            scale = scale.at[info.num_old :].multiply(gamma)
+            kernel = (head["kernel"] * scale[None, :])[:, : info.num_seen]
+            scale = scale.at[info.num_old : info.num_seen].multiply(
+                align_gamma(kernel, info.num_old)
+            )
         unaligned = scaled_head(head, method_state["scale"])
         head = scaled_head(head, scale)
         teacher["params"] = {**teacher["params"], "head": head}

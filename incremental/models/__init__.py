@@ -13,11 +13,15 @@ from incremental.models.classifier import (
     Classifier,
     CosineHead,
     Head,
+    columns_below,
     cosine_logits,
     cross_entropy,
     head_logits,
+    log_softmax,
     mask_old,
     mask_unseen,
+    soft_cross_entropy,
+    sum_classes,
 )
 from incremental.models.convnet import ConvNet
 from incremental.models.layers import PARTS
@@ -43,6 +47,7 @@ __all__ = [
     "CosineHead",
     "HEADS",
     "classifier",
+    "columns_below",
     "cosine_logits",
     "cross_entropy",
     "MLP",
@@ -52,8 +57,11 @@ __all__ = [
     "build_backbone",
     "build_model",
     "head_logits",
+    "log_softmax",
     "mask_old",
     "mask_unseen",
+    "soft_cross_entropy",
+    "sum_classes",
 ]
 
 

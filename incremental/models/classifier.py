@@ -35,17 +35,49 @@ def head_logits(features_BxD: jax.Array, head: dict[str, jax.Array]) -> jax.Arra
     return out_NxBxK.transpose(1, 0, 2).reshape(feats_BxD.shape[0], -1)[:, :c]
 
 
+def sum_classes(values_BxC: jax.Array) -> jax.Array:
+    """Per-example sum over classes (B,), one fixed-shape reduction per block of HEAD_BLOCK columns.
+
+    The blocks are added in order, so columns of exact zeros (classes masked out) leave the sum of
+    the others bit for bit as it is at any head width: what makes `head.capacity` exact.
+    """
+    b, c = values_BxC.shape
+    num_blocks = -(-c // HEAD_BLOCK)
+    padded_BxP = jnp.pad(values_BxC, ((0, 0), (0, num_blocks * HEAD_BLOCK - c)))
+    blocks_NxBxK = padded_BxP.reshape(b, num_blocks, HEAD_BLOCK).transpose(1, 0, 2)
+    sums_NxB = lax.map(lambda x_BxK: x_BxK.sum(axis=-1), blocks_NxBxK)
+    total_B = sums_NxB[0]
+    for block in range(1, num_blocks):
+        total_B = total_B + sums_NxB[block]
+    return total_B
+
+
+def log_softmax(logits_BxC: jax.Array, num_valid: int | jax.Array | None = None) -> jax.Array:
+    """`jax.nn.log_softmax` over the first `num_valid` columns (all by default), summed in blocks
+    (`sum_classes`); the other columns are -inf. `num_valid` may be traced, and 0 gives all -inf
+    with finite gradients."""
+    if num_valid is not None:
+        logits_BxC = mask_unseen(logits_BxC, num_valid)
+    max_Bx1 = lax.stop_gradient(logits_BxC.max(axis=-1, keepdims=True))
+    max_Bx1 = jnp.where(jnp.isfinite(max_Bx1), max_Bx1, 0.0)  # no valid column
+    shifted_BxC = logits_BxC - max_Bx1
+    total_B = sum_classes(jnp.exp(shifted_BxC))
+    total_B = jnp.where(total_B > 0, total_B, 1.0)
+    return shifted_BxC - jnp.log(total_B)[:, None]
+
+
 def cross_entropy(logits_BxC: jax.Array, labels_B: jax.Array) -> jax.Array:
     """Per-example softmax cross-entropy whose sum over classes runs in the head's blocks.
 
     `optax.softmax_cross_entropy_with_integer_labels` up to float rounding. Its sum of exponentials
-    is, like `head_logits`, one fixed-shape reduction per block of HEAD_BLOCK columns, the blocks
-    added in order: columns at -inf (classes not seen yet, `mask_unseen`) add exact zeros, so a
+    is summed like `sum_classes`: columns at -inf (classes not seen yet, `mask_unseen`) add exact zeros, so a
     head with a column for every class (`head.capacity`) gives the loss and gradients of the
     narrow head bit for bit, at any number of classes.
     """
     b, c = logits_BxC.shape
     num_blocks = -(-c // HEAD_BLOCK)
+    # Padded with -inf before the exponential (not `sum_classes` of exp with zeros after it):
+    # XLA fuses the two forms differently, and this one is what the gradients were checked with.
     padded_BxP = jnp.pad(
         logits_BxC, ((0, 0), (0, num_blocks * HEAD_BLOCK - c)), constant_values=-jnp.inf
     )
@@ -57,6 +89,29 @@ def cross_entropy(logits_BxC: jax.Array, labels_B: jax.Array) -> jax.Array:
         total_B = total_B + sums_NxB[block]
     label_logits_B = jnp.take_along_axis(logits_BxC, labels_B[:, None], axis=-1)[:, 0]
     return max_Bx1[:, 0] + jnp.log(total_B) - label_logits_B
+
+
+def soft_cross_entropy(
+    logits_BxC: jax.Array, targets_BxC: jax.Array, num_valid: int | jax.Array | None = None
+) -> jax.Array:
+    """`-sum_c targets_c log_softmax(logits)_c` over the first `num_valid` columns (all by
+    default): `optax.softmax_cross_entropy` up to float rounding, exact under `head.capacity`.
+
+    Written as `lse * sum_c t_c - sum_c t_c (z_c - max)`, every sum over classes a `sum_classes`:
+    a per-example log-sum-exp broadcast over the columns would make the backward pass sum over
+    them in a plain reduction, whose order changes with the head's width.
+    """
+    num_valid = logits_BxC.shape[-1] if num_valid is None else num_valid
+    valid_1xC = columns_below(logits_BxC, num_valid)
+    masked_BxC = jnp.where(valid_1xC, logits_BxC, -jnp.inf)
+    max_Bx1 = lax.stop_gradient(masked_BxC.max(axis=-1, keepdims=True))
+    max_Bx1 = jnp.where(jnp.isfinite(max_Bx1), max_Bx1, 0.0)  # no valid column
+    shifted_BxC = masked_BxC - max_Bx1
+    total_B = sum_classes(jnp.exp(shifted_BxC))
+    lse_B = jnp.log(jnp.where(total_B > 0, total_B, 1.0))
+    targets_BxC = jnp.where(valid_1xC, targets_BxC, 0.0)
+    weighted_B = sum_classes(jnp.where(valid_1xC, targets_BxC * shifted_BxC, 0.0))
+    return lse_B * sum_classes(targets_BxC) - weighted_B
 
 
 class Head(nn.Module):
@@ -98,14 +153,18 @@ def cosine_logits(features_BxD: jax.Array, head: dict[str, jax.Array]) -> jax.Ar
     return head["sigma"] * head_logits(feats, {"kernel": kernel, "bias": zeros})
 
 
+def columns_below(scores_BxC: jax.Array, num: int | jax.Array) -> jax.Array:
+    """(1, C) booleans: True for the columns before `num` (which may be traced)."""
+    return jnp.arange(scores_BxC.shape[-1])[None, :] < num
+
+
 def mask_unseen(scores_BxC: jax.Array, num_seen: int | jax.Array) -> jax.Array:
     """`scores` with the columns from `num_seen` on (classes not seen yet) set to -inf.
 
     For a head with a column for every class (`head.capacity`): softmax gives the masked columns
     probability 0 and gradient 0, and argmax never picks them. `num_seen` may be traced.
     """
-    columns_1xC = jnp.arange(scores_BxC.shape[-1])[None, :]
-    return jnp.where(columns_1xC < num_seen, scores_BxC, -jnp.inf)
+    return jnp.where(columns_below(scores_BxC, num_seen), scores_BxC, -jnp.inf)
 
 
 def mask_old(scores_BxC: jax.Array, num_old: int | jax.Array) -> jax.Array:
@@ -114,8 +173,7 @@ def mask_old(scores_BxC: jax.Array, num_old: int | jax.Array) -> jax.Array:
     `cross_entropy(mask_old(logits, num_old), y)` is the cross-entropy over the new classes' logits
     only (PyCIL's and FACIL's `logits[:, known:]` against `y - known`), at any head width.
     """
-    columns_1xC = jnp.arange(scores_BxC.shape[-1])[None, :]
-    return jnp.where(columns_1xC >= num_old, scores_BxC, -jnp.inf)
+    return jnp.where(columns_below(scores_BxC, num_old), -jnp.inf, scores_BxC)
 
 
 HEADS = {"linear": Head, "cosine": CosineHead}

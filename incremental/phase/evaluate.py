@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from incremental import capacity, evaluate, train
+from incremental import capacity, evaluate, parallel, train
 from incremental.methods import base
 from incremental.phase.begin import phase_info
 from incremental.phase.load import RunData
@@ -26,6 +26,9 @@ def evaluate_phase(
     wide = bool(config.head.capacity)
     programs = programs or capacity.Programs()
     eval_state = base.select_state(method_state, method.eval_keys)
+    mesh = parallel.mesh_of(variables)
+    if wide and mesh is not None:  # placed alike in every phase, so the program is the same
+        eval_state = parallel.replicate(eval_state, mesh)
     dtype = dtype_of(config)
 
     def rows(name, predict_fn, model=model, variables=variables):
