@@ -30,6 +30,7 @@ reductions over blocks of columns, so the masked columns only add exact zeros.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Hashable
 from typing import Any
 
@@ -42,10 +43,46 @@ from incremental.methods import METHODS, Method, PhaseInfo
 PyTree = Any
 
 
+AUTO = -1  # `head.capacity`'s default: the protocol's classes where that is free, else widen
+
+
+def resolve(config, method: Method, num_classes: int) -> int:
+    """The head width a run uses: `head.capacity`, or for `AUTO` the protocol's number of classes
+    when the method supports it (`Method.dynamic_phase`) and neither `config.seeds` nor
+    `dataset.stream` is set, else 0 (widen every phase). The numbers are the same either way."""
+    capacity = config.head.capacity
+    if capacity != AUTO:
+        return capacity
+    free = method.dynamic_phase and not config.seeds and not config.dataset.stream
+    return num_classes if free else 0
+
+
+def resolved(config, method: Method, num_classes: int):
+    """`config` with `head.capacity` resolved (`resolve`): what a run saves and compares on
+    resume. A copy when it changes; the caller's config is left as it was."""
+    capacity = resolve(config, method, num_classes)
+    if capacity == config.head.capacity:
+        return config
+    config = copy.deepcopy(config)
+    config.head.capacity = capacity
+    return config
+
+
+def width(config) -> int:
+    """The head width of a resolved config; 0 (widen) for `AUTO` in a config no run resolved (a
+    phase run by hand with `run.train_phase`)."""
+    return max(config.head.capacity, 0)
+
+
 def check(config, method: Method, num_classes: int) -> None:
     """Raises `ValueError` when `config.head.capacity` cannot serve this run."""
     capacity = config.head.capacity
-    if not capacity:
+    if capacity < AUTO:
+        raise ValueError(
+            f"head.capacity must be -1 (auto: the protocol's classes where the method allows), "
+            f"0 (widen the head every phase) or at least {num_classes}; got {capacity}."
+        )
+    if capacity <= 0:
         return
     if capacity < num_classes:
         raise ValueError(

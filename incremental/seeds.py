@@ -46,7 +46,7 @@ def check(config) -> list[int]:
         )
     if config.dataset.stream:
         raise ValueError("config.seeds keeps the data on the device; set dataset.stream=False.")
-    if config.head.capacity:
+    if config.head.capacity > 0:  # -1 (auto) widens here
         raise ValueError(
             "head.capacity does not combine with config.seeds (which compiles a vmapped program "
             "of its own per phase); drop one of the two."

@@ -31,7 +31,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from incremental import checkpoint, methods, surgery, train
+from incremental import capacity, checkpoint, methods, surgery, train
 from incremental.data import sources
 from incremental.methods import Method, PhaseInfo
 from incremental.phase.evaluate import evaluate_phase
@@ -201,7 +201,7 @@ def _dataset_labels(config, num_classes: int) -> np.ndarray:
 
 def _scores(rs: RunSetup, model, predict_fn, variables, method_state, x, num_seen) -> np.ndarray:
     dtype = dtype_of(rs.config)
-    wide = bool(rs.config.head.capacity)  # a column for every class: mask those not seen yet
+    wide = capacity.width(rs.config) > 0  # a column for every class: mask those not seen yet
     apply = train.make_apply_batches(model, rs.data.norm, predict_fn, dtype, mask=wide)
     extra = (num_seen,) if wide else ()
     return train.run_batched(apply, variables, method_state, x, rs.config.eval.batch_size, *extra)
@@ -581,6 +581,8 @@ def _config_without(rs: RunSetup, positions: Sequence[int]) -> ml_collections.Co
     config.dataset.classes = ",".join(str(int(labels[i])) for i in kept_ids)
     config.protocol.class_order = ",".join(str(new_id[c]) for c in order.tolist() if c in new_id)
     config.protocol.phase_sizes = ",".join(str(s) for s in sizes if s)
+    if capacity.width(rs.config):  # the head keeps a column for every class left
+        config.head.capacity = capacity.width(rs.config) - len(positions)
     return config
 
 
@@ -591,7 +593,9 @@ def remove_classes(workdir: str, classes: Sequence[int], out: str) -> dict:
     the other classes' logits stay bit-identical), the optimizer state and the method state lose
     their entries (`edit_method_state`), and the phase is evaluated again under the edited
     protocol. A phase left without classes is dropped; the newest checkpoint is always kept.
-    Within-phase checkpoints are not copied: the edited run resumes after its newest phase.
+    Within-phase checkpoints are not copied: the edited run resumes after its newest phase. A run
+    with a column for every class (`head.capacity`) loses the removed classes' columns in every
+    phase, learned or not, and keeps a column for every class left.
 
     Args:
       workdir: the source work directory; it is not modified.
@@ -610,12 +614,7 @@ def remove_classes(workdir: str, classes: Sequence[int], out: str) -> dict:
     phases = saved_phases(workdir)
     with _checkpoints(workdir) as ckpts:
         old = setup(config_from_dict(ckpts.read_meta(phases[-1])["config"]))
-        if old.config.head.capacity:
-            raise ValueError(
-                f"{workdir} was run with head.capacity={old.config.head.capacity}, a head with a "
-                "column for every class; removing classes is only defined for a widened head. "
-                "Run it again with head.capacity=0."
-            )
+        width = capacity.width(old.config)  # a column for every class, or 0: the seen ones
         positions = _removed_positions(old.protocol, classes, old.protocol.num_seen(phases[-1]))
         new = setup(_config_without(old, positions))
         label_map, index_map = _maps(old, positions)
@@ -626,6 +625,8 @@ def remove_classes(workdir: str, classes: Sequence[int], out: str) -> dict:
                 saved = _restore(ckpts, old, source)
                 num_seen = old.protocol.num_seen(source)
                 mine = [p for p in positions if p < num_seen]
+                if width:  # every class has a column: those not seen yet go too
+                    mine, num_seen = list(positions), width
                 method_state = edit_method_state(
                     saved.method_state,
                     mine,

@@ -2,6 +2,7 @@
 widening path's numbers."""
 
 import dataclasses
+import json
 
 import numpy as np
 import pytest
@@ -215,9 +216,25 @@ def test_capacity_refuses_what_it_cannot_serve(tmp_path, method, key, value, mes
     assert not (tmp_path / "w" / "checkpoints").exists()
 
 
-def test_removing_classes_from_a_capacity_run_is_refused(tmp_path):
-    config = small_config("finetune", epochs=1)
-    run_lib.run(config, str(tmp_path / "run"), stop_after=0)
-    with pytest.raises(ValueError, match="head.capacity=10"):
-        workdirs.remove_classes(str(tmp_path / "run"), [0], str(tmp_path / "out"))
-    assert not (tmp_path / "out").exists()
+def test_removing_classes_from_a_capacity_run_gives_the_widened_runs_numbers(tmp_path):
+    """Classes removed from a capacity run (one of phase 0, one of phase 1, so not yet learned in
+    phase 0's checkpoint) leave the predictions of the same removal from the widening run, and a
+    head with a column for every class left, the unseen ones still zero."""
+    config = small_config("replay", epochs=1)
+    edited = {}
+    for capacity in (0, NUM_CLASSES):
+        config.head.capacity = capacity
+        source, out = str(tmp_path / f"run{capacity}"), str(tmp_path / f"out{capacity}")
+        run_lib.run(config, source, stop_after=1)
+        order = json.loads((tmp_path / f"run{capacity}" / "results.json").read_text())
+        order = order["class_order"]
+        workdirs.remove_classes(source, [order[0], order[4]], out)
+        edited[capacity] = workdirs.evaluate(out, predictions=True)
+    (wide, wide_predictions), (widened, widened_predictions) = edited[NUM_CLASSES], edited[0]
+    assert wide["per_class"] == widened["per_class"] and wide["extra"] == widened["extra"]
+    for name in ("head", "nme"):
+        np.testing.assert_array_equal(wide_predictions[name], widened_predictions[name])
+    _, saved = workdirs.restore(str(tmp_path / f"out{NUM_CLASSES}"), 1)
+    kernel = np.asarray(saved.state["params"]["head"]["kernel"])
+    assert kernel.shape == (256, NUM_CLASSES - 2)
+    np.testing.assert_array_equal(kernel[:, 4:], 0)  # 4 + 2 learned, less two removed

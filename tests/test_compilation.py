@@ -22,8 +22,9 @@ def test_second_run_reads_compiled_programs_from_the_cache(tmp_path):
         compilation_cache.reset_cache()
     assert any((tmp_path / "cache").iterdir())
     hits = [[p["compile_cache_hits"] for p in r["phases"]] for r in (first, second)]
-    # The first run finds only what it wrote itself; the second finds every phase's programs.
-    assert all(h2 > h1 for h1, h2 in zip(*hits, strict=True)), hits
+    # The first run finds only what it wrote itself (a compile-once run: its later phases reuse
+    # phase 0's programs); the second finds phase 0's too.
+    assert hits[1][0] > hits[0][0] and sum(hits[1]) > sum(hits[0]), hits
     assert all(p["compile_seconds"] > 0 for p in first["phases"])
     assert second["accuracy_matrix"] == first["accuracy_matrix"]
 

@@ -460,7 +460,8 @@ def teacher_gap(run, temperature=2.0) -> float:
     logits = []
     for state, width in ((s0, 2), (s1, 4)):
         model = phase_model.make_model(config, width)
-        variables = {"params": state["params"], "batch_stats": state["batch_stats"]}
+        params = surgery.narrow_head(state["params"], width)  # a capacity head has 10 columns
+        variables = {"params": params, "batch_stats": state["batch_stats"]}
         logits.append(model.apply(variables, device.normalize(x, data.norm), train=False)[1])
     teacher = jax.nn.log_softmax(logits[0] / temperature)
     student = jax.nn.log_softmax(logits[1][:, :2] / temperature)

@@ -128,9 +128,10 @@ def test_resume_within_a_phase_is_exact(tmp_path, every_steps):
     staged = str(tmp_path / "staged")
     run_lib.run(config, staged, stop_after=1)
     # Pretend the run died in phase 2 after three calls of the step.
-    from incremental import checkpoint
+    from incremental import capacity, checkpoint
 
     data, protocol, method = load.validate(config, staged)
+    config = capacity.resolved(config, method, protocol.num_classes)  # as `run` saves it
     ckpts = checkpoint.Checkpoints(staged)
     _, carried, method_state, records = save.resume(ckpts, config, method, protocol, data)
     pr, state, method_state = begin.begin(config, method, data, protocol, 2, carried, method_state)

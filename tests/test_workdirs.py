@@ -161,7 +161,9 @@ def test_method_state_edit_keeps_known_entries_and_refuses_unknown_ones():
 
 def test_graft_copies_the_matching_params_and_refuses_misfits(source, tmp_path):
     other = str(tmp_path / "other")
-    run_lib.run(small_config(seed=1), other, stop_after=0)
+    config = small_config(seed=1)
+    config.head.capacity = 0  # a head of phase 0's 2 columns, against the source's 10
+    run_lib.run(config, other, stop_after=0)
     out = str(tmp_path / "grafted")
     record = workdirs.graft(source, "backbone/.*", other, out)
     assert record["paths"] and all(p.startswith("backbone/") for p in record["paths"])
@@ -171,7 +173,7 @@ def test_graft_copies_the_matching_params_and_refuses_misfits(source, tmp_path):
     np.testing.assert_array_equal(params[out]["head/kernel"], params[source]["head/kernel"])
     results = json.loads((Path(out) / "results.json").read_text())
     assert results["accuracy"][-1] == workdirs.evaluate(out)["accuracy"]
-    with pytest.raises(ValueError, match="head/kernel"):  # 2 columns there, 6 here
+    with pytest.raises(ValueError, match="head/kernel"):  # 2 columns there, 10 here
         workdirs.graft(source, "head/.*", other, str(tmp_path / "bad"))
     with pytest.raises(ValueError, match="matches no leaf path"):
         workdirs.graft(source, "trunk/.*", other, str(tmp_path / "bad"))

@@ -69,6 +69,7 @@ def begin(
     Under `head.capacity` the epoch comes from `programs` (one for the run) when it already holds
     it, so that every phase runs the same compiled program.
     """
+    config = capacity.resolved(config, method, protocol.num_classes)
     info = phase_info(protocol, phase)
     programs = programs or capacity.Programs()
     model = phase_model(config, method, info)
@@ -94,7 +95,7 @@ def begin(
         )
         state = state._replace(params=large[0], opt_state=large[1])
     build = lambda stream=None: make_epoch(config, method, data, info, model, tx, mesh, stream)  # noqa: E731
-    if config.head.capacity:  # the whole training set, once for the run, and the phase's rows
+    if capacity.width(config):  # the whole training set, once for the run, and the phase's rows
         # One program per distinct setup (a method may freeze the backbone after phase 0, say);
         # a tx that freezes the old columns depends on their number too.
         key = ("train", setup, info.num_old if setup.freeze_old_columns else None)
@@ -117,7 +118,7 @@ def begin(
 def start_variables(config, method, data: RunData, ctx: PhaseContext, carried: Carried | None):
     """Phase 0's initial variables, or the previous phase's grown and widened for this one."""
     info, key = ctx.info, phase_key(config, ctx.info.phase)
-    wide = config.head.capacity
+    wide = capacity.width(config)
     if carried is None:
         narrow = phase_model(config, method, info, num_classes=info.num_seen)
         variables = init_variables(narrow, data.x_train[0], named_key(key, "init"))
@@ -137,7 +138,7 @@ def make_tx(config, method: Method, info: PhaseInfo, steps_per_epoch: int, param
         params,
         method.setup(info),
         info.num_old,
-        dynamic=bool(config.head.capacity),
+        dynamic=capacity.width(config) > 0,
     )
 
 
@@ -145,7 +146,9 @@ def train_state(config, tx, variables, carried: Carried | None, info: PhaseInfo,
     """The phase's first train state; the optimizer's moments carried over if the config says so."""
     opt_state = tx.init(variables["params"])
     if carried is not None and config.train.carry_opt_state:
-        num_new = 0 if config.head.capacity else info.num_new  # a wide head's new columns are zero
+        num_new = (
+            0 if capacity.width(config) else info.num_new
+        )  # a wide head's new columns are zero
         opt_state = train.carry_opt_state(carried.opt_state, opt_state, num_new) or opt_state
     step = jnp.zeros((), jnp.int32)
     return train.TrainState(variables["params"], variables["batch_stats"], opt_state, rng, step)
@@ -165,7 +168,7 @@ def stream_of(config, data: RunData, idx: np.ndarray, mesh) -> StreamingBatches:
 
 def make_epoch(config, method, data: RunData, info, model, tx, mesh, stream=None):
     """The phase's jitted epoch (`train.make_train_epoch`) as the config asks for it."""
-    wide = bool(config.head.capacity)
+    wide = capacity.width(config) > 0
     return train.make_train_epoch(
         model=model,
         tx=tx,

@@ -21,9 +21,10 @@ def evaluate_phase(
     a shape that does not change with the phase, with the classes not seen yet masked, by
     functions kept in `programs` for later phases.
     """
+    config = capacity.resolved(config, method, protocol.num_classes)
     num_seen = protocol.num_seen(phase)
     seen = data.y_test < num_seen
-    wide = bool(config.head.capacity)
+    wide = capacity.width(config) > 0
     programs = programs or capacity.Programs()
     eval_state = base.select_state(method_state, method.eval_keys)
     mesh = parallel.mesh_of(variables)

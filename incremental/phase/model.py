@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from incremental import models
+from incremental import capacity, models
 from incremental.methods import Method, PhaseInfo
 from incremental.models import build_backbone, build_model
 
@@ -74,7 +74,7 @@ def phase_model(
         return build_backbone(config.model.name, dtype=dtype, **{**kwargs, **fields}, **extra)
 
     module = backbone(make) if backbone else method.backbone(make, info, final=final)
-    width = num_classes or config.head.capacity or info.num_seen
+    width = num_classes or capacity.width(config) or info.num_seen
     return models.classifier(module, width, method.head)
 
 

@@ -36,7 +36,10 @@ def record(
         "num_seen": info.num_seen,
         "num_train_examples": pr.num_train,
         "data_fingerprint": fingerprint,  # of the data the phase trained on (`load.fingerprint`)
-        "num_params": surgery.count_params(variables["params"], depth=1),
+        # The seen classes' head columns (a `head.capacity` head holds zero ones for the others).
+        "num_params": surgery.count_params(
+            surgery.narrow_head(variables["params"], info.num_seen), depth=1
+        ),
         "epochs": pr.epochs,
         "final_loss": float(metrics["loss"]) if metrics else None,
         "final_train_accuracy": float(metrics["accuracy"]) if metrics else None,

@@ -8,7 +8,7 @@ from typing import Any
 
 import jax
 
-from incremental import checkpoint, parallel, report, train
+from incremental import capacity, checkpoint, parallel, report, train
 from incremental.methods import Method
 from incremental.phase.begin import Carried, make_tx, phase_info
 from incremental.phase.load import RunData
@@ -63,6 +63,7 @@ def save(
 
 def state_target(config, method: Method, protocol: Protocol, data: RunData, phase: int) -> PyTree:
     """Shapes and types of the state saved at the end of `phase`, for restoring it."""
+    config = capacity.resolved(config, method, protocol.num_classes)
     info = phase_info(protocol, phase)
     model = phase_model(config, method, info, final=True)
     key = jax.random.PRNGKey(0)
@@ -81,6 +82,7 @@ def resume(
     A run whose data changed since it was saved (another fingerprint) is refused unless
     `allow_data_change`; each phase's record keeps the fingerprint it trained on.
     """
+    config = capacity.resolved(config, method, protocol.num_classes)
     saved = ckpts.latest_meta()
     if saved is not None:
         workdir = os.path.dirname(ckpts.directory)
