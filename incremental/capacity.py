@@ -69,8 +69,8 @@ def resolved(config, method: Method, num_classes: int):
 
 
 def width(config) -> int:
-    """The head width of a resolved config; 0 (widen) for `AUTO` in a config no run resolved (a
-    phase run by hand with `run.train_phase`)."""
+    """The head width of a resolved config (`resolved`: `run` and the phase stages resolve theirs);
+    0, widening, for `AUTO` where no method is at hand to resolve it (`phase.model.phase_model`)."""
     return max(config.head.capacity, 0)
 
 

@@ -29,9 +29,11 @@ SUMMARY_KEYS = ("last_accuracy", "average_incremental_accuracy", "forgetting", "
 
 
 def seed_config(config, seed: int):
-    """`config` for one seed: `seed` set, `seeds` emptied, the epochs as one scan."""
+    """`config` for one seed: `seed` set, `seeds` emptied, the epochs as one scan, and the head
+    widened every phase (the vmapped programs compile per phase; `head.capacity=-1` resolves to 0)."""
     c = config.copy_and_resolve_references()
     c.seed, c.seeds, c.train.loop = seed, (), "scan"
+    c.head.capacity = max(c.head.capacity, 0)
     return c
 
 

@@ -166,6 +166,7 @@ def test_carried_adam_state_has_zero_moments_for_new_columns(tmp_path):
     config = tiny_config(epochs=2)
     config.train.optimizer = "adam"
     config.train.carry_opt_state = True
+    config.head.capacity = 0  # the head widens: what the new columns' moments start from
     data, protocol, _ = load.load_data(config)
     method = METHODS["finetune"]()
     progress = report.Progress(protocol, enabled=False)
