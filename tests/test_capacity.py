@@ -54,6 +54,22 @@ def counting(base):
     return Counting
 
 
+def run_both_heads(tmp_path, monkeypatch, method, overrides, epochs=3):
+    """`method`'s results and trace counts with the head widened (0) and with capacity, by head."""
+    cls = counting(METHODS[method])
+    monkeypatch.setitem(METHODS, cls.name, cls)
+    results, counts = {}, {}
+    for capacity in (0, NUM_CLASSES):
+        trace_counts.clear()
+        config = small_config(cls.name, capacity=capacity, epochs=epochs)
+        for key, value in overrides.items():
+            section, name = key.split(".")
+            config[section][name] = value
+        results[capacity] = run_lib.run(config, str(tmp_path / str(capacity)))
+        counts[capacity] = dict(trace_counts)
+    return results, counts
+
+
 @pytest.mark.parametrize(
     "method, overrides, programs",
     [
@@ -76,17 +92,7 @@ def test_capacity_gives_the_widening_numbers_and_compiles_once(
 ):
     """Capacity and widening give the same numbers; widening traces the train step and the
     prediction once per phase, capacity once per run (per program)."""
-    cls = counting(METHODS[method])
-    monkeypatch.setitem(METHODS, cls.name, cls)
-    results, counts = {}, {}
-    for capacity in (0, NUM_CLASSES):
-        trace_counts.clear()
-        config = small_config(cls.name, capacity=capacity)
-        for key, value in overrides.items():
-            section, name = key.split(".")
-            config[section][name] = value
-        results[capacity] = run_lib.run(config, str(tmp_path / str(capacity)))
-        counts[capacity] = dict(trace_counts)
+    results, counts = run_both_heads(tmp_path, monkeypatch, method, overrides)
     wide, widened = results[NUM_CLASSES], results[0]
     assert wide["accuracy_matrix"] == widened["accuracy_matrix"]
     assert wide["task_aware_matrix"] == widened["task_aware_matrix"]
@@ -98,7 +104,7 @@ def test_capacity_gives_the_widening_numbers_and_compiles_once(
     assert phases == 4
     # The scan traces the step twice (the compile, and the shapes of a skipped step's metrics);
     # the Python loop once, however many calls and batches a phase takes.
-    per_compile = 1 if config.train.loop == "steps" else 2
+    per_compile = 1 if overrides.get("train.loop") == "steps" else 2
     assert counts[0] == {"loss": per_compile * phases, "predict": phases}
     assert counts[NUM_CLASSES] == {"loss": per_compile * programs, "predict": 1}
 
@@ -130,19 +136,15 @@ def test_every_dynamic_method_gives_the_widening_numbers(
     """Each method's hooks under traced counts: the widening path's accuracies (NME and the
     methods' extra classifiers too) over 3 phases, and a fixed number of train and eval programs
     however many phases (the widening path compiles them once per phase)."""
-    cls = counting(METHODS[method])
-    monkeypatch.setitem(METHODS, cls.name, cls)
-    results, counts = {}, {}
-    for capacity in (0, NUM_CLASSES):
-        trace_counts.clear()
-        config = small_config(cls.name, capacity=capacity, epochs=2)
-        config.train.milestones = config.train_first.milestones = (1,)
-        config.protocol.init_classes, config.protocol.increment = 4, 3  # 4 + 3 + 3
-        for key, value in overrides.items():
-            section, name = key.split(".")
-            config[section][name] = value
-        results[capacity] = run_lib.run(config, str(tmp_path / str(capacity)))
-        counts[capacity] = dict(trace_counts)
+    three_phases = {
+        "train.milestones": (1,),
+        "train_first.milestones": (1,),
+        "protocol.init_classes": 4,  # 4 + 3 + 3
+        "protocol.increment": 3,
+    }
+    results, counts = run_both_heads(
+        tmp_path, monkeypatch, method, {**three_phases, **overrides}, epochs=2
+    )
     wide, widened = results[NUM_CLASSES], results[0]
     matrices = sorted(k for k in widened if k.endswith("_matrix"))
     assert matrices == sorted(k for k in wide if k.endswith("_matrix"))
