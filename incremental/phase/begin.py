@@ -146,9 +146,8 @@ def train_state(config, tx, variables, carried: Carried | None, info: PhaseInfo,
     """The phase's first train state; the optimizer's moments carried over if the config says so."""
     opt_state = tx.init(variables["params"])
     if carried is not None and config.train.carry_opt_state:
-        num_new = (
-            0 if capacity.width(config) else info.num_new
-        )  # a wide head's new columns are zero
+        # A wide head's new columns are zero already: nothing to append.
+        num_new = 0 if capacity.width(config) else info.num_new
         opt_state = train.carry_opt_state(carried.opt_state, opt_state, num_new) or opt_state
     step = jnp.zeros((), jnp.int32)
     return train.TrainState(variables["params"], variables["batch_stats"], opt_state, rng, step)
