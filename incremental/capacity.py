@@ -16,12 +16,14 @@ head has C columns throughout, and one train program and one eval program serve 
   examples is the widening path's (`device.batch_indices`);
 - evaluation scores the whole test set, a fixed shape, and keeps the seen classes' examples.
 
-A method opts in with `Method.dynamic_phase` (every method but lucir, new_head_only and the growth
-methods der, memo and foster, whose backbone changes shape every phase): its jitted hooks must work
-with a `PhaseInfo` of traced counts and with masked logits for every class, and per-class state it
-passes them (bias layers, weight scales, class means) has a row per head column. One program is
-built per distinct `PhaseSetup` (freeze_backbone has two: phase 0's and the rest's) and per
-method-state structure (a teacher appears after phase 0: distillation methods have two).
+A method opts in with `Method.dynamic_phase` (every method but the growth methods der, memo and
+foster, whose backbone changes shape every phase): its jitted hooks must work with a `PhaseInfo`
+of traced counts and with masked logits for every class, and per-class state it passes them (bias
+layers, weight scales, class means) has a row per head column. One program is built per distinct
+`PhaseSetup` (freeze_backbone has two: phase 0's and the rest's) and per method-state structure (a
+teacher appears after phase 0: distillation methods have two); frozen old columns
+(`PhaseSetup.freeze_old_columns`: lucir, new_head_only) are a count the step sets in the optimizer
+(`train.NUM_FROZEN`).
 
 The numbers are the widening path's bit for bit on CPU for heads of up to `models.HEAD_BLOCK`
 columns: the head's logits and bias gradient, and `models.cross_entropy`'s sum, are fixed-shape
@@ -48,12 +50,12 @@ AUTO = -1  # `head.capacity`'s default: the protocol's classes where that is fre
 
 def resolve(config, method: Method, num_classes: int) -> int:
     """The head width a run uses: `head.capacity`, or for `AUTO` the protocol's number of classes
-    when the method supports it (`Method.dynamic_phase`) and neither `config.seeds` nor
-    `dataset.stream` is set, else 0 (widen every phase). The numbers are the same either way."""
+    when the method supports it (`Method.dynamic_phase`) and `dataset.stream` is not set, else 0
+    (widen every phase). The numbers are the same either way."""
     capacity = config.head.capacity
     if capacity != AUTO:
         return capacity
-    free = method.dynamic_phase and not config.seeds and not config.dataset.stream
+    free = method.dynamic_phase and not config.dataset.stream
     return num_classes if free else 0
 
 

@@ -75,6 +75,21 @@ def replicate(tree: PyTree, mesh: Mesh) -> PyTree:
     return place(tree, mesh, lambda leaf: replicated(mesh))
 
 
+def onto(tree: PyTree, mesh: Mesh) -> PyTree:
+    """`tree` with every leaf not yet placed on `mesh` replicated onto it (the others as they are).
+
+    A jitted function's outputs are placed on the mesh of its inputs; feeding it inputs placed the
+    same way from the first call on keeps it from compiling again for the second."""
+
+    def sharding_of(leaf):
+        sharding = getattr(leaf, "sharding", None)
+        if isinstance(sharding, NamedSharding) and sharding.mesh == mesh:
+            return sharding
+        return replicated(mesh)
+
+    return place(tree, mesh, sharding_of)
+
+
 def shard_large(tree: PyTree, mesh: Mesh, min_size: int) -> PyTree:
     """FSDP-style placement: a leaf of at least `min_size` elements whose first axis divides over
     the devices is split along that axis over `data`; the others are replicated. XLA gathers the

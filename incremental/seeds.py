@@ -11,6 +11,11 @@ examples (stacked otherwise, as when exemplar memories differ). Each seed has it
 A seed's numbers are those of a separate run with that seed up to float rounding: batched matmuls
 may sum in another order. The epochs run as one scan (`train.loop='scan'`), without within-phase
 checkpoints or streaming; a killed run resumes after the last phase that every seed finished.
+
+With `head.capacity` (by default where the method allows it, as for a single run) the vmapped
+epoch compiles once for the run, not once per phase: every seed trains on rows of the one
+device-resident training set, and each seed's rows and counts (`train.PhaseArgs`) are an input
+stacked on the seed axis.
 """
 
 from __future__ import annotations
@@ -22,18 +27,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from incremental import checkpoint, compilation, lock, parallel
+from incremental import capacity, checkpoint, compilation, lock, parallel
 from incremental.phase import begin, end, evaluate, fit, load, record, save
 
 SUMMARY_KEYS = ("last_accuracy", "average_incremental_accuracy", "forgetting", "backward_transfer")
 
 
 def seed_config(config, seed: int):
-    """`config` for one seed: `seed` set, `seeds` emptied, the epochs as one scan, and the head
-    widened every phase (the vmapped programs compile per phase; `head.capacity=-1` resolves to 0)."""
+    """`config` for one seed: `seed` set, `seeds` emptied, the epochs as one scan."""
     c = config.copy_and_resolve_references()
     c.seed, c.seeds, c.train.loop = seed, (), "scan"
-    c.head.capacity = max(c.head.capacity, 0)
     return c
 
 
@@ -48,11 +51,6 @@ def check(config) -> list[int]:
         )
     if config.dataset.stream:
         raise ValueError("config.seeds keeps the data on the device; set dataset.stream=False.")
-    if config.head.capacity > 0:  # -1 (auto) widens here
-        raise ValueError(
-            "head.capacity does not combine with config.seeds (which compiles a vmapped program "
-            "of its own per phase); drop one of the two."
-        )
     return seeds
 
 
@@ -69,6 +67,8 @@ def run_seeds(config, workdir: str, *, allow_data_change: bool = False) -> dict:
     seeds = check(config)
     configs = [seed_config(config, s) for s in seeds]
     data, protocol, method = load.validate(configs[0], workdir)
+    # What each seed's checkpoints save and a resumed run compares (as `run` does).
+    configs = [capacity.resolved(c, method, protocol.num_classes) for c in configs]
     dirs = [os.path.join(workdir, f"seed_{s}") for s in seeds]
     for d in dirs:
         load.make_workdir(d)
@@ -86,15 +86,19 @@ def run_seeds(config, workdir: str, *, allow_data_change: bool = False) -> dict:
                 for f, k, c in zip(found, ckpts, configs, strict=True)
             ]
             carried, method_states = [f[1] for f in found], [f[2] for f in found]
+            programs = capacity.Programs()  # head.capacity: shared by every seed and phase
             records = [f[3][:first] for f in found]
             for phase in range(first, protocol.num_phases):
                 start = time.perf_counter()
                 begun = [
-                    begin.begin(c, method, data, protocol, phase, carried[i], method_states[i])
+                    begin.begin(
+                        c, method, data, protocol, phase, carried[i], method_states[i], programs
+                    )
                     for i, c in enumerate(configs)
                 ]
                 prs = [b[0] for b in begun]
-                trained = train_together(prs, [b[1] for b in begun], [b[2] for b in begun])
+                states, states_m = [b[1] for b in begun], [b[2] for b in begun]
+                trained = train_together(prs, states, states_m, method, programs)
                 elapsed = time.perf_counter() - start
                 for i, (c, pr, (state, method_state, steps)) in enumerate(
                     zip(configs, prs, trained, strict=True)
@@ -112,6 +116,7 @@ def run_seeds(config, workdir: str, *, allow_data_change: bool = False) -> dict:
                         phase,
                         carried[i].variables,
                         carried[i].method_state,
+                        programs,
                     )
                     seconds["eval_seconds"] = time.perf_counter() - start
                     method_states[i] = carried[i].method_state
@@ -146,19 +151,27 @@ def run_seeds(config, workdir: str, *, allow_data_change: bool = False) -> dict:
         return doc
 
 
-def train_together(prs, states, method_states) -> list[tuple]:
+def train_together(prs, states, method_states, method, programs) -> list[tuple]:
     """The phase's epochs of every seed in one vmapped scan; returns each seed's (state,
-    method_state, fit.Steps)."""
+    method_state, fit.Steps). Under `head.capacity` the vmapped epoch comes from `programs`."""
     pr = prs[0]
-    if len({p.x.shape for p in prs}) != 1:
+    if len({p.num_train for p in prs}) != 1:
         raise ValueError(
             "config.seeds needs every seed to train on as many examples in a phase; got "
-            f"{[p.x.shape[0] for p in prs]}."
+            f"{[p.num_train for p in prs]}."
         )
     shared = all(bool(jnp.array_equal(p.x, pr.x)) and bool(jnp.array_equal(p.y, pr.y)) for p in prs)
     data_axis = None if shared else 0
     xs = (pr.x, pr.y) if shared else (stack([p.x for p in prs]), stack([p.y for p in prs]))
-    epoch = jax.jit(jax.vmap(pr.train_epoch, in_axes=(0, 0, data_axis, data_axis)))
+    if pr.args is None:  # the head widens: a program for this phase's shapes
+        epoch = jax.jit(jax.vmap(pr.train_epoch, in_axes=(0, 0, data_axis, data_axis)))
+    else:  # one program for every phase with this setup; each seed's rows and counts an input
+        vmapped = programs.get(
+            ("seeds", method.setup(pr.info)),
+            lambda: jax.jit(jax.vmap(pr.train_epoch, in_axes=(0, 0, None, None, 0))),
+        )
+        args = stack([p.args for p in prs])
+        epoch = lambda state, method_state, x, y: vmapped(state, method_state, x, y, args)  # noqa: E731
     state, method_state = stack(list(states)), stack(list(method_states))
     steps = [fit.Steps.of(p) for p in prs]
     while steps[0].step < steps[0].total:

@@ -650,10 +650,11 @@ def freeze(
     return optax.multi_transform({"trainable": tx, "frozen": optax.set_to_zero()}, labels)
 
 
-def freeze_head_columns(num_frozen: int) -> optax.GradientTransformation:
+def freeze_head_columns(num_frozen: int | jax.Array) -> optax.GradientTransformation:
     """Zeroes the updates of the first `num_frozen` head columns (old classes), after all else.
 
     Put it last in the chain so that weight decay and momentum cannot move frozen columns either.
+    `num_frozen` may be traced (a hyper-parameter of `optax.inject_hyperparams`, `head.capacity`).
 
     >>> params = {'head': {'kernel': jnp.ones((1, 3)), 'bias': jnp.ones(3)}}
     >>> tx = optax.chain(optax.sgd(1.0), freeze_head_columns(2))
@@ -662,10 +663,14 @@ def freeze_head_columns(num_frozen: int) -> optax.GradientTransformation:
     [0.0, 0.0, -1.0]
     """
 
+    def zero_frozen(u):
+        frozen = jnp.arange(u.shape[-1]) < num_frozen
+        return jnp.where(frozen, jnp.zeros_like(u), u)
+
     def zero(updates, params=None):
         del params
         return jax.tree_util.tree_map_with_path(
-            lambda p, u: u.at[..., :num_frozen].set(0) if _is_head_leaf(p) else u, updates
+            lambda p, u: zero_frozen(u) if _is_head_leaf(p) else u, updates
         )
 
     return optax.stateless(zero)

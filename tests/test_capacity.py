@@ -126,16 +126,23 @@ DYNAMIC = [
     ("si", {}, 1),  # its state has the same shape in every phase: one program
     ("ncm", {}, 1),
     ("analytic", {"method_args.expansion": 64}, 1),
+    # Cosine head, margin ranking over the new columns, the old columns frozen by a traced count.
+    ("lucir", {}, 2),
+    ("lucir", {"method_args.top_k": 5, "method_args.adaptive": False}, 2),  # top_k > num_new
+    # Its finetuning trains through `ctx.fit`: one more program per later phase on either path.
+    ("lucir", {"method_args.class_balanced_finetune": True, "method_args.cbf_epochs": 2}, 2, 2),
+    ("new_head_only", {}, 2),  # phase 0's program and the frozen one's
 ]
 
 
-@pytest.mark.parametrize("method, overrides, programs", DYNAMIC)
+@pytest.mark.parametrize("method, overrides, programs, fits", [(*c, 0)[:4] for c in DYNAMIC])
 def test_every_dynamic_method_gives_the_widening_numbers(
-    tmp_path, monkeypatch, method, overrides, programs
+    tmp_path, monkeypatch, method, overrides, programs, fits
 ):
     """Each method's hooks under traced counts: the widening path's accuracies (NME and the
     methods' extra classifiers too) over 3 phases, and a fixed number of train and eval programs
-    however many phases (the widening path compiles them once per phase)."""
+    however many phases (the widening path compiles them once per phase), besides `fits`
+    trainings through `ctx.fit` with the method's loss, compiled for each."""
     three_phases = {
         "train.milestones": (1,),
         "train_first.milestones": (1,),
@@ -160,8 +167,8 @@ def test_every_dynamic_method_gives_the_widening_numbers(
     assert wide["accuracy_matrix"][0][0] > 0.5  # a real run: phase 0 learned its classes
     assert counts[0]["predict"] == 3 and counts[NUM_CLASSES]["predict"] == 1
     per_compile = 2  # the scan traces its step twice (see above)
-    assert counts[NUM_CLASSES].get("loss", 0) == per_compile * programs
-    assert counts[0].get("loss", 0) == per_compile * len(trained)
+    assert counts[NUM_CLASSES].get("loss", 0) == per_compile * (programs + fits)
+    assert counts[0].get("loss", 0) == per_compile * (len(trained) + fits)
 
 
 def test_columns_of_unseen_classes_stay_zero_and_seen_ones_train(tmp_path):
@@ -201,7 +208,6 @@ def test_capacity_run_resumes_with_the_same_numbers(tmp_path):
             r"Method 'der' does not support head.capacity.*analytic, bic, ewc, finetune",
         ),
         ("finetune", "capacity", 8, r"head.capacity=8 is smaller than the protocol's 10 classes"),
-        ("finetune", "seeds", (0, 1), r"head.capacity does not combine with config.seeds"),
         ("finetune", "stream", True, r"set dataset.stream=False"),
     ],
 )
@@ -209,8 +215,6 @@ def test_capacity_refuses_what_it_cannot_serve(tmp_path, method, key, value, mes
     config = small_config(method)
     if key == "capacity":
         config.head.capacity = value
-    elif key == "seeds":
-        config.seeds = value
     elif key == "stream":
         config.dataset.stream = value
     with pytest.raises(ValueError, match=message):

@@ -69,7 +69,7 @@ def test_loss_terms_vanish_when_student_is_teacher(key):
     )
     np.testing.assert_allclose(metrics["lf"], 0.0, atol=1e-5)  # float32 rounding x 8.7
     np.testing.assert_allclose(total, metrics["ce"] + metrics["mr"], atol=1e-5)
-    assert method.less_forget_weight(info) == pytest.approx(5.0 * math.sqrt(3 / 1))
+    assert float(method.less_forget_weight(info)) == pytest.approx(5.0 * math.sqrt(3 / 1))
 
 
 def test_margin_ranking_loss_matches_numpy():
@@ -93,7 +93,13 @@ def test_margin_ranking_loss_matches_numpy():
     ]
     expected_mean = sum(pairs) / (3 * 2)  # PyTorch MarginRankingLoss: mean over 3 hard x K pairs
     got = margin_ranking_loss(
-        jnp.asarray(cos), jnp.asarray(y), jnp.asarray(weight), num_old=2, top_k=2, margin=0.5
+        jnp.asarray(cos),
+        jnp.asarray(y),
+        jnp.asarray(weight),
+        num_old=2,
+        num_seen=5,
+        top_k=2,
+        margin=0.5,
     )
     got = np.asarray(got)
     assert got[2] == 0.0 and got[3] == 0.0

@@ -10,8 +10,9 @@ from configs import digits
 from incremental import run as run_lib
 
 
-def small_config(method):
+def small_config(method, capacity=-1):
     config = digits.get_config(f"method={method}")
+    config.head.capacity = capacity  # -1: the protocol's 10 classes for these methods
     config.train.epochs = config.train_first.epochs = 2
     config.protocol.init_classes, config.protocol.increment = 4, 3
     config.log.progress = config.log.plot = False
@@ -23,26 +24,27 @@ def together(tmp_path_factory):
     """`config.seeds=(0, 1)` runs, one per method, made when a test first asks for it."""
     made = {}
 
-    def get(method):
-        if method not in made:
-            config = small_config(method)
+    def get(method, capacity=-1):
+        if (method, capacity) not in made:
+            config = small_config(method, capacity)
             config.seeds = (0, 1)
             workdir = tmp_path_factory.mktemp(f"together_{method}")
-            made[method] = (run_lib.run(config, str(workdir)), workdir)
-        return made[method]
+            made[method, capacity] = (run_lib.run(config, str(workdir)), workdir)
+        return made[method, capacity]
 
     return get
 
 
-# finetune: every seed trains on the same examples (shared data); replay: the exemplar memories
-# differ per seed (stacked data), and the method state (the memory) is stacked too.
-@pytest.mark.parametrize("method", ["finetune", "replay"])
-def test_each_seed_has_the_numbers_of_its_own_run(tmp_path, together, method):
-    doc, workdir = together(method)
+# finetune, the head widened every phase: every seed trains on the same examples (shared data);
+# replay: the exemplar memories differ per seed, and the method state (the memory) is stacked too;
+# with a head of every class (the default) each seed's rows are an input, the data shared.
+@pytest.mark.parametrize("method, capacity", [("finetune", 0), ("replay", -1)])
+def test_each_seed_has_the_numbers_of_its_own_run(tmp_path, together, method, capacity):
+    doc, workdir = together(method, capacity)
     assert doc["seeds"] == [0, 1] and doc["complete"]
     lasts = []
     for seed in (0, 1):
-        single = small_config(method)
+        single = small_config(method, capacity)
         single.seed = seed
         alone = run_lib.run(single, str(tmp_path / f"alone_{seed}"))
         seed_doc = json.loads((workdir / f"seed_{seed}" / "results.json").read_text())
@@ -84,3 +86,23 @@ def test_seeds_refuse_within_phase_checkpoints(tmp_path):
     config.checkpoint.every_steps = 5
     with pytest.raises(ValueError, match="phase ends only"):
         run_lib.run(config, str(tmp_path))
+
+
+def test_seeds_with_a_head_of_every_class_compile_the_epoch_once(tmp_path, monkeypatch):
+    """The vmapped epoch of `config.seeds` under `head.capacity` traces its step once per run
+    (twice: the scan's two traces), however many phases, where widening traces it every phase."""
+    from test_capacity import counting, trace_counts
+
+    from incremental.methods import METHODS
+
+    cls = counting(METHODS["finetune"])
+    monkeypatch.setitem(METHODS, cls.name, cls)
+    counts = {}
+    for capacity in (0, 10):
+        trace_counts.clear()
+        config = small_config(cls.name, capacity)
+        config.seeds = (0, 1)
+        doc = run_lib.run(config, str(tmp_path / str(capacity)))
+        counts[capacity] = trace_counts["loss"]
+        assert doc["complete"] and len(doc["per_seed"]["0"]["accuracy_matrix"]) == 3
+    assert counts == {0: 2 * 3, 10: 2}

@@ -48,7 +48,6 @@ Choices where the paper, its official code (hshustc/CVPR19_Incremental_Learning)
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Callable
 from typing import Any
 
@@ -57,18 +56,26 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from incremental import surgery
+from incremental import models, surgery
 from incremental.methods.base import Batch, Outputs, PhaseContext, PhaseInfo, PhaseSetup
 from incremental.methods.distill import copy_tree, snapshot
 from incremental.methods.rehearsal import Rehearsal, normalise
-from incremental.models import cosine_logits
 
 PyTree = Any
 
 
-def adaptive_lambda(lambda_base: float, num_old: int, num_new: int) -> float:
-    """Eq. 7: the less-forget weight grows with the ratio of old to new classes."""
-    return lambda_base * math.sqrt(num_old / num_new)
+def adaptive_lambda(
+    lambda_base: float, num_old: int | jax.Array, num_new: int | jax.Array
+) -> jax.Array:
+    """Eq. 7: the less-forget weight grows with the ratio of old to new classes (float32).
+
+    The counts are Python numbers when the head widens every phase and traced under
+    `head.capacity`; behind an optimisation barrier both are runtime values (`distill.old_share`).
+    """
+    old, new = jax.lax.optimization_barrier(
+        (jnp.asarray(num_old, jnp.float32), jnp.asarray(num_new, jnp.float32))
+    )
+    return lambda_base * jnp.sqrt(old / new)
 
 
 def less_forget_loss(feats_BxD: jax.Array, teacher_feats_BxD: jax.Array) -> jax.Array:
@@ -82,20 +89,28 @@ def margin_ranking_loss(
     y_B: jax.Array,
     weight_B: jax.Array,
     *,
-    num_old: int,
+    num_old: int | jax.Array,
+    num_seen: int | jax.Array,
     top_k: int,
     margin: float,
 ) -> jax.Array:
     """Eq. 8 per example, scaled so that its weighted batch mean is the mean over hard pairs.
 
     For an example of an old class (`y < num_old`), each of the `top_k` highest new-class cosines
-    gives a pair `relu(margin - cos_gt + cos_hard)`. The official code averages over the pairs of the
-    batch's old-class examples only, so each such example gets `mean_k(pairs) * B / num_hard`
-    (B and num_hard counted over real examples, `weight_B`); other examples get 0.
+    (columns `num_old` to `num_seen`; at most as many as there are new classes, since PyTorch's
+    `topk` would fail) gives a pair `relu(margin - cos_gt + cos_hard)`. The official code averages
+    over the pairs of the batch's old-class examples only, so each such example gets
+    `mean_k(pairs) * B / num_hard` (B and num_hard counted over real examples, `weight_B`); other
+    examples get 0. The counts may be traced (`head.capacity`); `top_k` is static.
     """
     gt_B = jnp.take_along_axis(cos_BxC, y_B[:, None], axis=1)[:, 0]
-    hard_BxK, _ = jax.lax.top_k(cos_BxC[:, num_old:], top_k)
-    pairs_B = jax.nn.relu(margin - gt_B[:, None] + hard_BxK).mean(-1)
+    is_new = models.columns_below(cos_BxC, num_seen) & ~models.columns_below(cos_BxC, num_old)
+    top_k = min(top_k, cos_BxC.shape[-1])
+    hard_BxK, _ = jax.lax.top_k(jnp.where(is_new, cos_BxC, -jnp.inf), top_k)
+    num_pairs = jnp.minimum(top_k, jnp.asarray(num_seen) - num_old)
+    real_K = jnp.arange(top_k) < num_pairs
+    pairs_BxK = jnp.where(real_K, jax.nn.relu(margin - gt_B[:, None] + hard_BxK), 0.0)
+    pairs_B = pairs_BxK.sum(-1) / num_pairs.astype(cos_BxC.dtype)
     is_old_B = (y_B < num_old).astype(cos_BxC.dtype)
     scale = weight_B.sum() / jnp.maximum((weight_B * is_old_B).sum(), 1.0)
     return is_old_B * pairs_B * scale
@@ -105,6 +120,9 @@ def margin_ranking_loss(
 class LUCIR(Rehearsal):
     name = "lucir"
     head = "cosine"
+    dynamic_phase = True
+    train_keys = ("teacher",)
+    eval_keys = ("class_means",)
 
     lambda_base: float = 5.0  # paper, CIFAR-100 (10 for ImageNet); official code, FACIL
     adaptive: bool = True  # Eq. 7, lambda_base * sqrt(num_old / num_new); official --adapt_lamda
@@ -147,7 +165,7 @@ class LUCIR(Rehearsal):
     def setup(self, info: PhaseInfo) -> PhaseSetup:
         return PhaseSetup(freeze_old_columns=self.freeze_old_columns and info.num_old > 0)
 
-    def less_forget_weight(self, info: PhaseInfo) -> float:
+    def less_forget_weight(self, info: PhaseInfo) -> float | jax.Array:
         if not self.adaptive:
             return self.lambda_base
         return adaptive_lambda(self.lambda_base, info.num_old, info.num_new)
@@ -164,18 +182,19 @@ class LUCIR(Rehearsal):
     ) -> tuple[jax.Array, dict[str, jax.Array]]:
         if "sigma" not in params["head"]:
             raise ValueError("LUCIR needs the cosine head; build the model with head='cosine'.")
-        ce = optax.softmax_cross_entropy_with_integer_labels(out.logits, batch.y)
-        if info.num_old == 0 or "teacher" not in method_state:
+        ce = models.cross_entropy(out.logits, batch.y)
+        if "teacher" not in method_state:  # phase 0
             return ce, {"ce": ce}
         teacher_feats, _ = apply_fn(method_state["teacher"], batch.x, train=False)
         lf = self.less_forget_weight(info) * less_forget_loss(out.features, teacher_feats)
         unscaled = {**params["head"], "sigma": jnp.ones((), jnp.float32)}
         mr = self.lambda_mr * margin_ranking_loss(
-            cosine_logits(out.features, unscaled),
+            models.cosine_logits(out.features, unscaled),
             batch.y,
             batch.weight,
             num_old=info.num_old,
-            top_k=min(self.top_k, info.num_new),
+            num_seen=info.num_seen,
+            top_k=self.top_k,
             margin=self.margin,
         )
         return ce + lf + mr, {"ce": ce, "lf": lf, "mr": mr}

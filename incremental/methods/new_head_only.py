@@ -14,6 +14,7 @@ from incremental.methods.base import Method, PhaseInfo, PhaseSetup
 @dataclasses.dataclass(frozen=True)
 class NewHeadOnly(Method):
     name = "new_head_only"
+    dynamic_phase = True  # under head.capacity: phase 0's program and the frozen one's
 
     def setup(self, info: PhaseInfo) -> PhaseSetup:
         if info.phase == 0:

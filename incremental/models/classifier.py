@@ -144,11 +144,17 @@ class CosineHead(nn.Module):
         return cosine_logits(features_BxD, {"kernel": kernel, "sigma": sigma})
 
 
+def unit(x: jax.Array, axis: int) -> jax.Array:
+    """`x / max(|x|, 1e-12)` along `axis`, whose gradient at a zero vector is zero, not NaN (the
+    zero columns of a `head.capacity` head for classes not seen yet)."""
+    squares = jnp.sum(x * x, axis=axis, keepdims=True)
+    return x / jnp.sqrt(jnp.maximum(squares, 1e-24))
+
+
 def cosine_logits(features_BxD: jax.Array, head: dict[str, jax.Array]) -> jax.Array:
     """`sigma` times the cosine similarity of features and each column of `kernel` (float32)."""
-    feats = features_BxD.astype(jnp.float32)
-    feats = feats / jnp.linalg.norm(feats, axis=-1, keepdims=True).clip(1e-12)
-    kernel = head["kernel"] / jnp.linalg.norm(head["kernel"], axis=0, keepdims=True).clip(1e-12)
+    feats = unit(features_BxD.astype(jnp.float32), axis=-1)
+    kernel = unit(head["kernel"], axis=0)
     zeros = jnp.zeros((kernel.shape[1],), jnp.float32)
     return head["sigma"] * head_logits(feats, {"kernel": kernel, "bias": zeros})
 

@@ -48,6 +48,7 @@ class PhaseRun(NamedTuple):
     epochs: int
     num_train: int
     steps_per_epoch: int
+    args: train.PhaseArgs | None = None  # head.capacity: the phase's rows and counts
 
 
 def phase_info(protocol: Protocol, phase: int) -> PhaseInfo:
@@ -96,10 +97,8 @@ def begin(
         state = state._replace(params=large[0], opt_state=large[1])
     build = lambda stream=None: make_epoch(config, method, data, info, model, tx, mesh, stream)  # noqa: E731
     if capacity.width(config):  # the whole training set, once for the run, and the phase's rows
-        # One program per distinct setup (a method may freeze the backbone after phase 0, say);
-        # a tx that freezes the old columns depends on their number too.
-        key = ("train", setup, info.num_old if setup.freeze_old_columns else None)
-        epoch_fn = programs.get(key, build)
+        # One program per distinct setup (a method may freeze the backbone after phase 0, say).
+        epoch_fn = programs.get(("train", setup), build)
         x_dev, y_dev = programs.get(
             "train_data", lambda: parallel.replicate((data.x_train, data.y_train), mesh)
         )
@@ -111,7 +110,9 @@ def begin(
         x_dev, y_dev = parallel.replicate((data.x_train[idx], data.y_train[idx]), mesh)
     epochs = hp.epochs if setup.train else 0
     train_epoch = bind_epoch(epoch_fn, method, args)
-    pr = PhaseRun(info, ctx, model, train_epoch, x_dev, y_dev, epochs, len(idx), steps_per_epoch)
+    pr = PhaseRun(
+        info, ctx, model, train_epoch, x_dev, y_dev, epochs, len(idx), steps_per_epoch, args
+    )
     return pr, state, method_state
 
 
@@ -188,11 +189,12 @@ def make_epoch(config, method, data: RunData, info, model, tx, mesh, stream=None
 
 def bind_epoch(epoch_fn, method: Method, args: train.PhaseArgs | None):
     """`train_epoch(state, method_state, x, y)` over `epoch_fn`, passing the jitted step only the
-    method's `train_keys` (the rest of the method state is returned as it was) and `args`."""
+    method's `train_keys` (the rest of the method state is returned as it was) and `args`, or the
+    `phase_args` it is called with (another phase's, or stacked seeds' under `jax.vmap`)."""
 
-    def train_epoch(state, method_state, x, y):
+    def train_epoch(state, method_state, x, y, phase_args=args):
         part = base.select_state(method_state, method.train_keys)
-        extra = () if args is None else (args,)
+        extra = () if phase_args is None else (phase_args,)
         state, part, metrics = epoch_fn(state, part, x, y, *extra)
         return state, {**method_state, **part}, metrics
 

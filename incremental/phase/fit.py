@@ -127,6 +127,9 @@ def make_fit(config, data, info: PhaseInfo, model_of: Callable[[Callable | None]
         params = variables["params"]
         zero = jnp.zeros((), jnp.int32)
         state = train.TrainState(params, variables["batch_stats"], tx.init(params), rng, zero)
+        mesh = parallel.mesh_of(params)
+        if mesh is not None:  # where the phase placed the variables: one compile, not two
+            state = parallel.onto(state, mesh)
         x, y = jax.device_put(data.x_train[rows]), jax.device_put(data.y_train[rows])
         steps = Steps(info.phase, epochs, -(-len(rows) // config.train.batch_size))
         while steps.remaining(state):

@@ -13,6 +13,7 @@ from incremental.data.device import AUGMENT, ORDER
 from incremental.train.apply import make_apply_batches, run_batched
 from incremental.train.epoch import LOOPS, make_train_epoch
 from incremental.train.optim import (
+    NUM_FROZEN,
     OPTIMIZERS,
     SCHEDULES,
     PhaseHparams,
@@ -28,6 +29,7 @@ from incremental.train.step import apply_any_head
 __all__ = [
     "AUGMENT",
     "LOOPS",
+    "NUM_FROZEN",
     "OPTIMIZERS",
     "ORDER",
     "SCHEDULES",

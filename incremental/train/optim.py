@@ -14,6 +14,7 @@ from incremental.methods import PhaseSetup
 
 PyTree = Any
 OPTIMIZERS = ("sgd", "adam", "adamw")
+NUM_FROZEN = "num_frozen"  # a dynamic optimizer's number of frozen old head columns
 SCHEDULES = ("multistep", "cosine", "constant")
 
 
@@ -97,7 +98,8 @@ def make_optimizer(
 
     `dynamic=True` injects the learning rate and the weight decay as plain numbers, which the train
     step sets at every step (from `phase_hyperparams`): one optimizer for every phase of a run whose
-    steps compile once (`head.capacity`).
+    steps compile once (`head.capacity`). With `setup.freeze_old_columns` the number of frozen head
+    columns is one too (`NUM_FROZEN`, which the step sets to the phase's `num_old`).
     """
     if train_cfg.optimizer not in OPTIMIZERS:
         raise ValueError(f"Unknown optimizer {train_cfg.optimizer!r}; choose one of {OPTIMIZERS}.")
@@ -116,14 +118,25 @@ def make_optimizer(
                 else optax.adam(learning_rate)
             )
             base = optax.chain(optax.add_decayed_weights(weight_decay), step_rule)
-        tx = surgery.freeze(base, params, rules)
-        if setup.freeze_old_columns and num_old:
-            tx = optax.chain(tx, surgery.freeze_head_columns(num_old))
-        return tx
+        return surgery.freeze(base, params, rules)
+
+    def frozen_rule(learning_rate, weight_decay, num_frozen):  # num_frozen: traced or static
+        tx = rule(learning_rate, weight_decay)
+        return optax.chain(tx, surgery.freeze_head_columns(num_frozen))
 
     if dynamic:
-        return optax.inject_hyperparams(rule)(learning_rate=hp.lr, weight_decay=hp.weight_decay)
-    factory = lambda learning_rate: rule(learning_rate, hp.weight_decay)  # noqa: E731
+        hyper = dict(learning_rate=hp.lr, weight_decay=hp.weight_decay)
+        if not setup.freeze_old_columns:
+            return optax.inject_hyperparams(rule)(**hyper)
+        # The step sets it to the phase's number of old classes.
+        num_frozen = {NUM_FROZEN: jnp.asarray(num_old, jnp.int32)}
+        return optax.inject_hyperparams(frozen_rule)(**hyper, **num_frozen)
+
+    def factory(learning_rate):
+        if setup.freeze_old_columns and num_old:
+            return frozen_rule(learning_rate, hp.weight_decay, num_old)
+        return rule(learning_rate, hp.weight_decay)
+
     return optax.inject_hyperparams(factory)(learning_rate=schedule)
 
 

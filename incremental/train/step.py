@@ -18,6 +18,7 @@ from flax import linen as nn
 from incremental import models
 from incremental.data import device
 from incremental.methods import Batch, Method, Outputs, PhaseInfo, PhaseSetup
+from incremental.train.optim import NUM_FROZEN
 from incremental.train.state import PhaseArgs, TrainState
 
 PyTree = Any
@@ -49,6 +50,8 @@ def make_loss(model: nn.Module, method: Method, info: PhaseInfo | None, setup: P
         if args is not None:
             phase_info = PhaseInfo(args.phase, args.num_old, args.num_new)
             logits = models.mask_unseen(logits, args.num_old + args.num_new)
+        elif logits.shape[-1] > info.num_seen:  # a `head.capacity` head trained by `ctx.fit`
+            logits = models.mask_unseen(logits, info.num_seen)
         per_example, metrics = method.loss(
             Outputs(feats, logits),
             batch,
@@ -81,7 +84,8 @@ def make_step(
     """One gradient step on a batch of stored inputs: augment, normalise, update, bookkeeping.
 
     The augmentation key is `device.step_key(state.rng, state.step)`. With `args` the learning rate
-    and weight decay of the step come from `hyperparams(phase, step, steps_per_epoch)`.
+    and weight decay of the step come from `hyperparams(phase, step, steps_per_epoch)`, and the
+    number of frozen old head columns (if the optimizer has one) is `args.num_old`.
     """
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
@@ -99,6 +103,8 @@ def make_step(
         if args is not None:
             per_epoch = -(-args.num_train // batch_size)
             values = hyperparams(args.phase, state.step, per_epoch)
+            if NUM_FROZEN in opt_state.hyperparams:  # `PhaseSetup.freeze_old_columns`
+                values[NUM_FROZEN] = args.num_old
             opt_state = opt_state._replace(hyperparams={**opt_state.hyperparams, **values})
         updates, opt_state = tx.update(grads, opt_state, state.params)
         params = method.post_update(optax.apply_updates(state.params, updates))
