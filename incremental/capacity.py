@@ -11,7 +11,8 @@ head has C columns throughout, and one train program and one eval program serve 
   their columns get no gradient, and weight decay of a zero weight is zero, so they stay zero until
   their phase begins;
 - the train epoch takes the whole training set, once, and each phase as `train.PhaseArgs` (the rows
-  it trains on, the class counts); the learning rate and weight decay are numbers in the optimizer
+  it trains on, the class counts), or in a streamed run (`dataset.stream`) the phase's host stream
+  and the same `PhaseArgs`; the learning rate and weight decay are numbers in the optimizer
   state that the step sets (`train.phase_hyperparams`), and the epoch order for a traced number of
   examples is the widening path's (`device.batch_indices`);
 - evaluation scores the whole test set, a fixed shape, and keeps the seen classes' examples.
@@ -50,13 +51,12 @@ AUTO = -1  # `head.capacity`'s default: the protocol's classes where that is fre
 
 def resolve(config, method: Method, num_classes: int) -> int:
     """The head width a run uses: `head.capacity`, or for `AUTO` the protocol's number of classes
-    when the method supports it (`Method.dynamic_phase`) and `dataset.stream` is not set, else 0
-    (widen every phase). The numbers are the same either way."""
+    when the method supports it (`Method.dynamic_phase`), else 0 (widen every phase). The numbers
+    are the same either way."""
     capacity = config.head.capacity
     if capacity != AUTO:
         return capacity
-    free = method.dynamic_phase and not config.dataset.stream
-    return num_classes if free else 0
+    return num_classes if method.dynamic_phase else 0
 
 
 def resolved(config, method: Method, num_classes: int):
@@ -97,10 +97,6 @@ def check(config, method: Method, num_classes: int) -> None:
             f"Method {method.name!r} does not support head.capacity (its hooks depend on the "
             f"phase's static shapes); methods that do: {', '.join(valid)}. Set head.capacity=0 "
             "to widen the head every phase."
-        )
-    if config.dataset.stream:
-        raise ValueError(
-            "head.capacity keeps the training set on the device; set dataset.stream=False."
         )
 
 

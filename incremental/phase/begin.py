@@ -43,8 +43,8 @@ class PhaseRun(NamedTuple):
     ctx: PhaseContext
     model: Any
     train_epoch: Any  # train.make_train_epoch(...): one call runs up to an epoch's steps
-    x: jax.Array  # the phase's training inputs, on the device
-    y: jax.Array
+    x: jax.Array  # the phase's training inputs on the device (the whole set under head.capacity),
+    y: jax.Array  # or None, when a stream of batches, x, feeds them (dataset.stream)
     epochs: int
     num_train: int
     steps_per_epoch: int
@@ -96,13 +96,16 @@ def begin(
         )
         state = state._replace(params=large[0], opt_state=large[1])
     build = lambda stream=None: make_epoch(config, method, data, info, model, tx, mesh, stream)  # noqa: E731
-    if capacity.width(config):  # the whole training set, once for the run, and the phase's rows
+    if capacity.width(config):  # the phase as PhaseArgs: rows of the whole set, the class counts
         # One program per distinct setup (a method may freeze the backbone after phase 0, say).
         epoch_fn = programs.get(("train", setup), build)
-        x_dev, y_dev = programs.get(
-            "train_data", lambda: parallel.replicate((data.x_train, data.y_train), mesh)
-        )
         args = parallel.replicate(capacity.phase_args(info, idx, len(data.x_train)), mesh)
+        if config.dataset.stream:  # the phase's host stream is the epoch's input
+            x_dev, y_dev = stream_of(config, data, idx, mesh), None
+        else:  # the whole training set on the device, once for the run
+            x_dev, y_dev = programs.get(
+                "train_data", lambda: parallel.replicate((data.x_train, data.y_train), mesh)
+            )
     elif config.dataset.stream:  # batches come from the host, one at a time
         epoch_fn, x_dev, y_dev, args = build(stream_of(config, data, idx, mesh)), None, None, None
     else:
@@ -180,7 +183,7 @@ def make_epoch(config, method, data: RunData, info, model, tx, mesh, stream=None
         augment=device.Augment.from_config(config.augment, data.is_image),
         dtype=dtype_of(config),
         steps_per_call=config.checkpoint.every_steps or None,
-        loop="stream" if stream is not None else train_loop(config),
+        loop="stream" if config.dataset.stream else train_loop(config),
         batch_sharding=parallel.batch_sharding(mesh) if mesh.size > 1 else None,
         stream=stream,
         hyperparams=train.phase_hyperparams(config) if wide else None,

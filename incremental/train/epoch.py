@@ -50,14 +50,18 @@ def make_train_epoch(
 
     `hyperparams` (`phase_hyperparams(config)`, with `tx` from `make_optimizer(..., dynamic=True)`
     and `info=None`) makes one program for every phase (`head.capacity`): the function takes a
-    fifth argument, the phase's `PhaseArgs`, and `x`, `y` are the whole training set (`RowTable`).
+    fifth argument, the phase's `PhaseArgs`, and `x`, `y` are the whole training set (`RowTable`);
+    with loop='stream' (and `stream=None`), `x` is the phase's `StreamingBatches` and `y` None.
     """
     if loop not in (*LOOPS, "stream"):
         raise ValueError(f"Unknown train loop {loop!r}; choose one of {LOOPS}.")
-    if (loop == "stream") != (stream is not None):
-        raise ValueError("loop='stream' and a `stream` of batches go together.")
     if hyperparams is not None and (stream is not None or info is not None):
-        raise ValueError("A train epoch for every phase takes its phase as PhaseArgs (info=None).")
+        raise ValueError(
+            "A train epoch for every phase takes its phase as PhaseArgs (info=None), and its "
+            "stream (loop='stream') as `x` at each call."
+        )
+    if (loop == "stream") != (stream is not None) and hyperparams is None:
+        raise ValueError("loop='stream' and a `stream` of batches go together.")
     step = make_step(
         make_loss(model, method, info, setup),
         tx,
@@ -69,7 +73,7 @@ def make_train_epoch(
         batch_sharding=batch_sharding,
         hyperparams=hyperparams,
     )
-    if stream is not None:
-        return loops.stream(step, stream.batches, stream.steps_per_epoch, steps_per_call)
+    if loop == "stream":
+        return loops.stream(step, stream, steps_per_call)
     source = (Gather if hyperparams is None else RowTable)(batch_size)
     return getattr(loops, loop)(step, source, steps_per_call)

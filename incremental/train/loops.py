@@ -8,7 +8,8 @@ that comes first; `metrics` hold each step's values, of which the first `metrics
   are skipped), so a call compiles once; the fastest on accelerators.
 - `steps`: a Python loop over one jitted step, for convolutional models on CPU, where XLA runs
   convolution gradients many times slower inside a loop than outside one.
-- `stream`: a Python loop over one jitted step fed from a host stream of batches.
+- `stream`: a Python loop over one jitted step fed from a host stream of batches (the phase's own,
+  or under `head.capacity` the one passed as `x_all`).
 
 `state` is donated; `method_state` is not (it may hold a teacher the caller still needs).
 """
@@ -83,15 +84,21 @@ def steps(step: Callable, source: Gather, steps_per_call: int | None) -> Callabl
     return train_epoch
 
 
-def stream(step: Callable, batches_fn: Callable, per_epoch: int, steps_per_call: int | None):
-    """The epoch over `batches_fn(rng, step)`'s host batches (`StreamingBatches.batches`)."""
+def stream(step: Callable, source, steps_per_call: int | None):
+    """The epoch over a `StreamingBatches`' host batches: `source`'s, or with `source=None` (one
+    jitted step for every phase, `head.capacity`) those of the stream passed as `x_all`, and the
+    phase's `args` passed on to every step."""
     jitted = jax.jit(step, donate_argnames=("state",))
 
-    def train_epoch(state, method_state, x_all=None, y_all=None):
-        del x_all, y_all  # the batches come from the host
-        batches = batches_fn(state.rng, int(parallel.to_host(state.step)))
+    def train_epoch(state, method_state, x_all=None, y_all=None, args=None):
+        del y_all  # the batches come from the host
+        feed = source or x_all
+        batches = feed.batches(state.rng, int(parallel.to_host(state.step)))
+        inputs = batches if args is None else (b + (args,) for b in batches)
         try:
-            return host_loop(jitted, state, method_state, batches, per_epoch, steps_per_call)
+            return host_loop(
+                jitted, state, method_state, inputs, feed.steps_per_epoch, steps_per_call
+            )
         finally:
             batches.close()  # stops the host readers of the rest of the epoch
 
