@@ -6,11 +6,13 @@
 The protocol of the PyTorch comparison: digits in 5 phases of 2 classes, MLP 64-256-256, 30 epochs,
 batch 32, memory 200 (configs/digits.py). For each method and head (`widen`: head.capacity=0;
 `capacity`: the default, one program for the run where the method allows), one fresh Python process
-runs the seeds one after another (as a PyTorch toolbox does), first with an empty persistent
-compilation cache (cold) and then again with the cache it filled (warm). Printed per run: the
-process's wall seconds (imports included), the seconds its phases spent compiling, training and
-evaluating, and the number of XLA compiles (`/jax/core/compile/backend_compile_duration` events; a
-program read from the cache counts as well, as a hit).
+runs the seeds one after another (as a PyTorch toolbox does); `vmapped` runs them as one run with
+`config.seeds` (the default head: one vmapped program for every seed and phase). Each process runs
+first with an empty persistent compilation cache (cold) and then again with the cache it filled
+(warm). Printed per run: the process's wall seconds (imports included), the seconds its phases spent
+compiling (for `vmapped`, XLA's backend compile seconds: its phases do not time compiles), training
+and evaluating, and the number of XLA compiles (`/jax/core/compile/backend_compile_duration` events;
+a program read from the cache counts as well, as a hit).
 """
 
 import json
@@ -24,20 +26,20 @@ from absl import app, flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COMPILE = "/jax/core/compile/backend_compile_duration"
-HEADS = {"widen": 0, "capacity": -1}
+HEADS = {"widen": 0, "capacity": -1, "vmapped": -1}
 
 flags.DEFINE_list(
     "methods", ["finetune", "replay", "icarl", "bic", "der", "lwf", "ewc"], "Methods."
 )
 flags.DEFINE_integer("seeds", 3, "Seeds run one after another in each process.")
 flags.DEFINE_string("out", None, "Markdown file to write (default: print only).")
-flags.DEFINE_string("child", None, "Internal: METHOD,CAPACITY,CACHE_DIR,WORKDIR to run in-process.")
+flags.DEFINE_string("child", None, "Internal: METHOD,HEAD,CACHE_DIR,WORKDIR to run in-process.")
 FLAGS = flags.FLAGS
 
 
 def child(spec: str, seeds: int) -> None:
     """Runs the seeds in this process and prints one JSON line of totals."""
-    method, capacity, cache, workdir = spec.split(",")
+    method, head, cache, workdir = spec.split(",")
     sys.path.insert(0, ROOT)
     import jax
 
@@ -49,24 +51,34 @@ def child(spec: str, seeds: int) -> None:
         lambda event, seconds, **kw: compiles.append(seconds) if event == COMPILE else None
     )
     totals = {"compile": 0.0, "train": 0.0, "eval": 0.0, "capacity": None}
-    for seed in range(seeds):
+    vmapped = head == "vmapped"
+    for seed in range(1 if vmapped else seeds):
         config = digits.get_config(f"method={method}")
         config.seed = seed
-        config.head.capacity = int(capacity)
+        config.seeds = tuple(range(seeds)) if vmapped else ()
+        config.head.capacity = HEADS[head]
         config.compile_cache = cache
         config.log.progress = config.log.plot = False
-        results = run_lib.run(config, os.path.join(workdir, str(seed)))
-        totals["capacity"] = results["config"]["head"]["capacity"]
-        for p in results["phases"]:
-            totals["compile"] += p["compile_seconds"]
-            totals["train"] += p["train_seconds"]
-            totals["eval"] += p["eval_seconds"]
+        run_lib.run(config, os.path.join(workdir, str(seed)))
+        done = [os.path.join(workdir, str(seed))]
+        if vmapped:  # each seed's own results
+            done = [os.path.join(done[0], f"seed_{s}") for s in range(seeds)]
+        for path in done:
+            with open(os.path.join(path, "results.json")) as f:
+                results = json.load(f)
+            totals["capacity"] = results["config"]["head"]["capacity"]
+            for p in results["phases"]:
+                totals["compile"] += p.get("compile_seconds", 0.0)
+                totals["train"] += p["train_seconds"]
+                totals["eval"] += p["eval_seconds"]
+    if vmapped:
+        totals["compile"] = sum(compiles)
     print(json.dumps({**totals, "compiles": len(compiles)}))
 
 
 def one_process(method: str, head: str, cache: str, seeds: int) -> dict:
     workdir = tempfile.mkdtemp()
-    spec = f"{method},{HEADS[head]},{cache},{workdir}"
+    spec = f"{method},{head},{cache},{workdir}"
     start = time.perf_counter()
     out = subprocess.run(
         [sys.executable, __file__, f"--child={spec}", f"--seeds={seeds}"],
@@ -84,8 +96,8 @@ def main(argv) -> None:
         child(FLAGS.child, FLAGS.seeds)
         return
     lines = [
-        f"Digits, 5 phases x 2 classes, MLP 64-256-256, 30 epochs; {FLAGS.seeds} seeds one after "
-        "another in one process.",
+        f"Digits, 5 phases x 2 classes, MLP 64-256-256, 30 epochs; {FLAGS.seeds} seeds in one "
+        "process, one after another (widen, capacity) or vmapped (config.seeds).",
         "",
         "| method | head | capacity | cache | wall s | compile s | train s | eval s | compiles |",
         "|---|---|---|---|---|---|---|---|---|",
