@@ -10,17 +10,27 @@ has any) and `meta` (JSON: phase, step, results so far, the config). Arrays are 
 shapes of the phase that saved them; a wider head for the next phase is made afterwards by the
 explicit widening in `surgery`, never by orbax padding. A checkpoint that cannot be read is moved to
 `checkpoints/damaged/` with a warning and the next older one is used.
+
+`meta['checksums']` holds a CRC-32 of every saved array (of its shape, dtype and bytes, keyed by
+path: `state/params/...`, `method/...`) and of the rest of the meta (`meta`), computed when the
+checkpoint is written and checked on every restore: a checkpoint whose bytes changed on disk (a
+flipped bit that orbax reads without complaint) is damaged, like an unreadable one. Arrays split
+over several processes are not summed (no process holds them whole); checkpoints written before
+checksums existed restore unchecked.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import time
+import zlib
 from collections.abc import Callable
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 
@@ -43,9 +53,75 @@ def _manager(directory: str, keep: int | None, async_save: bool) -> ocp.Checkpoi
     return ocp.CheckpointManager(directory, options=options, item_handlers=handlers)
 
 
+class DamagedCheckpoint(ValueError):
+    """A checkpoint whose restored arrays or meta do not match the checksums written with it."""
+
+
+def checksum(array) -> int:
+    """CRC-32 of an array's shape, dtype and bytes (on the host)."""
+    host = np.ascontiguousarray(np.asarray(jax.device_get(array)))
+    header = f"{host.shape} {host.dtype}".encode()
+    return zlib.crc32(host.reshape(-1).view(np.uint8), zlib.crc32(header))
+
+
+def _meta_checksum(meta: dict) -> int:
+    rest = {k: v for k, v in meta.items() if k != "checksums"}
+    return zlib.crc32(json.dumps(rest, sort_keys=True).encode())
+
+
+def checksums(trees: dict[str, PyTree]) -> dict[str, int | None]:
+    """`checksum` of every array leaf of each tree, keyed `name/path/to/leaf`; None for a leaf
+    split over several processes (none holds it whole)."""
+    out = {}
+    for name, tree in trees.items():
+        for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
+            key = f"{name}/{jax.tree_util.keystr(path, simple=True, separator='/')}"
+            if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
+                if not leaf.is_fully_replicated:
+                    out[key] = None
+                    continue
+                leaf = leaf.addressable_data(0)
+            out[key] = checksum(leaf)
+    return out
+
+
+def verify(meta: dict, trees: dict[str, PyTree]) -> None:
+    """Raises `DamagedCheckpoint` naming the arrays (or the meta) whose checksums differ from
+    `meta['checksums']`, or that are missing; a meta without checksums (an older checkpoint) is
+    accepted as it is."""
+    expected = meta.get("checksums")
+    if expected is None:
+        return
+    actual = checksums(trees)
+    missing = sorted(k for k in expected if k != "meta" and k not in actual)
+    _refuse_mismatches(meta, actual, missing)
+
+
+def verify_leaves(meta: dict, leaves: dict[str, Any]) -> None:
+    """`verify` for some of a checkpoint's arrays, keyed `item/path` (a graft reads only those)."""
+    if meta.get("checksums") is not None:
+        _refuse_mismatches(meta, {k: checksum(v) for k, v in leaves.items()}, [])
+
+
+def _refuse_mismatches(meta: dict, actual: dict[str, int], bad: list[str]) -> None:
+    expected = meta["checksums"]
+    bad = bad + sorted(
+        k for k, v in actual.items() if None not in (v, expected.get(k)) and expected[k] != v
+    )
+    if expected.get("meta") != _meta_checksum(meta):
+        bad.append("meta")
+    if bad:
+        raise DamagedCheckpoint(
+            f"{len(bad)} saved item(s) changed on disk since they were written (checksum "
+            f"mismatch): {', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''}."
+        )
+
+
 def _items(state: PyTree, method_state: dict, meta: dict) -> ocp.args.Composite:
     method_state, empty = _split_empty(method_state)
     meta = {**meta, "empty_method_leaves": empty}
+    trees = {"state": state, "method": method_state}
+    meta["checksums"] = {**checksums(trees), "meta": _meta_checksum(meta)}
     items = {"state": ocp.args.StandardSave(state), "meta": ocp.args.JsonSave(meta)}
     if jax.tree.leaves(method_state):
         items["method"] = ocp.args.StandardSave(method_state)
@@ -184,6 +260,7 @@ def _restore(manager, step: int, state_target: PyTree) -> tuple[PyTree, dict, di
     if "method" in manager.item_metadata(step):
         items["method"] = ocp.args.StandardRestore()
     restored = manager.restore(step, args=ocp.args.Composite(**items))
+    verify(restored.meta, {"state": restored.state, "method": restored.get("method") or {}})
     method_state = jax.tree.map(jax.numpy.asarray, restored.get("method") or {})
     method_state = _merge_empty(method_state, restored.meta.get("empty_method_leaves", {}))
     return restored.state, method_state, restored.meta

@@ -31,6 +31,8 @@ import orbax.checkpoint as ocp
 from etils import epath
 from flax import linen as nn
 
+from incremental import checkpoint
+
 PyTree = Any
 FreezeRules = Sequence[tuple[str, bool]]  # (regex over "a/b/c" paths, frozen)
 HEAD_INITS = ("default", "zeros", "imprint")
@@ -224,6 +226,10 @@ def graft_from_checkpoint(
     on_disk = {p: f"{tuple(m.shape)} {np.dtype(m.dtype)}" for p, m in wanted.items()}
     _check_fit("graft_from_checkpoint", targets, on_disk, str(path))
     restored = _restore_only(handler, path, metadata, {_join(subtree, p) for p in wanted})
+    meta_dir = path.parent / "meta"
+    if managed and (meta_dir / "metadata").exists():  # a work directory's: its checksums
+        meta = ocp.JsonCheckpointHandler().restore(meta_dir)
+        checkpoint.verify_leaves(meta, {f"{item}/{p}": v for p, v in restored.items()})
     values = {p: jnp.asarray(restored[_join(subtree, p)]) for p in wanted}
     return replace(dst, regex, values)
 

@@ -172,6 +172,64 @@ def test_damaged_newest_checkpoint_is_skipped_and_named(tmp_path, capsys):
     assert any((staged / "checkpoints" / "damaged").iterdir())  # kept aside, not deleted
 
 
+def test_a_flipped_bit_in_a_saved_checkpoint_is_detected_not_restored(tmp_path):
+    """A bit flipped anywhere in a phase checkpoint (arrays, their metadata, the meta JSON) either
+    makes the restore fail, or changed nothing the restore returns: never other numbers. At least
+    one flip is caught by the checksums alone (orbax itself reads such flips without complaint)."""
+    import jax
+
+    from incremental import checkpoint
+
+    config = small_config()
+    config.train.epochs = config.train_first.epochs = 1
+    config.checkpoint.every_epochs = 0
+    workdir = str(tmp_path / "run")
+    run_lib.run(config, workdir, stop_after=0)
+    rs, original = workdirs.restore(workdir, 0)
+    target = save.state_target(rs.config, rs.method, rs.protocol, rs.data, 0)
+
+    def restore():
+        ckpts = checkpoint.Checkpoints(workdir)
+        try:
+            return ckpts.restore(0, target)
+        finally:
+            ckpts.close()
+
+    files = sorted(p for p in (tmp_path / "run" / "checkpoints" / "phase" / "0").rglob("*"))
+    files = [p for p in files if p.is_file()]
+    rng = np.random.default_rng(0)
+    outcomes = {"refused": 0, "by_checksum": 0, "unchanged": 0}
+    for path in files:
+        data = path.read_bytes()
+        for offset in rng.choice(len(data), size=min(6, len(data)), replace=False):
+            flipped = bytearray(data)
+            flipped[offset] ^= 1 << int(rng.integers(8))
+            path.write_bytes(bytes(flipped))
+            try:
+                state, method_state, meta = restore()
+            except Exception as error:  # noqa: BLE001 -- any refusal will do
+                outcomes["refused"] += 1
+                outcomes["by_checksum"] += isinstance(error, checkpoint.DamagedCheckpoint)
+            else:
+                same = jax.tree.map(np.array_equal, dict(state), original.state)
+                assert all(jax.tree.leaves(same)), f"{path.name}@{offset}: other numbers restored"
+                assert meta == original.meta, f"{path.name}@{offset}: another meta restored"
+                outcomes["unchanged"] += 1
+            finally:
+                path.write_bytes(data)
+    assert outcomes["by_checksum"] > 0, outcomes
+    # Every file restored intact again: the flips were undone.
+    assert all(jax.tree.leaves(jax.tree.map(np.array_equal, dict(restore()[0]), original.state)))
+    # `evaluate` reports no numbers from a checkpoint whose arrays changed since they were saved.
+    meta_file = tmp_path / "run" / "checkpoints" / "phase" / "0" / "meta" / "metadata"
+    meta = json.loads(meta_file.read_text())
+    meta["checksums"]["state/params/head/kernel"] ^= 1
+    meta["checksums"]["meta"] = checkpoint._meta_checksum(meta)
+    meta_file.write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="changed on disk.*state/params/head/kernel"):
+        workdirs.evaluate(workdir, phase=0)
+
+
 def test_changed_lr_is_refused_but_checkpoint_frequency_may_change(tmp_path):
     config = small_config()
     run_lib.run(config, str(tmp_path), stop_after=0)

@@ -225,6 +225,29 @@ class BranchedClassifier(nn.Module):
         return features, Head(self.num_classes, name="head")(features)
 
 
+def test_graft_checks_the_checksums_of_the_leaves_it_reads(tmp_path):
+    """A work directory's checkpoint carries a checksum per array: a graft of a leaf whose saved
+    bytes no longer match is refused, naming it; the other leaves still graft."""
+    import json
+
+    from incremental import checkpoint
+
+    state = {"params": tree(1), "rng": jax.random.PRNGKey(1)}
+    ckpts = checkpoint.Checkpoints(str(tmp_path))
+    ckpts.save(0, state, {}, {"phase": 0})
+    ckpts.close()
+    meta_file = tmp_path / "checkpoints" / "phase" / "0" / "meta" / "metadata"
+    meta = json.loads(meta_file.read_text())
+    assert "state/params/head/bias" in meta["checksums"]
+    meta["checksums"]["state/params/head/bias"] ^= 1  # as if the saved bias had changed
+    meta["checksums"]["meta"] = checkpoint._meta_checksum(meta)
+    meta_file.write_text(json.dumps(meta))
+    with pytest.raises(checkpoint.DamagedCheckpoint, match="state/params/head/bias"):
+        surgery.graft_from_checkpoint(tree(0), tmp_path, "head/.*")
+    grafted = surgery.graft_from_checkpoint(tree(0), tmp_path, "backbone/.*")
+    assert_trees_equal(grafted["backbone"], state["params"]["backbone"])
+
+
 def test_add_branch_keeps_old_features_and_the_old_branch_frozen(key):
     x = jax.random.normal(key, (5, 4, 4))
     one = BranchedClassifier(1, 3)
