@@ -98,8 +98,8 @@ def base_config() -> ml_collections.ConfigDict:
     # C >= the number of classes: a head of C columns from the start, unseen classes masked, so the
     # train and eval steps compile once for the whole run (incremental/capacity.py). 0: widen the
     # head each phase (its steps compile again for each width). -1 (auto): the protocol's number of
-    # classes for every method that supports it (all but lucir, new_head_only, der, memo and
-    # foster) without config.seeds or dataset.stream, else 0. The numbers are the same either way.
+    # classes for every method that supports it (all but der, memo and foster), else 0. The
+    # numbers are the same either way.
     c.head.capacity = -1
 
     _add_training(c)

@@ -21,7 +21,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 from rich.markup import escape
 
-from incremental import report
+from incremental import report, schema
 
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs", "digits.py")
 COMMANDS = ("run", "evaluate", "surgery", "benchmark")
@@ -77,20 +77,23 @@ def default_workdir(config) -> str:
 
 
 def main(argv: list[str]) -> None:
-    from incremental import run as run_lib  # imports JAX: after the cheap checks
-
     if argv[1:] != ["run"]:
         raise app.UsageError(f"Usage: incremental {'|'.join(COMMANDS)} [--flags]; got {argv[1:]}.")
+    config = flags.FLAGS.config
+    try:
+        schema.check(config)  # before JAX is imported: a bad value is refused in a moment
+    except ValueError as error:
+        fail(error)
+    from incremental import run as run_lib  # imports JAX: after the cheap checks
+
     if not flags.FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)  # orbax logs every file operation at INFO
-    config = flags.FLAGS.config
     workdir = flags.FLAGS.workdir or default_workdir(config)
     report.console.print(f"work directory: {workdir}")
     try:
         results = run_lib.run(config, workdir, allow_data_change=flags.FLAGS.allow_data_change)
     except (ValueError, TypeError, FloatingPointError) as error:
-        report.console.print(f"[bold red]error:[/] {escape(str(error))}", soft_wrap=True)
-        sys.exit(2)
+        fail(error)
     except run_lib.Preempted as stopped:
         command = " ".join(sys.argv)
         if not flags.FLAGS.workdir:
@@ -98,6 +101,22 @@ def main(argv: list[str]) -> None:
         report.console.print(f"{stopped} Re-run to resume: {command}", soft_wrap=True, markup=False)
         sys.exit(PREEMPTED_EXIT_CODE)
     report.print_summary(results, workdir)
+
+
+def fail(error: Exception) -> None:
+    """A user error: its message, and exit status 2."""
+    report.console.print(f"[bold red]error:[/] {escape(str(error))}", soft_wrap=True)
+    sys.exit(2)
+
+
+def check_overrides(argv: list[str]) -> None:
+    """Refuses `--config.KEY=VALUE` for a KEY that no config has, before absl parses it (which
+    would end in a traceback), naming the nearest keys."""
+    for arg in argv:
+        if arg.startswith("--config."):
+            key = arg.removeprefix("--config.").split("=", 1)[0]
+            if message := schema.check_override(key):
+                fail(ValueError(message))
 
 
 def check_config_file(argv: list[str]) -> None:
@@ -169,8 +188,7 @@ def workdir_command(argv: list[str]) -> None:
             markup=False,
         )
     except (ValueError, TypeError) as error:
-        report.console.print(f"[bold red]error:[/] {escape(str(error))}", soft_wrap=True)
-        sys.exit(2)
+        fail(error)
 
 
 def entry_point() -> None:
@@ -196,6 +214,7 @@ def entry_point() -> None:
         workdir_command(sys.argv[1:])
         return
     check_config_file(sys.argv)
+    check_overrides(sys.argv)
     define_run_flags()
     app.run(main)
 

@@ -269,7 +269,9 @@ BAD_INPUTS = {
     "unknown method": (["--config.method=icarll"], "Unknown method 'icarll'"),
     "unknown dataset": (["--config.dataset.name=imagenet"], "imagenet"),
     "unknown model": (["--config.model.name=vit"], "Unknown model.name 'vit'"),
-    "unknown optimizer": (["--config.train.optimizer=lion"], "Unknown train.optimizer 'lion'"),
+    "unknown optimizer": (["--config.train.optimizer=lion"], "config.train.optimizer must be one"),
+    "negative lr": (["--config.train.lr=-0.1"], "config.train.lr must be > 0, got -0.1"),
+    "mistyped key": (["--config.train.lrr=0.1"], "Did you mean config.train.lr"),
     "impossible protocol": (["--config.protocol.increment=3"], "increment=3"),
     "memory smaller than classes": (
         ["--config=configs/digits.py:method=replay", "--config.memory.budget=5"],

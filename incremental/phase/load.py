@@ -10,11 +10,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from incremental import capacity, methods, parallel, surgery, train
+from incremental import capacity, methods, parallel, schema
 from incremental.data import device, sources
 from incremental.methods import Method, PhaseInfo
 from incremental.models import MODELS
-from incremental.phase.model import DTYPES, phase_model
+from incremental.phase.model import phase_model
 from incremental.protocol import Protocol, make_protocol
 
 
@@ -67,19 +67,12 @@ def load_data(config) -> tuple[RunData, Protocol, sources.Source]:
 
 def validate(config, workdir: str) -> tuple[RunData, Protocol, Method]:
     """Checks every input that can be checked before anything is written or trained; loads."""
+    schema.check(config)  # types, ranges and choices of every key
     method = methods.build(config.method, config.method_args, config.memory)
-    for name, value, valid in (
-        ("model.name", config.model.name, tuple(MODELS)),
-        ("train.optimizer", config.train.optimizer, train.OPTIMIZERS),
-        ("train.schedule", config.train.schedule, train.SCHEDULES),
-        ("train.loop", config.train.loop, ("auto", *train.LOOPS)),
-        ("dtype", config.dtype, tuple(DTYPES)),
-        ("head.init", config.head.init, surgery.HEAD_INITS),
-    ):
-        if value not in valid:
-            raise ValueError(f"Unknown {name} {value!r}; valid values: {', '.join(valid)}.")
-    if config.train.batch_size <= 0:
-        raise ValueError(f"train.batch_size must be positive, got {config.train.batch_size}.")
+    if config.model.name not in MODELS:
+        raise ValueError(
+            f"Unknown model.name {config.model.name!r}; valid values: {', '.join(MODELS)}."
+        )
     parallel.check_batch(parallel.make_mesh(config.parallel.devices), config.train.batch_size)
     data, protocol, _ = load_data(config)
     if hasattr(method, "memory"):

@@ -1,0 +1,99 @@
+"""The config schema: complete, in step with the registries, and every bad value refused by name."""
+
+import importlib
+import os
+import subprocess
+import sys
+
+import pytest
+
+from incremental import schema
+from incremental.config import base_config
+
+CONFIGS = ("digits", "mnist1d", "cifar100", "imagenet100")
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_every_key_of_every_config_is_in_the_schema_and_valid(name):
+    config = importlib.import_module(f"configs.{name}").get_config()
+    assert set(schema.flatten(config)) == set(schema.KEYS)
+    schema.check(config)
+
+
+def test_the_schemas_choices_are_the_registries():
+    from incremental import memory, surgery, train
+    from incremental.data import autoaugment
+    from incremental.phase.model import DTYPES
+
+    choices = {k: set(spec.choices) for k, spec in schema.KEYS.items() if spec.choices}
+    assert choices == {
+        "dtype": set(DTYPES),
+        "memory.selection": set(memory.SELECTIONS),
+        "head.init": set(surgery.HEAD_INITS),
+        "train.optimizer": set(train.OPTIMIZERS),
+        "train.schedule": set(train.SCHEDULES),
+        "train.loop": {"auto", *train.LOOPS},
+        "augment.autoaugment": {"", *autoaugment.POLICIES},
+    }
+
+
+def invalid_values(spec: schema.Key) -> list:
+    """Values `spec` must refuse: another type, each bound crossed, a choice that is not one."""
+    wrong_type = {int: "3", float: "0.1", bool: 1, str: 3, tuple: 3}[spec.kind]
+    values = [wrong_type]
+    if spec.choices:
+        values.append("nonsense")
+    for bound, step in ((spec.low, -1), (spec.above, 0), (spec.below, 0), (spec.high, 1)):
+        if bound is not None:
+            values.append(type(bound)(bound + step) if spec.kind is float else int(bound) + step)
+    if spec.kind is float:
+        values.append(float("nan"))
+    if spec.items is int:
+        values.append((1, "2"))
+    return values
+
+
+CASES = [(key, value) for key, spec in schema.KEYS.items() for value in invalid_values(spec)]
+
+
+@pytest.mark.parametrize("key, value", CASES, ids=[f"{k}={v!r}" for k, v in CASES])
+def test_every_invalid_value_is_refused_naming_its_key(key, value):
+    config = base_config().to_dict()
+    section, _, name = key.rpartition(".")
+    (config[section] if section else config)[name] = value
+    with pytest.raises(ValueError, match=rf"config\.{key} must be"):
+        schema.check(config)
+
+
+def test_a_run_with_a_bad_value_is_refused_before_its_work_directory_exists(tmp_path):
+    from incremental import run as run_lib
+
+    config = importlib.import_module("configs.digits").get_config()
+    config.train_first.lr, config.checkpoint.keep = -1.0, 0
+    with pytest.raises(ValueError, match=r"train_first\.lr must be > 0(.|\n)*checkpoint\.keep"):
+        run_lib.run(config, str(tmp_path / "w"))
+    assert not (tmp_path / "w").exists()
+
+
+def test_unknown_keys_get_the_nearest_ones():
+    assert "Did you mean config.train.epochs" in schema.check_override("train.epoch")
+    assert schema.check_override("method_args.anything") is None  # the method checks its own
+    assert schema.check_override("model.kwargs.depth") is None
+    assert schema.check_override("train") is None  # a whole section
+    with pytest.raises(ValueError, match="config.train.lrr is not a config key"):
+        schema.check({**base_config().to_dict(), "train": {"lrr": 1}})
+
+
+def test_the_table_lists_every_key_without_importing_jax():
+    out = subprocess.run(
+        [sys.executable, "-c", "import sys, incremental.schema as s; print(s.table()); "
+         "print('jax' in sys.modules)"],
+        capture_output=True, text=True, check=True,
+    ).stdout  # fmt: skip
+    assert all(f"`{key}`" in out for key in schema.KEYS)
+    assert out.strip().endswith("False")
+
+
+def test_the_readme_holds_the_schemas_table():
+    with open(os.path.join(os.path.dirname(os.path.dirname(__file__)), "README.md")) as f:
+        assert schema.table() in f.read()
