@@ -73,6 +73,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.dataset.data_dir = ""  # tfds data directory ("" = tfds default, ~/tensorflow_datasets)
     c.dataset.classes = ""  # keep some classes: "" all | "seeded:K" | explicit "3,5,7"
     c.dataset.download = False  # let tfds download and prepare (needs the network and TensorFlow)
+    # npz: renumber the class ids present (sorted) as 0..K-1; else ids must already be 0..K-1.
+    c.dataset.remap_labels = False
     # Keep the training data on the host and stream each batch to the device (data.stream), for
     # datasets that do not fit in device memory; the batches are those of the in-memory path.
     c.dataset.stream = False

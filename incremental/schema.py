@@ -114,6 +114,7 @@ KEYS: dict[str, Key] = {
     "dataset.classes": Key(str, "keep some classes: '' (all) | seeded:K | 3,5,7"),
     "dataset.download": Key(bool, "let tfds download and prepare the dataset"),
     "dataset.stream": Key(bool, "stream training batches from the host"),
+    "dataset.remap_labels": Key(bool, "npz: renumber the class ids present as 0..K-1"),
     "protocol.class_order": Key(str, "seeded | natural | an explicit order 3,1,0,..."),
     "protocol.class_order_seed": Key(int, "the seed of the seeded class order", low=0),
     "protocol.init_classes": Key(int, "classes in phase 0 (0: as many as increment)", low=0),
@@ -202,7 +203,8 @@ def check_override(key: str) -> str | None:
 def table() -> str:
     """The keys as a Markdown table."""
     rows = ["| key | valid values | what it is |", "|---|---|---|"]
-    rows += [f"| `{k}` | {s.describe()} | {s.help} |" for k, s in KEYS.items()]
+    cell = lambda text: text.replace("|", "\\|")  # noqa: E731 -- a pipe would end the cell
+    rows += [f"| `{k}` | {cell(s.describe())} | {cell(s.help)} |" for k, s in KEYS.items()]
     return "\n".join(rows)
 
 

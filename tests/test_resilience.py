@@ -252,6 +252,9 @@ def test_nonfinite_loss_names_phase_and_epoch_and_keeps_checkpoints(tmp_path):
     assert sorted(p.name for p in (tmp_path / "checkpoints" / "phase").iterdir()) == before
 
 
+SPARSE = np.array([3, 7, 100, 2_000_000_000])  # class ids with gaps, one far beyond the others
+
+
 def write_npz(path, **overrides):
     rng = np.random.default_rng(0)
     arrays = {
@@ -310,6 +313,13 @@ def test_bad_input_fails_fast_and_changes_nothing(tmp_path, case):
         (dict(x_test=np.full((8, 5), np.inf, np.float32)), "infinite"),
         (dict(y_test=np.arange(8) % 4 - 1), "negative class ids"),
         (dict(x_test=np.zeros((8, 6), np.float32)), "x_test"),
+        # The label contract: ids 0..K-1, every class in both splits.
+        (
+            dict(y_train=SPARSE[np.arange(40) % 4], y_test=SPARSE[np.arange(8) % 4]),
+            r"the ids are not 0..3; missing 0, 1, 2\. Set dataset.remap_labels=True",
+        ),
+        (dict(y_test=np.arange(8) % 5), "y_test has classes that y_train lacks: 4"),
+        (dict(y_test=np.arange(8) % 3), "y_train has classes that y_test lacks .*: 3"),
     ],
 )
 def test_bad_npz_is_refused_before_anything_is_written(tmp_path, overrides, message):
@@ -319,6 +329,22 @@ def test_bad_npz_is_refused_before_anything_is_written(tmp_path, overrides, mess
     with pytest.raises(ValueError, match=message):
         run_lib.run(config, str(tmp_path / "w"))
     assert not (tmp_path / "w").exists()
+
+
+def test_remapped_sparse_labels_give_the_numbers_of_dense_ones(tmp_path):
+    """dataset.remap_labels=True: ids {3, 7, 100, 2e9} are classes 0..3 in sorted order, the run
+    the same as with those labels written as 0..3 (and a stray huge id allocates nothing)."""
+    results = {}
+    for name, ids in (("dense", np.arange(4)), ("sparse", SPARSE)):
+        path = write_npz(
+            tmp_path / f"{name}.npz", y_train=ids[np.arange(40) % 4], y_test=ids[np.arange(8) % 4]
+        )
+        config = small_config()
+        config.dataset.name, config.dataset.remap_labels = f"npz:{path}", True
+        results[name] = run_lib.run(config, str(tmp_path / name))
+    assert results["sparse"]["accuracy_matrix"] == results["dense"]["accuracy_matrix"]
+    assert results["sparse"]["class_order"] == results["dense"]["class_order"]
+    assert results["sparse"]["config"]["dataset"]["remap_labels"] is True
 
 
 def test_data_changed_between_stop_and_resume_is_refused_unless_allowed(tmp_path):

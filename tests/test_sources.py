@@ -149,7 +149,8 @@ def _valid_arrays(x_shape=(6, 5), dtype=np.float64):
     rng = np.random.default_rng(0)
     x = (rng.random(x_shape) * 255).astype(dtype)
     y = np.array([0, 1, 2, 0, 1, 3])
-    return {"x_train": x, "y_train": y, "x_test": x[:4], "y_test": y[:4]}
+    test = [0, 1, 2, 5]  # every class in both splits
+    return {"x_train": x, "y_train": y, "x_test": x[test], "y_test": y[test]}
 
 
 def test_npz_round_trip_images(tmp_path):

@@ -37,7 +37,12 @@ class Source(NamedTuple):
 
 
 def load_source(
-    name: str, *, data_dir: str | None = None, download: bool = False, seed: int = 0
+    name: str,
+    *,
+    data_dir: str | None = None,
+    download: bool = False,
+    seed: int = 0,
+    remap_labels: bool = False,
 ) -> Source:
     """Loads a whole dataset into memory.
 
@@ -50,6 +55,8 @@ def load_source(
         network). Only used by "tfds:".
       seed: accepted so every source has the same call signature; all current sources are
         deterministic (fixed splits, fixed generator seed) and do not use it.
+      remap_labels: for "npz:", renumber the class ids present (sorted) as 0..K-1 instead of
+        refusing ids that are not (`label_contract`).
 
     Returns:
       The dataset as a `Source`.
@@ -63,7 +70,7 @@ def load_source(
     if kind == "tfds" and arg:
         return _load_tfds(arg, data_dir=data_dir, download=download)
     if kind == "npz" and arg:
-        return _load_npz(arg)
+        return _load_npz(arg, remap_labels)
     raise ValueError(f"Unknown data source {name!r}; valid sources are {', '.join(SOURCES)}.")
 
 
@@ -240,7 +247,7 @@ def _read_records(data_source: Any, keys: Sequence[int]) -> Sequence[dict[str, A
         return [data_source[k] for k in keys]
 
 
-def _load_npz(path: str) -> Source:
+def _load_npz(path: str, remap_labels: bool = False) -> Source:
     """Loads and validates a user's .npz file with x_train, y_train, x_test, y_test."""
     arrays = _read_npz(path)
     x_train, x_test = (_check_features(arrays[k], k) for k in ("x_train", "x_test"))
@@ -257,9 +264,48 @@ def _load_npz(path: str) -> Source:
             f"{path}: x_train examples have shape {x_train.shape[1:]} but x_test examples have "
             f"shape {x_test.shape[1:]}; they must match."
         )
-    num_classes = int(max(y_train.max(), y_test.max())) + 1
+    y_train, y_test, num_classes = label_contract(y_train, y_test, path, remap_labels)
     name = f"npz:{path}"
     return Source(x_train, y_train, x_test, y_test, num_classes, name, x_train.ndim == 4)
+
+
+def label_contract(
+    y_train: np.ndarray, y_test: np.ndarray, where: str, remap: bool
+) -> tuple[np.ndarray, np.ndarray, int]:
+    """The labels of a user's data as class ids 0..K-1, every class in both splits.
+
+    Ids that leave gaps (`{3, 7, 100}` would make a 101-column head for 3 classes), test classes
+    never trained on, and trained classes never tested are refused with the ids named; with
+    `remap` the ids present in `y_train` are renumbered 0..K-1 in sorted order (class k is the k-th
+    smallest id) and only the test-side mismatches are refused. Nothing is allocated per id value,
+    so a stray id of 2,000,000,000 costs nothing.
+    """
+    train_ids, test_ids = np.unique(y_train), np.unique(y_test)
+    untrained = np.setdiff1d(test_ids, train_ids)
+    untested = np.setdiff1d(train_ids, test_ids)
+    gaps = np.array([], np.int64) if remap else np.setdiff1d(np.arange(len(train_ids)), train_ids)
+    problems = [
+        f"{what} {_ids(ids)}"
+        for what, ids in (
+            ("y_test has classes that y_train lacks:", untrained),
+            ("y_train has classes that y_test lacks (they could not be scored):", untested),
+            (f"the ids are not 0..{len(train_ids) - 1}; missing", gaps),
+        )
+        if len(ids)
+    ]
+    if problems:
+        fix = "" if remap else " Set dataset.remap_labels=True to renumber the ids present."
+        raise ValueError(f"{where}: {'; '.join(problems)}.{fix}")
+    if remap:
+        y_train, y_test = (
+            np.searchsorted(train_ids, y).astype(np.int32) for y in (y_train, y_test)
+        )
+    return y_train, y_test, len(train_ids)
+
+
+def _ids(ids: np.ndarray) -> str:
+    shown = ", ".join(str(i) for i in ids[:10])
+    return f"{shown}{f' ... ({len(ids)} in all)' if len(ids) > 10 else ''}"
 
 
 def _read_npz(path: str) -> dict[str, np.ndarray]:

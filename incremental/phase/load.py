@@ -55,6 +55,7 @@ def load_data(config) -> tuple[RunData, Protocol, sources.Source]:
         data_dir=config.dataset.data_dir or None,
         download=config.dataset.download,
         seed=config.seed,
+        remap_labels=config.dataset.remap_labels,
     )
     source = sources.subset_classes(source, config.dataset.classes)
     protocol = make_protocol(source.num_classes, config.protocol)
