@@ -64,6 +64,8 @@ def run(
             )
             progress = report.Progress(protocol, enabled=config.log.progress and main, start=first)
             results = record.results_from_records(config, protocol, records) if records else None
+            if results is not None and main:
+                record.repair_results(workdir, results)
             last = (
                 protocol.num_phases - 1
                 if stop_after is None

@@ -88,6 +88,9 @@ def run_seeds(config, workdir: str, *, allow_data_change: bool = False) -> dict:
             carried, method_states = [f[1] for f in found], [f[2] for f in found]
             programs = capacity.Programs()  # head.capacity: shared by every seed and phase
             records = [f[3][:first] for f in found]
+            for d, c, r in zip(dirs, configs, records, strict=True):
+                if r:  # each seed's results.json as its checkpoints recorded it
+                    record.repair_results(d, record.results_from_records(c, protocol, r))
             for phase in range(first, protocol.num_phases):
                 start = time.perf_counter()
                 begun = [

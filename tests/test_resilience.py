@@ -230,6 +230,28 @@ def test_a_flipped_bit_in_a_saved_checkpoint_is_detected_not_restored(tmp_path):
         workdirs.evaluate(workdir, phase=0)
 
 
+def test_results_json_is_rewritten_from_the_checkpoints_when_it_is_damaged(tmp_path, capsys):
+    """A finished run re-run: a results.json that does not parse, or whose numbers were edited,
+    is written again from what the checkpoints recorded, with a warning; an intact one is left."""
+    config = small_config()
+    config.train.epochs = config.train_first.epochs = 1
+    config.checkpoint.every_epochs = 0
+    workdir = tmp_path / "run"
+    whole = run_lib.run(config, str(workdir))
+    path = workdir / "results.json"
+    edited = {**whole, "last_accuracy": 1.0}
+    for damage in ("{not json", json.dumps(edited)):
+        path.write_text(damage)
+        capsys.readouterr()
+        again = run_lib.run(config, str(workdir))
+        assert "rewrote it from the checkpoints" in capsys.readouterr().out
+        assert json.loads(path.read_text())["last_accuracy"] == whole["last_accuracy"]
+        assert again["accuracy_matrix"] == whole["accuracy_matrix"]
+    before = path.stat().st_mtime_ns
+    run_lib.run(config, str(workdir))
+    assert "rewrote" not in capsys.readouterr().out and path.stat().st_mtime_ns == before
+
+
 def test_changed_lr_is_refused_but_checkpoint_frequency_may_change(tmp_path):
     config = small_config()
     run_lib.run(config, str(tmp_path), stop_after=0)

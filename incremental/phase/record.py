@@ -9,7 +9,7 @@ import jax
 import numpy as np
 import optax
 
-from incremental import evaluate, surgery
+from incremental import evaluate, report, surgery
 from incremental.phase.begin import PhaseRun
 from incremental.protocol import Protocol
 
@@ -122,6 +122,36 @@ def write_results(workdir: str, results: dict) -> None:
     with open(tmp, "w") as f:
         json.dump(results, f, indent=1, default=json_default)
     os.replace(tmp, path)  # readers never see a half-written file
+
+
+def repair_results(workdir: str, results: dict) -> str | None:
+    """Rewrites `results.json` from `results` (what the checkpoints recorded) when the file is
+    missing, does not parse, or disagrees with them outside `config` and `versions` (which a
+    resumed run may change), with a warning; returns what was wrong, or None."""
+    path = os.path.join(workdir, RESULTS_FILE)
+    expected = json.loads(json.dumps(results, default=json_default))
+    try:
+        with open(path) as f:
+            found = json.load(f)
+    except FileNotFoundError:
+        problem = "was missing"
+    except (OSError, ValueError) as error:
+        problem = f"could not be read ({type(error).__name__})"
+    else:
+        keys = [
+            k
+            for k in expected
+            if k not in ("config", "versions") and found.get(k, "<missing>") != expected[k]
+        ]
+        problem = f"disagreed with the checkpoints in {', '.join(keys)}" if keys else None
+    if problem is not None:
+        write_results(workdir, results)
+        report.console.print(
+            f"warning: {path} {problem}; rewrote it from the checkpoints.",
+            soft_wrap=True,
+            markup=False,
+        )
+    return problem
 
 
 def json_default(value):
