@@ -211,6 +211,9 @@ def graft_from_checkpoint(
     ([0.0, 1.0, 2.0], True)
     >>> tmp.cleanup()
     """
+    directory = os.fspath(directory)
+    if "://" not in directory:  # a local path may be relative (orbax wants it absolute)
+        directory = os.path.abspath(directory)
     path, managed = _pytree_directory(epath.Path(directory), step, item)
     if subtree is None:
         subtree = "params" if managed and item == "state" else ""

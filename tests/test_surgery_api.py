@@ -225,9 +225,10 @@ class BranchedClassifier(nn.Module):
         return features, Head(self.num_classes, name="head")(features)
 
 
-def test_graft_checks_the_checksums_of_the_leaves_it_reads(tmp_path):
+def test_graft_checks_the_checksums_of_the_leaves_it_reads(tmp_path, monkeypatch):
     """A work directory's checkpoint carries a checksum per array: a graft of a leaf whose saved
-    bytes no longer match is refused, naming it; the other leaves still graft."""
+    bytes no longer match is refused, naming it; the other leaves still graft (from a path
+    relative to the current directory, too)."""
     import json
 
     from incremental import checkpoint
@@ -244,7 +245,8 @@ def test_graft_checks_the_checksums_of_the_leaves_it_reads(tmp_path):
     meta_file.write_text(json.dumps(meta))
     with pytest.raises(checkpoint.DamagedCheckpoint, match="state/params/head/bias"):
         surgery.graft_from_checkpoint(tree(0), tmp_path, "head/.*")
-    grafted = surgery.graft_from_checkpoint(tree(0), tmp_path, "backbone/.*")
+    monkeypatch.chdir(tmp_path.parent)
+    grafted = surgery.graft_from_checkpoint(tree(0), tmp_path.name, "backbone/.*")
     assert_trees_equal(grafted["backbone"], state["params"]["backbone"])
 
 
