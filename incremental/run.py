@@ -5,20 +5,15 @@ from __future__ import annotations
 
 import contextlib
 import os
-import signal
-import threading
 import time
 from typing import Any, NamedTuple
 
 from incremental import capacity, checkpoint, compilation, lock, parallel, report, seeds
 from incremental.phase import begin, end, evaluate, fit, load, record, save
 from incremental.phase.begin import Carried
+from incremental.preemption import Preempted, Preemption
 
 PyTree = Any
-
-
-class Preempted(Exception):
-    """Raised after a SIGTERM/SIGINT once the run has saved; re-running the same command resumes."""
 
 
 class PhaseResult(NamedTuple):
@@ -72,7 +67,7 @@ def run(
                 else min(stop_after, protocol.num_phases - 1)
             )
             programs = capacity.Programs()  # head.capacity: the programs every phase shares
-            with Preemption() as preempt, progress:
+            with Preemption(report.console) as preempt, progress:
                 for phase in range(first, last + 1):
                     within = Within(
                         config, ckpts, preempt, progress, protocol, records, data.fingerprint
@@ -201,35 +196,3 @@ def train_phase(
         protocol, pr, carried.variables, row, steps.last_epoch, seconds, data.fingerprint
     )
     return PhaseResult(carried.variables, carried.opt_state, carried.method_state, rec)
-
-
-class Preemption:
-    """Turns SIGTERM and SIGINT into a request to save and stop after the current call of the step.
-
-    A call runs `config.checkpoint.every_steps` steps when that is set, else to the epoch's end.
-
-    A second signal interrupts at once (the checkpoints already complete stay valid).
-    """
-
-    def __init__(self):
-        self.requested = False
-        self._previous = {}
-
-    def _handle(self, signum, frame):
-        if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
-        report.console.print(
-            f"{signal.Signals(signum).name}: finishing the current steps, saving, then stopping "
-            "(signal again to stop at once)."
-        )
-
-    def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def __exit__(self, *exc):
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)

@@ -10,7 +10,8 @@ examples (stacked otherwise, as when exemplar memories differ). Each seed has it
 
 A seed's numbers are those of a separate run with that seed up to float rounding: batched matmuls
 may sum in another order. The epochs run as one scan (`train.loop='scan'`), without within-phase
-checkpoints or streaming; a killed run resumes after the last phase that every seed finished.
+checkpoints or streaming; a killed run resumes after the last phase that every seed finished, and
+SIGTERM/SIGINT stop it (saved) when the phase in progress ends.
 
 With `head.capacity` (by default where the method allows it, as for a single run) the vmapped
 epoch compiles once for the run, not once per phase: every seed trains on rows of the one
@@ -27,8 +28,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from incremental import capacity, checkpoint, compilation, lock, parallel
+from incremental import capacity, checkpoint, compilation, lock, parallel, report
 from incremental.phase import begin, end, evaluate, fit, load, record, save
+from incremental.preemption import Preempted, Preemption
 
 SUMMARY_KEYS = ("last_accuracy", "average_incremental_accuracy", "forgetting", "backward_transfer")
 
@@ -76,72 +78,37 @@ def run_seeds(config, workdir: str, *, allow_data_change: bool = False) -> dict:
     with lock.hold(workdir):  # one writer per work directory
         ckpts = [checkpoint.Checkpoints(d, config.checkpoint.keep) for d in dirs]
         try:
-            found = [
-                save.resume(k, c, method, protocol, data, allow_data_change=allow_data_change)
-                for k, c in zip(ckpts, configs, strict=True)
-            ]
-            first = min(f[0] for f in found)
-            found = [
-                f if f[0] == first else save.restore(k, c, method, protocol, data, first - 1)
-                for f, k, c in zip(found, ckpts, configs, strict=True)
-            ]
-            carried, method_states = [f[1] for f in found], [f[2] for f in found]
+            first, carried, records = resume_seeds(
+                ckpts, configs, dirs, method, protocol, data, allow_data_change
+            )
             programs = capacity.Programs()  # head.capacity: shared by every seed and phase
-            records = [f[3][:first] for f in found]
-            for d, c, r in zip(dirs, configs, records, strict=True):
-                if r:  # each seed's results.json as its checkpoints recorded it
-                    record.repair_results(d, record.results_from_records(c, protocol, r))
-            for phase in range(first, protocol.num_phases):
-                start = time.perf_counter()
-                begun = [
-                    begin.begin(
-                        c, method, data, protocol, phase, carried[i], method_states[i], programs
-                    )
-                    for i, c in enumerate(configs)
-                ]
-                prs = [b[0] for b in begun]
-                states, states_m = [b[1] for b in begun], [b[2] for b in begun]
-                trained = train_together(prs, states, states_m, method, programs)
-                elapsed = time.perf_counter() - start
-                for i, (c, pr, (state, method_state, steps)) in enumerate(
-                    zip(configs, prs, trained, strict=True)
-                ):
+            with Preemption(report.console) as preempt:
+                for phase in range(first, protocol.num_phases):
+                    if preempt.requested:  # the phases before are saved
+                        raise Preempted(f"Stopped before phase {phase}, saved.")
                     start = time.perf_counter()
-                    model, carried[i] = end.end(c, method, data, pr, state, method_state)
-                    seconds = {"train_seconds": elapsed / len(seeds) + time.perf_counter() - start}
-                    start = time.perf_counter()
-                    row = evaluate.evaluate_phase(
-                        c,
-                        model,
-                        method,
-                        data,
-                        protocol,
-                        phase,
-                        carried[i].variables,
-                        carried[i].method_state,
-                        programs,
-                    )
-                    seconds["eval_seconds"] = time.perf_counter() - start
-                    method_states[i] = carried[i].method_state
-                    records[i].append(
-                        record.record(
+                    begun = [
+                        begin.begin(
+                            c,
+                            method,
+                            data,
                             protocol,
-                            pr,
-                            carried[i].variables,
-                            row,
-                            steps.last_epoch,
-                            seconds,
-                            data.fingerprint,
+                            phase,
+                            carried[i],
+                            carried[i].method_state if carried[i] else method.init_state(),
+                            programs,
                         )  # fmt: skip
-                    )
-                    record.write_results(
-                        dirs[i], record.results_from_records(c, protocol, records[i])
-                    )
-                    mesh = parallel.make_mesh(c.parallel.devices)
-                    save.save(
-                        ckpts[i], c, protocol, phase, carried[i], state.rng, records[i], mesh,
-                        data.fingerprint,
-                    )  # fmt: skip
+                        for i, c in enumerate(configs)
+                    ]
+                    prs = [b[0] for b in begun]
+                    states, states_m = [b[1] for b in begun], [b[2] for b in begun]
+                    trained = train_together(prs, states, states_m, method, programs)
+                    share = (time.perf_counter() - start) / len(seeds)
+                    for i, c in enumerate(configs):
+                        carried[i] = finish_seed(
+                            c, method, data, protocol, prs[i], trained[i], share, programs,
+                            ckpts[i], dirs[i], records[i],
+                        )  # fmt: skip
         finally:
             for k in ckpts:
                 k.close()
@@ -152,6 +119,54 @@ def run_seeds(config, workdir: str, *, allow_data_change: bool = False) -> dict:
         doc = summarize(config, seeds, per_seed)
         record.write_results(workdir, doc)
         return doc
+
+
+def resume_seeds(ckpts, configs, dirs, method, protocol, data, allow_data_change: bool):
+    """The phase every seed resumes from (the earliest any seed stopped at), each seed's carried
+    state from the phase before it, and each seed's records; repairs each seed's results.json."""
+    found = [
+        save.resume(k, c, method, protocol, data, allow_data_change=allow_data_change)
+        for k, c in zip(ckpts, configs, strict=True)
+    ]
+    first = min(f[0] for f in found)
+    found = [
+        f if f[0] == first else save.restore(k, c, method, protocol, data, first - 1)
+        for f, k, c in zip(found, ckpts, configs, strict=True)
+    ]
+    records = [f[3][:first] for f in found]
+    for d, c, r in zip(dirs, configs, records, strict=True):
+        if r:  # each seed's results.json as its checkpoints recorded it
+            record.repair_results(d, record.results_from_records(c, protocol, r))
+    return first, [f[1] for f in found], records
+
+
+def finish_seed(
+    config, method, data, protocol, pr, trained, train_share, programs, ckpts, workdir, records
+):
+    """One seed's end of a phase after the shared epochs: end, evaluate, record (appended to
+    `records`, results.json written) and save; returns what it carries to the next phase."""
+    state, method_state, steps = trained
+    start = time.perf_counter()
+    model, carried = end.end(config, method, data, pr, state, method_state)
+    seconds = {"train_seconds": train_share + time.perf_counter() - start}
+    start = time.perf_counter()
+    phase = pr.info.phase
+    row = evaluate.evaluate_phase(
+        config, model, method, data, protocol, phase, carried.variables, carried.method_state,
+        programs,
+    )  # fmt: skip
+    seconds["eval_seconds"] = time.perf_counter() - start
+    records.append(
+        record.record(
+            protocol, pr, carried.variables, row, steps.last_epoch, seconds, data.fingerprint
+        )
+    )
+    record.write_results(workdir, record.results_from_records(config, protocol, records))
+    mesh = parallel.make_mesh(config.parallel.devices)
+    save.save(
+        ckpts, config, protocol, phase, carried, state.rng, records, mesh, data.fingerprint
+    )  # fmt: skip
+    return carried
 
 
 def train_together(prs, states, method_states, method, programs) -> list[tuple]:

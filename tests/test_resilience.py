@@ -109,6 +109,35 @@ def test_sigterm_saves_and_exits_cleanly_then_resumes(tmp_path, uninterrupted):
     assert numbers(workdir) == uninterrupted
 
 
+@pytest.mark.slow
+def test_signals_stop_seeds_runs_saved_and_a_second_signal_at_once(tmp_path):
+    """config.seeds: SIGTERM stops after the phase in progress, saved (status 3), and the same
+    command finishes it; a second SIGINT stops at once with status 130 and no traceback."""
+    seeds_flags = ["--config.seeds=0,1", "--config.checkpoint.every_steps=0"]
+    workdir = tmp_path / "seeds"
+    proc = cli(workdir, *seeds_flags)
+    first = workdir / "seed_1" / "results.json"
+    while proc.poll() is None and not first.exists():  # phase 0 of every seed saved
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 3, out[-3000:]
+    assert "Stopped before phase" in out and "Traceback" not in out
+    out, _ = cli(workdir, *seeds_flags).communicate(timeout=600)
+    assert json.loads((workdir / "results.json").read_text())["complete"], out[-3000:]
+
+    proc = cli(tmp_path / "twice")
+    for line in proc.stdout:  # interrupt once phase 0 is done, again once that was heard
+        if line.startswith("    0 "):
+            proc.send_signal(signal.SIGINT)
+        if line.startswith("SIGINT: finishing"):  # a second signal before it would merge with it
+            proc.send_signal(signal.SIGINT)
+            break
+    out, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 130, out[-3000:]
+    assert "SIGINT again: stopping now" in out and "Traceback" not in out
+
+
 def small_config(method="finetune"):
     config = digits.get_config(f"method={method}")
     config.train.epochs = config.train_first.epochs = 4
