@@ -120,18 +120,48 @@ def check_overrides(argv: list[str]) -> None:
 
 
 def check_config_file(argv: list[str]) -> None:
-    """A clear message for a --config file that is missing or defines no get_config."""
+    """A clear message for a --config file that is missing, defines no get_config, or whose
+    get_config fails or returns no ConfigDict (absl would end in a traceback)."""
     for arg in argv:
         if arg.startswith("--config="):
-            path = arg.removeprefix("--config=").split(":", 1)[0]
+            path, _, config_arg = arg.removeprefix("--config=").partition(":")
             if not os.path.isfile(path):
-                sys.exit(f"error: config file {path} does not exist; configs are in configs/*.py.")
+                fail(ValueError(f"config file {path} does not exist; configs are in configs/*.py."))
             with open(path) as f:
                 if "def get_config" not in f.read():
-                    sys.exit(
-                        f"error: config file {path} defines no get_config(arg=None) returning an "
-                        "ml_collections.ConfigDict; see configs/digits.py for an example."
+                    fail(
+                        ValueError(
+                            f"config file {path} defines no get_config(arg=None) returning an "
+                            "ml_collections.ConfigDict; see configs/digits.py for an example."
+                        )
                     )
+            load_config_file(path, config_arg or None)
+
+
+def load_config_file(path: str, arg: str | None):
+    """Runs the file's `get_config(arg)` as absl will, turning any failure into a message."""
+    import importlib.util
+
+    import ml_collections
+
+    where = f"--config={path}{f':{arg}' if arg else ''}"
+    try:
+        spec = importlib.util.spec_from_file_location("_incremental_config_check", path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        config = module.get_config(arg) if arg is not None else module.get_config()
+    except Exception as error:  # noqa: BLE001 -- any failure of the user's file gets the message
+        line = getattr(error, "lineno", None)
+        at = f" (line {line})" if line else ""
+        fail(ValueError(f"{where} failed{at}: {type(error).__name__}: {error}"))
+    if not isinstance(config, ml_collections.ConfigDict):
+        fail(
+            ValueError(
+                f"{where}: get_config returned {type(config).__name__}, not an "
+                "ml_collections.ConfigDict; see configs/digits.py for an example."
+            )
+        )
+    return config
 
 
 def workdir_parser() -> argparse.ArgumentParser:

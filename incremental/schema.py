@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import re
 import sys
 from typing import Any
 
@@ -35,6 +36,7 @@ class Key:
     high: float | None = None  # the largest valid value
     choices: tuple[str, ...] = ()
     items: type | None = None  # the type of a tuple's items
+    check: Any = None  # value -> what is wrong with it, or None (beyond type and range)
 
     def problem(self, value: Any) -> str | None:
         """What is wrong with `value` for this key, or None."""
@@ -45,6 +47,8 @@ class Key:
         values = value if self.kind is tuple else (value,)
         if self.choices and value not in self.choices:
             return f"must be one of {', '.join(map(repr, self.choices))}, got {value!r}"
+        if self.check is not None and (bad := self.check(value)):
+            return bad
         for v in values if self.kind in (int, float, tuple) else ():
             if self.kind is not tuple and isinstance(v, float) and not math.isfinite(v):
                 return f"must be finite, got {v}"
@@ -84,6 +88,18 @@ def _is(value: Any, kind: type) -> bool:
     if kind is tuple:
         return isinstance(value, tuple | list)
     return isinstance(value, kind)
+
+
+def _freeze_rules(rules) -> str | None:
+    """What is wrong with `train.freeze`, `((regex, frozen), ...)`, or None."""
+    for rule in rules:
+        if not (isinstance(rule, tuple | list) and len(rule) == 2 and isinstance(rule[1], bool)):
+            return f"must hold (regex, frozen) pairs, got {rule!r}"
+        try:
+            re.compile(rule[0])
+        except (re.error, TypeError) as error:
+            return f"has a regex that does not compile, {rule[0]!r} ({error})"
+    return None
 
 
 def _phase_keys(prefix: str, which: str) -> dict[str, Key]:
@@ -139,7 +155,7 @@ KEYS: dict[str, Key] = {
     **_phase_keys("train", "phases 1, 2, ..."),
     "train.lr_decay": Key(float, "multistep's factor at each milestone", above=0, high=1),
     "train.carry_opt_state": Key(bool, "keep optimizer moments across phases"),
-    "train.freeze": Key(tuple, "((regex, frozen), ...) over parameter paths"),
+    "train.freeze": Key(tuple, "((regex, frozen), ...) over parameter paths", check=_freeze_rules),
     **_phase_keys("train_first", "phase 0"),
     "augment.crop_padding": Key(int, "random crop after zero padding (0: off)", low=0),
     "augment.flip": Key(bool, "random horizontal flip"),

@@ -334,7 +334,32 @@ BAD_INPUTS = {
     "unprepared tfds": (["--config.dataset.name=tfds:cifar10"], "prepare_tfds.py cifar10"),
     "missing config file": (["--config=configs/nope.py"], "nope.py"),
     "config without get_config": (["--config=incremental/__init__.py"], "get_config"),
+    "config arg naming no method": (
+        ["--config=configs/digits.py:method=nonsense"],
+        "--config=configs/digits.py:method=nonsense failed: ValueError: Unknown method 'nonsense'",
+    ),
+    "bad freeze regex": (['--config.train.freeze=(("[", True),)'], "does not compile, '['"),
 }
+
+
+@pytest.mark.parametrize(
+    "body, message",
+    [
+        (
+            "def get_config(arg=None):\n    raise RuntimeError('boom')\n",
+            "failed: RuntimeError: boom",
+        ),
+        ("def get_config(arg=None):\n    return None\n", "get_config returned NoneType"),
+        ("def get_config(arg=None):\n    x = (\n", "failed (line 2): SyntaxError"),
+    ],
+)
+def test_a_config_file_that_fails_is_named_without_a_traceback(tmp_path, body, message):
+    path = tmp_path / "bad_config.py"
+    path.write_text(body)
+    cmd = [sys.executable, "-m", "incremental.main", "run", f"--config={path}"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 2 and message in out and "Traceback" not in out, out
 
 
 @pytest.mark.parametrize("case", sorted(BAD_INPUTS))
@@ -347,8 +372,9 @@ def test_bad_input_fails_fast_and_changes_nothing(tmp_path, case):
     cmd = [sys.executable, "-m", "incremental.main", "run", *args, f"--workdir={workdir}"]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
     elapsed = time.perf_counter() - start
-    assert proc.returncode != 0
+    assert proc.returncode == 2, proc.stdout + proc.stderr
     assert message in proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stdout + proc.stderr
     assert sorted(os.listdir(workdir)) == ["results.json"]
     assert (workdir / "results.json").read_text() == "{}"
     assert elapsed < 30  # seconds, with the interpreter's start; see the benchmark note in README

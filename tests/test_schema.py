@@ -97,3 +97,11 @@ def test_the_table_lists_every_key_without_importing_jax():
 def test_the_readme_holds_the_schemas_table():
     with open(os.path.join(os.path.dirname(os.path.dirname(__file__)), "README.md")) as f:
         assert schema.table() in f.read()
+
+
+@pytest.mark.parametrize("rules", [(("[", True),), (("backbone/.*",),), (("x", "yes"),)])
+def test_freeze_rules_are_pairs_of_a_compiling_regex_and_a_bool(rules):
+    config = base_config().to_dict()
+    config["train"]["freeze"] = rules
+    with pytest.raises(ValueError, match=r"config\.train\.freeze (has a regex|must hold)"):
+        schema.check(config)
