@@ -12,6 +12,7 @@ resumes. `evaluate` and `surgery` take their own flags and call `workdirs`.
 from __future__ import annotations
 
 import argparse
+import difflib
 import os
 import re
 import sys
@@ -109,19 +110,32 @@ def fail(error: Exception) -> None:
     sys.exit(2)
 
 
-def check_overrides(argv: list[str]) -> None:
-    """Refuses `--config.KEY=VALUE` for a KEY that no config has, before absl parses it (which
-    would end in a traceback), naming the nearest keys."""
+def check_overrides(argv: list[str], config) -> None:
+    """Refuses `--config.KEY=VALUE` for a KEY that no config has, or a `method_args` key that is
+    not a field of the config's method, before absl parses it (which would end in a traceback),
+    naming the nearest keys."""
     for arg in argv:
         if arg.startswith("--config."):
             key = arg.removeprefix("--config.").split("=", 1)[0]
-            if message := schema.check_override(key):
+            message = schema.check_override(key)
+            field = key.removeprefix("method_args.")
+            if not message and key.startswith("method_args.") and field not in config.method_args:
+                fields = sorted(config.method_args)
+                near = difflib.get_close_matches(field, fields, n=1)
+                message = (
+                    f"config.{key}: method {config.method!r} has no argument {field!r}"
+                    f"{f' (did you mean {near[0]!r}?)' if near else ''}; its arguments: "
+                    f"{', '.join(fields) or 'none'}. Choose the method in the config's argument "
+                    "(--config=configs/NAME.py:method=...) so that its arguments exist."
+                )
+            if message:
                 fail(ValueError(message))
 
 
-def check_config_file(argv: list[str]) -> None:
-    """A clear message for a --config file that is missing, defines no get_config, or whose
-    get_config fails or returns no ConfigDict (absl would end in a traceback)."""
+def check_config_file(argv: list[str]):
+    """The config that `--config` (or the default) gives, with a clear message for a file that is
+    missing, defines no get_config, or whose get_config fails or returns no ConfigDict (absl would
+    end in a traceback)."""
     for arg in argv:
         if arg.startswith("--config="):
             path, _, config_arg = arg.removeprefix("--config=").partition(":")
@@ -135,7 +149,8 @@ def check_config_file(argv: list[str]) -> None:
                             "ml_collections.ConfigDict; see configs/digits.py for an example."
                         )
                     )
-            load_config_file(path, config_arg or None)
+            return load_config_file(path, config_arg or None)
+    return load_config_file(DEFAULT_CONFIG, None)
 
 
 def load_config_file(path: str, arg: str | None):
@@ -243,8 +258,7 @@ def entry_point() -> None:
     if sys.argv[1:2] and sys.argv[1] in WORKDIR_COMMANDS:
         workdir_command(sys.argv[1:])
         return
-    check_config_file(sys.argv)
-    check_overrides(sys.argv)
+    check_overrides(sys.argv, check_config_file(sys.argv))
     define_run_flags()
     app.run(main)
 

@@ -339,6 +339,10 @@ BAD_INPUTS = {
         "--config=configs/digits.py:method=nonsense failed: ValueError: Unknown method 'nonsense'",
     ),
     "bad freeze regex": (['--config.train.freeze=(("[", True),)'], "does not compile, '['"),
+    "mistyped method argument": (
+        ["--config=configs/digits.py:method=lwf", "--config.method_args.strenght=3"],
+        "method 'lwf' has no argument 'strenght' (did you mean 'strength'?)",
+    ),
 }
 
 
