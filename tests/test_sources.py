@@ -217,3 +217,20 @@ def test_subset_classes_keeps_and_relabels():
     for spec, message in [("seeded:11", "11 of 10"), ("1,1", "distinct"), ("a", "seeded:K")]:
         with pytest.raises(ValueError, match=message):
             subset_classes(full, spec)
+
+
+@pytest.mark.parametrize("damage", [b"", b"PK\x03\x04 truncated", b"not a zip at all"])
+def test_a_damaged_cache_file_is_built_again_and_replaced(tmp_path, monkeypatch, damage):
+    monkeypatch.setenv("INCREMENTAL_CACHE", str(tmp_path))
+    built = []
+
+    def build():
+        built.append(1)
+        return (np.arange(3), np.ones((2, 2)))
+
+    first = sources._disk_cached("thing", "1", build)
+    path = tmp_path / "thing-1.npz"
+    path.write_bytes(damage)
+    again = sources._disk_cached("thing", "1", build)
+    assert len(built) == 2 and all(np.array_equal(a, b) for a, b in zip(first, again, strict=True))
+    assert sources._disk_cached("thing", "1", build)[0].tolist() == [0, 1, 2] and len(built) == 2

@@ -93,8 +93,8 @@ def _disk_cached(name: str, version: str, build: Callable[[], tuple[np.ndarray, 
     try:
         with np.load(path) as data:
             return tuple(data[f"a{i}"] for i in range(len(data.files)))
-    except (OSError, ValueError, KeyError):
-        pass
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
+        pass  # missing, or damaged (a truncated file): built again and written over
     arrays = build()
     try:
         os.makedirs(root, exist_ok=True)
