@@ -74,7 +74,7 @@ def run(
                     )
                     carried, rng, rec = run_phase(
                         config, method, data, protocol, phase, carried, method_state, programs,
-                        within,
+                        within, startup=process_seconds() if phase == first else None,
                     )  # fmt: skip
                     method_state = carried.method_state
                     records.append(rec)
@@ -95,12 +95,30 @@ def run(
     return results
 
 
+def process_seconds() -> float:
+    """Seconds since this process started (imports, validation, data, resume: its start-up, when
+    read before its first phase); on systems without /proc, since `incremental.run` was imported."""
+    try:
+        with open("/proc/self/stat") as f:
+            ticks = int(f.read().rsplit(")", 1)[1].split()[19])  # field 22, starttime
+        with open("/proc/uptime") as f:
+            uptime = float(f.read().split()[0])
+        return uptime - ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return time.perf_counter() - _IMPORTED
+
+
+_IMPORTED = time.perf_counter()
+
+
 def run_phase(
-    config, method, data, protocol, phase: int, carried, method_state: dict, programs, within
-):
+    config, method, data, protocol, phase: int, carried, method_state: dict, programs, within,
+    *, startup: float | None = None,
+):  # fmt: skip
     """One phase of a run: begin, fit (checkpointed by `within`), end and evaluate, timed.
 
-    Returns the carried state, the phase's training key (saved with it) and the phase's record.
+    Returns the carried state, the phase's training key (saved with it) and the phase's record,
+    which holds `startup_seconds` (the process's seconds before it) for its first phase.
     """
     start = time.perf_counter()
     with compilation.CompileTimer() as compiled:
@@ -118,6 +136,8 @@ def run_phase(
         seconds["eval_seconds"] = time.perf_counter() - start
     seconds["compile_seconds"] = compiled.seconds  # inside train + eval seconds
     seconds["compile_cache_hits"] = compiled.cache_hits
+    if startup is not None:
+        seconds["startup_seconds"] = startup
     rec = record.record(
         protocol, pr, carried.variables, row, steps.last_epoch, seconds, data.fingerprint
     )

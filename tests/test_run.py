@@ -160,3 +160,15 @@ def test_bfloat16_computes_in_bf16_and_keeps_float32_state(tmp_path):
     dtypes = {leaf.dtype for leaf in jax.tree.leaves((state["params"], state["opt_state"]))}
     assert dtypes <= {jnp.dtype("float32"), jnp.dtype("int32")}, dtypes
     assert results["last_accuracy"] > 0.85  # replay in float32 here: about 0.96
+
+
+def test_the_first_phase_a_process_trains_records_its_start_up(tmp_path):
+    config = digits.get_config()
+    config.train.epochs = config.train_first.epochs = 1
+    config.log.progress = config.log.plot = False
+    staged = run_lib.run(config, str(tmp_path), stop_after=1)
+    resumed = run_lib.run(config, str(tmp_path))
+    startup = [p.get("startup_seconds") for p in resumed["phases"]]
+    assert staged["phases"][0]["startup_seconds"] > 0
+    assert startup[0] == staged["phases"][0]["startup_seconds"]  # as the first process saved it
+    assert startup[2] > startup[0] and startup[1] is None and startup[3:] == [None, None]
