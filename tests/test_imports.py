@@ -110,3 +110,18 @@ def test_the_cycle_finder_finds_cycles(graph, has_cycle):
 if __name__ == "__main__":  # print the graph, one module a line
     for mod, deps in sorted(import_graph().items()):
         print(f"{mod} -> {', '.join(sorted(d.removeprefix(PACKAGE + '.') for d in deps))}")
+
+
+def test_heavy_libraries_load_only_when_a_run_needs_them():
+    """`incremental.run` (what every run imports) leaves out what only some runs use: tfds and
+    TensorFlow (tfds data), grain (streaming), matplotlib (the plot), scikit-learn (digits)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, incremental.run; "
+        "print(sorted(m for m in ('tensorflow_datasets', 'tensorflow', 'grain', 'matplotlib', "
+        "'sklearn') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

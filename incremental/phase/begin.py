@@ -3,7 +3,7 @@ the phase's optimizer, train state and jitted epoch."""
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -11,7 +11,6 @@ import numpy as np
 
 from incremental import capacity, methods, parallel, surgery, train
 from incremental.data import device
-from incremental.data.stream import StreamingBatches
 from incremental.methods import Method, PhaseContext, PhaseInfo, base
 from incremental.phase.context import make_context
 from incremental.phase.load import RunData
@@ -24,6 +23,9 @@ from incremental.phase.model import (
     train_loop,
 )
 from incremental.protocol import Protocol
+
+if TYPE_CHECKING:  # grain, which streaming needs, is imported only when a run streams
+    from incremental.data.stream import StreamingBatches
 
 PyTree = Any
 
@@ -158,6 +160,8 @@ def train_state(config, tx, variables, carried: Carried | None, info: PhaseInfo,
 
 
 def stream_of(config, data: RunData, idx: np.ndarray, mesh) -> StreamingBatches:
+    from incremental.data.stream import StreamingBatches
+
     if jax.process_count() > 1:
         raise ValueError(
             "dataset.stream does not feed several processes yet; run one process per host "
