@@ -49,20 +49,26 @@ PyTree = Any
 AUTO = -1  # `head.capacity`'s default: the protocol's classes where that is free, else widen
 
 
-def resolve(config, method: Method, num_classes: int) -> int:
+def resolve(config, method: Method, num_classes: int, saved: int | None = None) -> int:
     """The head width a run uses: `head.capacity`, or for `AUTO` the protocol's number of classes
     when the method supports it (`Method.dynamic_phase`), else 0 (widen every phase). The numbers
-    are the same either way."""
+    are the same either way.
+
+    `saved` is the width a run being resumed was saved with: `AUTO` keeps it when it can serve
+    this run, so a run started before `AUTO` resolved the way it does now resumes as it began.
+    """
     capacity = config.head.capacity
     if capacity != AUTO:
         return capacity
+    if saved == 0 or (saved is not None and saved >= num_classes and method.dynamic_phase):
+        return saved
     return num_classes if method.dynamic_phase else 0
 
 
-def resolved(config, method: Method, num_classes: int):
+def resolved(config, method: Method, num_classes: int, saved: int | None = None):
     """`config` with `head.capacity` resolved (`resolve`): what a run saves and compares on
     resume. A copy when it changes; the caller's config is left as it was."""
-    capacity = resolve(config, method, num_classes)
+    capacity = resolve(config, method, num_classes, saved)
     if capacity == config.head.capacity:
         return config
     config = copy.deepcopy(config)

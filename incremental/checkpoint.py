@@ -266,6 +266,22 @@ def _restore(manager, step: int, state_target: PyTree) -> tuple[PyTree, dict, di
     return restored.state, method_state, restored.meta
 
 
+def saved_head_capacity(workdir: str) -> int | None:
+    """`head.capacity` in the config of the newest checkpoint of `workdir` (within-phase ones
+    first, as `latest_meta`), or None: read from its meta file alone, before the run takes the
+    work directory, without orbax."""
+    for kind in ("step", "phase"):
+        root = os.path.join(workdir, "checkpoints", kind)
+        steps = [int(p) for p in os.listdir(root) if p.isdigit()] if os.path.isdir(root) else []
+        for step in sorted(steps, reverse=True):
+            try:
+                with open(os.path.join(root, str(step), "meta", "metadata")) as f:
+                    return int(json.load(f)["config"]["head"]["capacity"])
+            except (OSError, ValueError, KeyError, TypeError):
+                continue  # an unreadable one is dealt with on restore
+    return None
+
+
 def config_diff(saved: dict, current: dict, prefix: str = "") -> list[str]:
     """Dotted keys whose values differ between two config dicts, ignoring `IGNORED_KEYS`."""
     diffs = []

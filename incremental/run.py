@@ -45,7 +45,9 @@ def run(
         return seeds.run_seeds(config, workdir, allow_data_change=allow_data_change)
     parallel.initialize(config)
     data, protocol, method = load.validate(config, workdir)
-    config = capacity.resolved(config, method, protocol.num_classes)  # what is saved and compared
+    # What is saved and compared; a resumed run keeps the width it was saved with.
+    saved = checkpoint.saved_head_capacity(workdir)
+    config = capacity.resolved(config, method, protocol.num_classes, saved)
     load.make_workdir(workdir)
     compilation.use_cache(config.compile_cache)
     mesh = parallel.make_mesh(config.parallel.devices)

@@ -243,3 +243,14 @@ def test_removing_classes_from_a_capacity_run_gives_the_widened_runs_numbers(tmp
     kernel = np.asarray(saved.state["params"]["head"]["kernel"])
     assert kernel.shape == (256, NUM_CLASSES - 2)
     np.testing.assert_array_equal(kernel[:, 4:], 0)  # 4 + 2 learned, less two removed
+
+
+def test_a_run_saved_with_the_head_widening_resumes_so_by_default(tmp_path):
+    """head.capacity=-1 (the default) resumes a run saved with another width (0: from before
+    capacity was the default) with that width, not a refusal of the changed config."""
+    whole = run_lib.run(small_config("replay", capacity=0), str(tmp_path / "whole"))
+    run_lib.run(small_config("replay", capacity=0), str(tmp_path / "staged"), stop_after=1)
+    resumed = run_lib.run(small_config("replay", capacity=-1), str(tmp_path / "staged"))
+    assert resumed["config"]["head"]["capacity"] == 0
+    assert resumed["accuracy_matrix"] == whole["accuracy_matrix"]
+    assert losses(resumed) == losses(whole)
