@@ -116,8 +116,10 @@ def check_overrides(argv: list[str], config) -> None:
     naming the nearest keys."""
     for arg in argv:
         if arg.startswith("--config."):
-            key = arg.removeprefix("--config.").split("=", 1)[0]
+            key, has_value, text = arg.removeprefix("--config.").partition("=")
             message = schema.check_override(key)
+            if not message and has_value:
+                message = schema.check_override_value(key, text)
             field = key.removeprefix("method_args.")
             if not message and key.startswith("method_args.") and field not in config.method_args:
                 fields = sorted(config.method_args)

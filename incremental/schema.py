@@ -216,6 +216,21 @@ def check_override(key: str) -> str | None:
     return unknown(key)
 
 
+def check_override_value(key: str, text: str) -> str | None:
+    """The message for `--config.KEY=TEXT` when TEXT cannot be KEY's type (absl would refuse it
+    with a message that names no valid value), or None."""
+    spec = KEYS.get(key)
+    parse = {int: int, float: float}.get(spec.kind) if spec else None
+    if spec is not None and spec.kind is bool and text.lower() not in ("true", "false", "1", "0"):
+        return f"config.{key} must be true or false, got {text!r} ({spec.help})."
+    try:
+        if parse is not None:
+            parse(text)
+    except ValueError:
+        return f"config.{key} must be {spec.describe()}, got {text!r} ({spec.help})."
+    return None
+
+
 def table() -> str:
     """The keys as a Markdown table."""
     rows = ["| key | valid values | what it is |", "|---|---|---|"]

@@ -326,6 +326,7 @@ BAD_INPUTS = {
     "unknown optimizer": (["--config.train.optimizer=lion"], "config.train.optimizer must be one"),
     "negative lr": (["--config.train.lr=-0.1"], "config.train.lr must be > 0, got -0.1"),
     "mistyped key": (["--config.train.lrr=0.1"], "Did you mean config.train.lr"),
+    "value of another type": (["--config.seed=abc"], "config.seed must be int >= 0, got 'abc'"),
     "impossible protocol": (["--config.protocol.increment=3"], "increment=3"),
     "memory smaller than classes": (
         ["--config=configs/digits.py:method=replay", "--config.memory.budget=5"],

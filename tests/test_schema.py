@@ -105,3 +105,22 @@ def test_freeze_rules_are_pairs_of_a_compiling_regex_and_a_bool(rules):
     config["train"]["freeze"] = rules
     with pytest.raises(ValueError, match=r"config\.train\.freeze (has a regex|must hold)"):
         schema.check(config)
+
+
+@pytest.mark.parametrize(
+    "key, text, bad",
+    [
+        ("seed", "abc", True),
+        ("seed", "3", False),
+        ("train.lr", "1e-3", False),
+        ("train.lr", "fast", True),
+        ("log.plot", "maybe", True),
+        ("log.plot", "False", False),
+        ("method_args.anything", "x", False),  # the method's own
+    ],
+)
+def test_a_command_line_value_that_cannot_be_its_keys_type_is_named(key, text, bad):
+    message = schema.check_override_value(key, text)
+    assert (message is not None) == bad
+    if bad:
+        assert message.startswith(f"config.{key} must be") and repr(text) in message
