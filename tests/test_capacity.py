@@ -1,73 +1,14 @@
 """head.capacity: a head with a column for every class compiles the steps once and gives the
 widening path's numbers."""
 
-import dataclasses
 import json
 
 import numpy as np
 import pytest
+from capacity_helpers import NUM_CLASSES, losses, run_both_heads, small_config
 
-from configs import digits
 from incremental import run as run_lib
 from incremental import workdirs
-from incremental.methods import METHODS
-
-NUM_CLASSES = 10  # digits
-
-
-def small_config(method="finetune", *, capacity=NUM_CLASSES, epochs=3):
-    config = digits.get_config(f"method={method}")
-    config.train.epochs = config.train_first.epochs = epochs
-    config.train.milestones = config.train_first.milestones = (2,)  # a decay inside the phase
-    config.protocol.init_classes, config.protocol.increment = 4, 2  # 4 phases of 4 + 2 + 2 + 2
-    config.log.progress = config.log.plot = False
-    config.head.capacity = capacity
-    return config
-
-
-def losses(results):
-    return [p["final_loss"] for p in results["phases"]]
-
-
-trace_counts: dict[str, int] = {}
-
-
-def _count(name):
-    trace_counts[name] = trace_counts.get(name, 0) + 1  # a Python side effect: once per trace
-
-
-def counting(base):
-    """`base` whose loss and predict rule count their traces."""
-
-    @dataclasses.dataclass(frozen=True)
-    class Counting(base):
-        name = f"counting_{base.name}"
-
-        def loss(self, out, batch, **kwargs):
-            _count("loss")
-            return super().loss(out, batch, **kwargs)
-
-        def predict(self, out, method_state):
-            _count("predict")
-            return super().predict(out, method_state)
-
-    return Counting
-
-
-def run_both_heads(tmp_path, monkeypatch, method, overrides, epochs=3):
-    """`method`'s results and trace counts with the head widened (0) and with capacity, by head."""
-    cls = counting(METHODS[method])
-    monkeypatch.setitem(METHODS, cls.name, cls)
-    results, counts = {}, {}
-    for capacity in (0, NUM_CLASSES):
-        trace_counts.clear()
-        config = small_config(cls.name, capacity=capacity, epochs=epochs)
-        for key, value in overrides.items():
-            section, name = key.split(".")
-            config[section][name] = value
-        results[capacity] = run_lib.run(config, str(tmp_path / str(capacity)))
-        counts[capacity] = dict(trace_counts)
-    return results, counts
 
 
 @pytest.mark.parametrize(
@@ -109,68 +50,6 @@ def test_capacity_gives_the_widening_numbers_and_compiles_once(
     per_compile = 1 if overrides.get("train.loop") == "steps" else 2
     assert counts[0] == {"loss": per_compile * phases, "predict": phases}
     assert counts[NUM_CLASSES] == {"loss": per_compile * programs, "predict": 1}
-
-
-# Methods with a teacher or an importance compile twice: phase 0 has no teacher to evaluate (one
-# program for it would cost phase 0 a teacher's forward pass in every step), the later phases
-# share one. ncm and analytic train in phase 0 only. (method, overrides, train programs)
-DYNAMIC = [
-    ("lwf", {}, 2),
-    ("lwf", {"method_args.ce_classes": "seen"}, 2),
-    ("icarl", {}, 2),
-    ("icarl", {"method_args.loss_type": "ce_kd"}, 2),
-    ("wa", {}, 2),
-    ("bic", {"method_args.bias_epochs": 3}, 2),
-    ("bic", {"method_args.bias_stage": "pycil", "method_args.bias_epochs": 1}, 2),
-    ("ewc", {}, 2),
-    ("online_ewc", {"method_args.strength": 10.0}, 2),
-    ("mas", {}, 2),
-    ("si", {}, 1),  # its state has the same shape in every phase: one program
-    ("ncm", {}, 1),
-    ("analytic", {"method_args.expansion": 64}, 1),
-    # Cosine head, margin ranking over the new columns, the old columns frozen by a traced count.
-    ("lucir", {}, 2),
-    ("lucir", {"method_args.top_k": 5, "method_args.adaptive": False}, 2),  # top_k > num_new
-    # Its finetuning trains through `ctx.fit`: one more program per later phase on either path.
-    ("lucir", {"method_args.class_balanced_finetune": True, "method_args.cbf_epochs": 2}, 2, 2),
-    ("new_head_only", {}, 2),  # phase 0's program and the frozen one's
-]
-
-
-@pytest.mark.parametrize("method, overrides, programs, fits", [(*c, 0)[:4] for c in DYNAMIC])
-def test_every_dynamic_method_gives_the_widening_numbers(
-    tmp_path, monkeypatch, method, overrides, programs, fits
-):
-    """Each method's hooks under traced counts: the widening path's accuracies (NME and the
-    methods' extra classifiers too) over 3 phases, and a fixed number of train and eval programs
-    however many phases (the widening path compiles them once per phase), besides `fits`
-    trainings through `ctx.fit` with the method's loss, compiled for each."""
-    three_phases = {
-        "train.milestones": (1,),
-        "train_first.milestones": (1,),
-        "protocol.init_classes": 4,  # 4 + 3 + 3
-        "protocol.increment": 3,
-    }
-    results, counts = run_both_heads(
-        tmp_path, monkeypatch, method, {**three_phases, **overrides}, epochs=2
-    )
-    wide, widened = results[NUM_CLASSES], results[0]
-    matrices = sorted(k for k in widened if k.endswith("_matrix"))
-    assert matrices == sorted(k for k in wide if k.endswith("_matrix"))
-    for key in matrices:
-        assert wide[key] == widened[key], key
-    trained = [p for p in widened["phases"] if p["final_loss"] is not None]
-    assert trained, "no phase trained"
-    np.testing.assert_allclose(
-        [p["final_loss"] for p in wide["phases"] if p["final_loss"] is not None],
-        [p["final_loss"] for p in trained],
-        rtol=1e-6,
-    )
-    assert wide["accuracy_matrix"][0][0] > 0.5  # a real run: phase 0 learned its classes
-    assert counts[0]["predict"] == 3 and counts[NUM_CLASSES]["predict"] == 1
-    per_compile = 2  # the scan traces its step twice (see above)
-    assert counts[NUM_CLASSES].get("loss", 0) == per_compile * (programs + fits)
-    assert counts[0].get("loss", 0) == per_compile * (len(trained) + fits)
 
 
 def test_columns_of_unseen_classes_stay_zero_and_seen_ones_train(tmp_path):

@@ -91,7 +91,7 @@ def test_seeds_refuse_within_phase_checkpoints(tmp_path):
 def test_seeds_with_a_head_of_every_class_compile_the_epoch_once(tmp_path, monkeypatch):
     """The vmapped epoch of `config.seeds` under `head.capacity` traces its step once per run
     (twice: the scan's two traces), however many phases, where widening traces it every phase."""
-    from test_capacity import counting, trace_counts
+    from capacity_helpers import counting, trace_counts
 
     from incremental.methods import METHODS
 
