@@ -440,12 +440,34 @@ def _check_out(workdir: str, out: str) -> None:
         raise ValueError(f"--out {out} cannot be created ({parent} is not a writable directory).")
 
 
+def _remove_stale(out: str) -> None:
+    """Removes the temporary siblings `out.tmp-<pid>` that killed surgeries left behind (their
+    process is gone); those of a surgery still running are left alone."""
+    prefix = f"{os.path.basename(out.rstrip(os.sep))}.tmp-"
+    parent = os.path.dirname(os.path.abspath(out))
+    for name in os.listdir(parent):
+        pid = name.removeprefix(prefix)
+        if name.startswith(prefix) and pid.isdigit() and not _running(int(pid)):
+            shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # no signal: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's
+    return True
+
+
 class _Writer:
     """Writes a work directory into a temporary sibling of `out`, renamed to `out` when complete."""
 
     def __init__(self, out: str):
         self.out = out
         self.tmp = f"{out.rstrip(os.sep)}.tmp-{os.getpid()}"
+        _remove_stale(out)
         shutil.rmtree(self.tmp, ignore_errors=True)
         self.ckpts = checkpoint.Checkpoints(self.tmp)
 

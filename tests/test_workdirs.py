@@ -132,6 +132,23 @@ def test_bad_removals_are_refused_and_write_nothing(source, tmp_path):
     assert os.listdir(out) == ["notes.txt"]
 
 
+def test_a_killed_surgerys_temporary_directory_is_removed_by_the_next(source, tmp_path):
+    """`out.tmp-<pid>` of a surgery that was killed (its process gone) does not outlive the next
+    surgery to `out`; one whose process still runs is left alone."""
+    import subprocess
+    import sys
+
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], check=True,
+                          capture_output=True, text=True).stdout.strip()  # fmt: skip
+    stale, live = tmp_path / f"out.tmp-{gone}", tmp_path / f"out.tmp-{os.getppid()}"
+    for d in (stale, live):
+        d.mkdir()
+        (d / "half-written").write_text("x")
+    workdirs.remove_classes(source, [2], str(tmp_path / "out"))
+    assert not stale.exists() and live.exists()
+    assert (tmp_path / "out" / "results.json").exists()
+
+
 def test_method_state_edit_keeps_known_entries_and_refuses_unknown_ones():
     head = {"kernel": jnp.arange(12.0).reshape(2, 6), "bias": jnp.arange(6.0)}
     state = {
