@@ -59,7 +59,7 @@ import optax
 from incremental import models, surgery
 from incremental.methods.base import Batch, Outputs, PhaseContext, PhaseInfo, PhaseSetup
 from incremental.methods.distill import copy_tree, snapshot
-from incremental.methods.rehearsal import Rehearsal, normalise
+from incremental.methods.rehearsal import Rehearsal
 
 PyTree = Any
 
@@ -80,8 +80,8 @@ def adaptive_lambda(
 
 def less_forget_loss(feats_BxD: jax.Array, teacher_feats_BxD: jax.Array) -> jax.Array:
     """Eq. 6 per example: 1 - cos(f(x), f*(x)); the teacher's features carry no gradient."""
-    teacher = jax.lax.stop_gradient(normalise(teacher_feats_BxD))
-    return 1.0 - (normalise(feats_BxD) * teacher).sum(-1)
+    teacher = jax.lax.stop_gradient(models.unit(teacher_feats_BxD))
+    return 1.0 - (models.unit(feats_BxD) * teacher).sum(-1)
 
 
 def margin_ranking_loss(

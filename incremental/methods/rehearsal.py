@@ -14,23 +14,20 @@ import jax.numpy as jnp
 import numpy as np
 
 from incremental import memory as memory_lib
+from incremental import models
 from incremental.methods.base import Method, Outputs, PhaseContext, data_of_classes
-
-
-def normalise(x: jax.Array, axis: int = -1) -> jax.Array:
-    return x / jnp.linalg.norm(x, axis=axis, keepdims=True).clip(1e-12)
 
 
 def class_means(feats_NxD: jax.Array, labels_N: np.ndarray, num_classes: int) -> jax.Array:
     """(num_classes, D) normalised means of normalised features, per class."""
     onehot = jax.nn.one_hot(jnp.asarray(labels_N), num_classes, dtype=jnp.float32)
-    sums = onehot.T @ normalise(jnp.asarray(feats_NxD, jnp.float32))
-    return normalise(sums / onehot.sum(0)[:, None].clip(1.0))
+    sums = onehot.T @ models.unit(jnp.asarray(feats_NxD, jnp.float32))
+    return models.unit(sums / onehot.sum(0)[:, None].clip(1.0))
 
 
 def nme_scores(out: Outputs, method_state: dict) -> jax.Array:
     """Negative distance of the normalised features to each class mean (the NME classifier)."""
-    feats = normalise(out.features)
+    feats = models.unit(out.features)
     means = method_state["class_means"]
     sq = (feats**2).sum(1, keepdims=True) - 2 * feats @ means.T + (means**2).sum(1)[None, :]
     return -jnp.sqrt(jnp.maximum(sq, 0.0))

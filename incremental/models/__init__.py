@@ -22,6 +22,7 @@ from incremental.models.classifier import (
     mask_unseen,
     soft_cross_entropy,
     sum_classes,
+    unit,
 )
 from incremental.models.convnet import ConvNet
 from incremental.models.layers import PARTS
@@ -62,6 +63,7 @@ __all__ = [
     "mask_unseen",
     "soft_cross_entropy",
     "sum_classes",
+    "unit",
 ]
 
 

@@ -144,9 +144,10 @@ class CosineHead(nn.Module):
         return cosine_logits(features_BxD, {"kernel": kernel, "sigma": sigma})
 
 
-def unit(x: jax.Array, axis: int) -> jax.Array:
+def unit(x: jax.Array, axis: int = -1) -> jax.Array:
     """`x / max(|x|, 1e-12)` along `axis`, whose gradient at a zero vector is zero, not NaN (the
-    zero columns of a `head.capacity` head for classes not seen yet)."""
+    zero columns of a `head.capacity` head for classes not seen yet). Features, class means and
+    cosine heads are all normalised with it."""
     squares = jnp.sum(x * x, axis=axis, keepdims=True)
     return x / jnp.sqrt(jnp.maximum(squares, 1e-24))
 
