@@ -207,6 +207,11 @@ class Checkpoints:
                     continue
         return None
 
+    def saved_head_capacity(self) -> int | None:
+        """`head.capacity` of the config the newest checkpoint was saved with, or None."""
+        meta = self.latest_meta()
+        return None if meta is None else meta["config"]["head"]["capacity"]
+
     def restore_within(self, phase: int, state_target: PyTree) -> tuple[PyTree, dict, dict] | None:
         """The newest readable within-phase checkpoint of `phase` as `(state, method_state, meta)`."""
 
@@ -262,22 +267,6 @@ def _restore(manager, step: int, state_target: PyTree) -> tuple[PyTree, dict, di
     method_state = jax.tree.map(jax.numpy.asarray, restored.get("method") or {})
     method_state = _merge_empty(method_state, restored.meta.get("empty_method_leaves", {}))
     return restored.state, method_state, restored.meta
-
-
-def saved_head_capacity(workdir: str) -> int | None:
-    """`head.capacity` in the config of the newest checkpoint of `workdir` (within-phase ones
-    first, as `latest_meta`), or None: read from its meta file alone, before the run takes the
-    work directory, without orbax."""
-    for kind in ("step", "phase"):
-        root = os.path.join(workdir, "checkpoints", kind)
-        steps = [int(p) for p in os.listdir(root) if p.isdigit()] if os.path.isdir(root) else []
-        for step in sorted(steps, reverse=True):
-            try:
-                with open(os.path.join(root, str(step), "meta", "metadata")) as f:
-                    return int(json.load(f)["config"]["head"]["capacity"])
-            except (OSError, ValueError, KeyError, TypeError):
-                continue  # an unreadable one is dealt with on restore
-    return None
 
 
 def config_diff(saved: dict, current: dict, prefix: str = "") -> list[str]:

@@ -45,9 +45,6 @@ def run(
         return seeds.run_seeds(config, workdir, allow_data_change=allow_data_change)
     parallel.initialize(config)
     data, protocol, method = load.validate(config, workdir)
-    # What is saved and compared; a resumed run keeps the width it was saved with.
-    saved = checkpoint.saved_head_capacity(workdir)
-    config = capacity.resolved(config, method, protocol.num_classes, saved)
     load.make_workdir(workdir)
     compilation.use_cache(config.compile_cache)
     mesh = parallel.make_mesh(config.parallel.devices)
@@ -56,6 +53,9 @@ def run(
     with lock.hold(workdir) if main else contextlib.nullcontext():
         ckpts = checkpoint.Checkpoints(workdir, config.checkpoint.keep)
         try:
+            # What is saved and compared; a resumed run keeps the width it was saved with.
+            saved = ckpts.saved_head_capacity()
+            config = capacity.resolved(config, method, protocol.num_classes, saved)
             first, carried, method_state, records = save.resume(
                 ckpts, config, method, protocol, data, allow_data_change=allow_data_change
             )

@@ -69,18 +69,18 @@ def run_seeds(config, workdir: str, *, allow_data_change: bool = False) -> dict:
     seeds = check(config)
     configs = [seed_config(config, s) for s in seeds]
     data, protocol, method = load.validate(configs[0], workdir)
-    # What each seed's checkpoints save and a resumed run compares (as `run` does).
     dirs = [os.path.join(workdir, f"seed_{s}") for s in seeds]
-    configs = [
-        capacity.resolved(c, method, protocol.num_classes, checkpoint.saved_head_capacity(d))
-        for c, d in zip(configs, dirs, strict=True)
-    ]
     for d in dirs:
         load.make_workdir(d)
     compilation.use_cache(config.compile_cache)
     with lock.hold(workdir):  # one writer per work directory
         ckpts = [checkpoint.Checkpoints(d, config.checkpoint.keep) for d in dirs]
         try:
+            # What each seed's checkpoints save and a resumed run compares (as `run` does).
+            configs = [
+                capacity.resolved(c, method, protocol.num_classes, k.saved_head_capacity())
+                for c, k in zip(configs, ckpts, strict=True)
+            ]
             first, carried, records = resume_seeds(
                 ckpts, configs, dirs, method, protocol, data, allow_data_change
             )
