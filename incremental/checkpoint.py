@@ -21,12 +21,15 @@ checksums existed restore unchecked.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
+import re
 import shutil
 import time
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import jax
@@ -55,6 +58,50 @@ def _manager(directory: str, keep: int | None, async_save: bool) -> ocp.Checkpoi
 
 class DamagedCheckpoint(ValueError):
     """A checkpoint whose restored arrays or meta do not match the checksums written with it."""
+
+
+class WriteFailed(ValueError):
+    """The disk refused a checkpoint (full, read-only, a file size limit): nothing saved before is
+    lost, and the same command resumes from the last complete checkpoint once there is room."""
+
+    # The writes that were still in flight finish into orbax's closed event loop, which prints a
+    # traceback for each at interpreter exit: the command line exits at once after the message.
+    exit_at_once = True
+
+
+# tensorstore, which writes orbax's arrays, reports the operating system's error in its text.
+_OS_ERROR = re.compile(r"(Failed to write[^\[]*?: )?([^:\[\]\"]+) \[os_error_code='(\d+)'\]")
+
+
+@contextlib.contextmanager
+def _writing(directory: str) -> Iterator[None]:
+    """Turns the disk's refusal to store a checkpoint under `directory` into `WriteFailed`."""
+    try:
+        yield
+    except OSError as error:
+        raise WriteFailed(
+            _write_failed(directory, error.strerror or str(error), error.errno)
+        ) from error
+    except ValueError as error:
+        found = _OS_ERROR.search(str(error))
+        if found is None or isinstance(error, WriteFailed):
+            raise
+        raise WriteFailed(_write_failed(directory, found[2].strip(), int(found[3]))) from error
+
+
+def _write_failed(directory: str, reason: str, code: int | None) -> str:
+    advice = {
+        errno.ENOSPC: "free some space on that disk",
+        errno.EDQUOT: "free some of your disk quota",
+        errno.EFBIG: "raise the file size limit (ulimit -f)",
+        errno.EROFS: "make the file system writable",
+        errno.EACCES: "make the directory writable",
+    }.get(code, "fix the cause")
+    return (
+        f"A checkpoint could not be written under {directory}: {reason}"
+        f"{f' (errno {code})' if code else ''}. Every checkpoint written before is intact; "
+        f"{advice}, then run the same command again to resume from the last complete one."
+    )
 
 
 def checksum(array) -> int:
@@ -167,9 +214,10 @@ class Checkpoints:
 
     def save(self, phase: int, state: PyTree, method_state: dict, meta: dict) -> None:
         """Saves the end of `phase` and waits until it is complete on disk."""
-        self.within.wait_until_finished()
-        self.phases.save(phase, args=_items(state, method_state, meta))
-        self.phases.wait_until_finished()
+        with _writing(self.directory):
+            self.within.wait_until_finished()
+            self.phases.save(phase, args=_items(state, method_state, meta))
+            self.phases.wait_until_finished()
 
     def read_meta(self, phase: int) -> dict:
         return self._meta(self.phases, phase)
@@ -190,7 +238,8 @@ class Checkpoints:
     # Within a phase.
     def save_within(self, phase: int, step: int, state: PyTree, method_state: dict, meta: dict):
         """Starts an asynchronous save after `step` steps of `phase`; `wait()` waits for it."""
-        self.within.save(phase * STEP_STRIDE + step, args=_items(state, method_state, meta))
+        with _writing(self.directory):
+            self.within.save(phase * STEP_STRIDE + step, args=_items(state, method_state, meta))
 
     def within_steps(self, phase: int) -> list[int]:
         """Within-phase checkpoints of `phase`, newest first, as step counts."""
@@ -223,12 +272,14 @@ class Checkpoints:
         return None if found is None else found[1:]
 
     def wait(self) -> None:
-        self.within.wait_until_finished()
-        self.phases.wait_until_finished()
+        with _writing(self.directory):
+            self.within.wait_until_finished()
+            self.phases.wait_until_finished()
 
     def close(self) -> None:
-        self.within.close()
-        self.phases.close()
+        with _writing(self.directory):
+            self.within.close()
+            self.phases.close()
 
     def _meta(self, manager, step: int) -> dict:
         return manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta

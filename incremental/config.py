@@ -69,12 +69,15 @@ def base_config() -> ml_collections.ConfigDict:
     c.parallel.process_id = 0
 
     c.dataset = ml_collections.ConfigDict()
-    c.dataset.name = "digits"  # digits | mnist1d | tfds:NAME | npz:PATH
+    c.dataset.name = "digits"  # digits | mnist1d | tfds:NAME | npz:PATH | folder:PATH (image dirs)
     c.dataset.data_dir = ""  # tfds data directory ("" = tfds default, ~/tensorflow_datasets)
     c.dataset.classes = ""  # keep some classes: "" all | "seeded:K" | explicit "3,5,7"
     c.dataset.download = False  # let tfds download and prepare (needs the network and TensorFlow)
     # npz: renumber the class ids present (sorted) as 0..K-1; else ids must already be 0..K-1.
     c.dataset.remap_labels = False
+    c.dataset.image_size = 0  # folder: resize images to this square side (0: native, all one size)
+    c.dataset.holdout = 0.2  # folder without train/, test/: each class's fraction held out to test
+    c.dataset.skip_bad_files = False  # folder: skip (and warn about) undecodable image files
     # Keep the training data on the host and stream each batch to the device (data.stream), for
     # datasets that do not fit in device memory; the batches are those of the in-memory path.
     c.dataset.stream = False

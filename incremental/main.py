@@ -5,7 +5,8 @@
     incremental surgery WORKDIR (--remove-classes=3,7 | --graft=REGEX:OTHER_WORKDIR) --out=NEWDIR
     incremental benchmark [--models=mlp,wide_mlp,resnet32] [--quick] [--json=PATH]
 
-`run` parses absl flags and calls `run.run`; re-running the same command with the same `--workdir`
+Every user error (config, data, work directory, disk) ends with one message and exit status 2;
+`--debug` anywhere on the command line shows the traceback as well. `run` parses absl flags and calls `run.run`; re-running the same command with the same `--workdir`
 resumes. `evaluate` and `surgery` take their own flags and call `workdirs`.
 """
 
@@ -13,21 +14,26 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import logging as std_logging
 import os
 import re
 import sys
 import time
+import traceback
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 from rich.markup import escape
 
 from incremental import report, schema
+from incremental.preemption import Interruptible
 
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs", "digits.py")
 COMMANDS = ("run", "evaluate", "surgery", "benchmark")
 WORKDIR_COMMANDS = ("evaluate", "surgery")
 PREEMPTED_EXIT_CODE = 3  # stopped by SIGTERM/SIGINT after saving; the same command resumes
+DEBUG_FLAG = "--debug"  # anywhere on the command line: user errors show their traceback too
+debug = False
 RUN_FLAGS = "[--config=configs/NAME.py[:ARG]] [--config.KEY=VALUE ...] [--workdir=DIR]"
 USAGE = f"""usage: incremental VERB [flags]
 
@@ -40,7 +46,7 @@ USAGE = f"""usage: incremental VERB [flags]
   benchmark  time the train step against the machine's matmul peak
              incremental benchmark [--models=mlp,wide_mlp,resnet32] [--quick] [--json=PATH]
 
-`incremental VERB --help` describes a verb's flags."""
+`incremental VERB --help` describes a verb's flags; --debug shows an error's traceback."""
 RUN_USAGE = f"""usage: incremental run {RUN_FLAGS} [--allow_data_change]
 
 Trains the config's method on its protocol's phases in the work directory, checkpointing every phase;
@@ -93,7 +99,7 @@ def main(argv: list[str]) -> None:
     report.console.print(f"work directory: {workdir}")
     try:
         results = run_lib.run(config, workdir, allow_data_change=flags.FLAGS.allow_data_change)
-    except (ValueError, TypeError, FloatingPointError) as error:
+    except (ValueError, TypeError, FloatingPointError, OSError) as error:
         fail(error)
     except run_lib.Preempted as stopped:
         command = " ".join(sys.argv)
@@ -105,9 +111,35 @@ def main(argv: list[str]) -> None:
 
 
 def fail(error: Exception) -> None:
-    """A user error: its message, and exit status 2."""
-    report.console.print(f"[bold red]error:[/] {escape(str(error))}", soft_wrap=True)
+    """A user error: its message (and with --debug its traceback), and exit status 2."""
+    if debug:
+        traceback.print_exception(error)
+    message = describe_os_error(error) if isinstance(error, OSError) else str(error)
+    report.console.print(f"[bold red]error:[/] {escape(message)}", soft_wrap=True)
+    if getattr(error, "exit_at_once", False):  # checkpoint.WriteFailed
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(2)
     sys.exit(2)
+
+
+def describe_os_error(error: OSError) -> str:
+    """A file the system refused to read or write (missing, no permission, disk full, ...)."""
+    where = error.filename if error.filename is not None else "a file"
+    return (
+        f"{where}: {error.strerror or error}"
+        f"{f' (errno {error.errno})' if error.errno else ''}. Check that the path exists and can "
+        "be written, and that its disk has room; work saved before is unchanged, and the same "
+        "command resumes a run."
+    )
+
+
+class _QuietThreadErrors(std_logging.Filter):
+    """Drops orbax's log of an exception in its writer threads: the same exception is raised in
+    the main thread, where it gets the project's message (and with --debug its traceback)."""
+
+    def filter(self, record: std_logging.LogRecord) -> bool:
+        return not (record.exc_info and "orbax" in record.pathname)
 
 
 def check_overrides(argv: list[str], config) -> None:
@@ -132,6 +164,25 @@ def check_overrides(argv: list[str], config) -> None:
                 )
             if message:
                 fail(ValueError(message))
+
+
+def _quiet_closed_loops(unraisablehook):
+    """`unraisablehook` but for the "Event loop is closed" that tensorstore's writes still in
+    flight raise in their callbacks once orbax gave up on a failed checkpoint (reported anyway)."""
+
+    def hook(unraisable):
+        value = unraisable.exc_value
+        if not (isinstance(value, RuntimeError) and str(value) == "Event loop is closed"):
+            unraisablehook(unraisable)
+
+    return hook
+
+
+def config_first(argv: list[str]) -> list[str]:
+    """`argv` with `--config=FILE` before the `--config.KEY=VALUE` overrides, which absl reads only
+    once the file is loaded (it refuses them before it otherwise)."""
+    files = [a for a in argv[2:] if a.startswith("--config=")]
+    return argv[:2] + files + [a for a in argv[2:] if not a.startswith("--config=")]
 
 
 def check_config_file(argv: list[str]):
@@ -207,38 +258,59 @@ def class_ids(text: str) -> list[int]:
 
 def workdir_command(argv: list[str]) -> None:
     """`incremental evaluate|surgery ...`: bad input exits with code 2 and the message, as `run`."""
-    from incremental import workdirs
-
     args = workdir_parser().parse_args(argv)
     logging.set_verbosity(logging.WARNING)  # orbax logs every file operation at INFO
     flags.FLAGS.mark_as_parsed()  # absl flags are not used here; libraries may read their defaults
     try:
-        if args.command == "evaluate":
-            doc = workdirs.evaluate(args.workdir, args.phase)
-            report.console.print(workdirs.evaluation_table(doc))
-            return
-        if args.remove_classes is not None:
-            record = workdirs.remove_classes(args.workdir, class_ids(args.remove_classes), args.out)
-            done = f"removed classes {record['classes']}; new class ids {record['class_ids']}"
-        else:
-            pattern, sep, other = args.graft.rpartition(":")
-            if not sep or not pattern or not other:
-                raise ValueError(f"--graft={args.graft!r} is not REGEX:OTHER_WORKDIR.")
-            record = workdirs.graft(args.workdir, pattern, other, args.out)
-            done = f"grafted {len(record['paths'])} arrays from {other}"
-        report.console.print(f"{args.out}: {done}", soft_wrap=True, markup=False)
-        report.console.print(workdirs.evaluation_table(workdirs.evaluate(args.out)))
-        config = os.path.join(args.out, workdirs.CONFIG_FILE)
-        report.console.print(
-            f"Resume or extend it: incremental run --config={config} --workdir={args.out}",
-            soft_wrap=True,
-            markup=False,
-        )
-    except (ValueError, TypeError) as error:
+        with Interruptible(lambda line: report.console.print(line, markup=False)):
+            workdir_verb(args)
+    except (ValueError, TypeError, OSError) as error:
         fail(error)
 
 
+def workdir_verb(args: argparse.Namespace) -> None:
+    """Runs `evaluate` or `surgery` and prints what it did."""
+    from incremental import workdirs
+
+    if args.command == "evaluate":
+        doc = workdirs.evaluate(args.workdir, args.phase)
+        report.console.print(workdirs.evaluation_table(doc))
+        return
+    if args.remove_classes is not None:
+        record = workdirs.remove_classes(args.workdir, class_ids(args.remove_classes), args.out)
+        done = f"removed classes {record['classes']}; new class ids {record['class_ids']}"
+    else:
+        pattern, sep, other = args.graft.rpartition(":")
+        if not sep or not pattern or not other:
+            raise ValueError(f"--graft={args.graft!r} is not REGEX:OTHER_WORKDIR.")
+        record = workdirs.graft(args.workdir, pattern, other, args.out)
+        done = f"grafted {len(record['paths'])} arrays from {other}"
+    report.console.print(f"{args.out}: {done}", soft_wrap=True, markup=False)
+    report.console.print(workdirs.evaluation_table(workdirs.evaluate(args.out)))
+    config = os.path.join(args.out, workdirs.CONFIG_FILE)
+    report.console.print(
+        f"Resume or extend it: incremental run --config={config} --workdir={args.out}",
+        soft_wrap=True,
+        markup=False,
+    )
+
+
 def entry_point() -> None:
+    global debug
+    debug = DEBUG_FLAG in sys.argv
+    sys.argv = [a for a in sys.argv if a != DEBUG_FLAG]
+    if not debug:
+        logging.get_absl_logger().addFilter(_QuietThreadErrors())
+        sys.unraisablehook = _quiet_closed_loops(sys.unraisablehook)
+    try:
+        dispatch()
+    except KeyboardInterrupt:  # Ctrl-C outside the handlers (while starting, or in benchmark)
+        print("SIGINT: stopped.", file=sys.stderr)
+        sys.exit(130)
+
+
+def dispatch() -> None:
+    """Runs the verb that `sys.argv` names."""
     args = sys.argv[1:]
     if not args or args[0] in ("-h", "--help", "help"):
         print(USAGE)
@@ -260,6 +332,7 @@ def entry_point() -> None:
     if sys.argv[1:2] and sys.argv[1] in WORKDIR_COMMANDS:
         workdir_command(sys.argv[1:])
         return
+    sys.argv = config_first(sys.argv)
     check_overrides(sys.argv, check_config_file(sys.argv))
     define_run_flags()
     app.run(main)

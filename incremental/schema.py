@@ -125,12 +125,17 @@ KEYS: dict[str, Key] = {
     "parallel.coordinator": Key(str, "host:port of process 0 (several hosts); '' for one"),
     "parallel.num_processes": Key(int, "processes of a multi-host run", low=1),
     "parallel.process_id": Key(int, "this process's index, below num_processes", low=0),
-    "dataset.name": Key(str, "digits | mnist1d | tfds:NAME | npz:PATH"),
+    "dataset.name": Key(str, "digits | mnist1d | tfds:NAME | npz:PATH | folder:PATH"),
     "dataset.data_dir": Key(str, "the tfds data directory ('' for tfds's default)"),
     "dataset.classes": Key(str, "keep some classes: '' (all) | seeded:K | 3,5,7"),
     "dataset.download": Key(bool, "let tfds download and prepare the dataset"),
     "dataset.stream": Key(bool, "stream training batches from the host"),
     "dataset.remap_labels": Key(bool, "npz: renumber the class ids present as 0..K-1"),
+    "dataset.image_size": Key(int, "folder: resize images to this square side (0: native)", low=0),
+    "dataset.holdout": Key(
+        float, "folder without train/, test/: fraction of each class to test", above=0, below=1
+    ),
+    "dataset.skip_bad_files": Key(bool, "folder: skip image files that cannot be decoded"),
     "protocol.class_order": Key(str, "seeded | natural | an explicit order 3,1,0,..."),
     "protocol.class_order_seed": Key(int, "the seed of the seeded class order", low=0),
     "protocol.init_classes": Key(int, "classes in phase 0 (0: as many as increment)", low=0),
@@ -190,6 +195,12 @@ def check(config) -> None:
     of range, with what it must be."""
     values = flatten(config)
     problems = [unknown(k) for k in values if k not in KEYS]
+    if missing := [k for k in KEYS if k not in values]:
+        problems.append(
+            f"config.{', config.'.join(missing[:5])}{' and more' if len(missing) > 5 else ''} "
+            f"missing ({len(missing)} keys): a config file starts from "
+            "incremental.config.base_config() (see configs/digits.py) and changes its values."
+        )
     for key, spec in KEYS.items():
         if key in values and (problem := spec.problem(values[key])):
             problems.append(f"config.{key} {problem} ({spec.help}).")

@@ -30,12 +30,13 @@ from typing import Any, NamedTuple
 import jax
 import ml_collections
 import numpy as np
+from absl import logging
 
-from incremental import capacity, checkpoint, methods, surgery, train
+from incremental import capacity, checkpoint, lock, methods, surgery, train
 from incremental.data import sources
 from incremental.methods import Method, PhaseInfo
 from incremental.phase.evaluate import evaluate_phase
-from incremental.phase.load import RunData, load_data
+from incremental.phase.load import RunData, load_data, source_options
 from incremental.phase.model import dtype_of, phase_model
 from incremental.phase.record import results_from_records, write_results
 from incremental.phase.save import check_data, state_target
@@ -183,12 +184,7 @@ def _dataset_labels(config, num_classes: int) -> np.ndarray:
     if not spec:
         return np.arange(num_classes)
     if spec.startswith("seeded:"):  # a permutation of all the dataset's classes: its size is needed
-        total = sources.load_source(
-            config.dataset.name,
-            data_dir=config.dataset.data_dir or None,
-            download=config.dataset.download,
-            seed=config.seed,
-        ).num_classes
+        total = sources.load_source(config.dataset.name, **source_options(config)).num_classes
     else:
         total = max(int(c) for c in spec.split(",") if c.strip()) + 1
     ids = np.arange(total)
@@ -254,9 +250,12 @@ def evaluate(workdir: str, phase: int | None = None, *, predictions: bool = Fals
     """
     doc, predicted = _evaluate(workdir, phase)
     path = os.path.join(workdir, EVALUATION_FILE)
-    with open(path + ".tmp", "w") as f:
-        json.dump(doc, f, indent=1)
-    os.replace(path + ".tmp", path)
+    try:
+        with open(path + ".tmp", "w") as f:
+            json.dump(doc, f, indent=1)
+        os.replace(path + ".tmp", path)
+    except OSError as error:  # a read-only work directory can still be evaluated
+        logging.warning("%s not written (%s); the evaluation is only shown.", path, error.strerror)
     return (doc, predicted) if predictions else doc
 
 
@@ -508,13 +507,19 @@ class _Writer:
 
 
 @contextlib.contextmanager
-def _writing(out: str) -> Iterator[_Writer]:
-    writer = _Writer(out)
-    try:
-        yield writer
-    except BaseException:
-        writer.abort()
-        raise
+def _writing(workdir: str, out: str) -> Iterator[_Writer]:
+    """A `_Writer` of `out`, holding `out`'s lock (a sibling `.NAME.lock`, removed at the end) so
+    that two surgeries cannot write one output; a failed or interrupted one leaves nothing."""
+    head, name = os.path.split(os.path.abspath(out).rstrip(os.sep))
+    advice = "wait for it to end, or pick another --out"
+    with lock.hold_file(os.path.join(head, f".{name}.lock"), f"--out {out}", advice, remove=True):
+        _check_out(workdir, out)  # again, now that no one else can write it
+        writer = _Writer(out)
+        try:
+            yield writer
+        except BaseException:
+            writer.abort()
+            raise
 
 
 def _json_default(value):
@@ -642,7 +647,7 @@ def remove_classes(workdir: str, classes: Sequence[int], out: str) -> dict:
         label_map, index_map = _maps(old, positions)
         sources_of = _phase_sources(workdir, phases, old.protocol, new.protocol, label_map)
         records: list[dict] = []
-        with _writing(out) as writer:
+        with _writing(workdir, out) as writer:
             for phase, source in sorted(sources_of.items()):
                 saved = _restore(ckpts, old, source)
                 num_seen = old.protocol.num_seen(source)
@@ -764,7 +769,7 @@ def graft(
             )
         last = last._replace(state=state)
         records = list(last.meta["records"][: last.phase + 1])
-        with _writing(out) as writer:
+        with _writing(workdir, out) as writer:
             for phase in phases[:-1]:
                 saved = _restore(ckpts, rs, phase)
                 writer.save(rs, phase, saved, saved.meta["records"][: phase + 1])

@@ -1,15 +1,21 @@
 """Downloads a TFDS dataset and writes it in array_record format for `load_source("tfds:NAME")`.
 
-Preparing needs TensorFlow, which training does not:
+Preparing needs TensorFlow, which training does not, and the network:
 
   pip install -e '.[prepare]' && python scripts/prepare_tfds.py cifar100 [--data_dir DIR]
+
+Before downloading, the dataset's download hosts are tried (a few seconds at most): without the
+network the script says so at once instead of retrying for minutes. Every failure is one message
+and exit status 2.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib.util
+import socket
 import sys
+import urllib.parse
 
 PREPARE_HINT = "pip install -e '.[prepare]'"
 
@@ -37,7 +43,18 @@ def prepare(name: str, data_dir: str | None = None) -> str:
     import tensorflow_datasets as tfds
 
     builder = tfds.builder(name, data_dir=data_dir)
-    builder.download_and_prepare(file_format="array_record")
+    hosts = unreachable(builder.url_infos or {})
+    if hosts:
+        raise ValueError(
+            f"Preparing {name} downloads from {', '.join(sorted(hosts))}, which cannot be "
+            f"reached from here ({'; '.join(hosts.values())}). Prepare it on a machine with the "
+            f"network and copy its folder into {builder.data_dir.rsplit('/', 2)[0]} here, or "
+            "use a built-in dataset (digits, mnist1d) or your own (npz:PATH)."
+        )
+    try:
+        builder.download_and_prepare(file_format="array_record")
+    except OSError as error:  # requests' network errors are OSErrors too
+        raise ValueError(f"Preparing {name} failed: {type(error).__name__}: {error}") from None
     # download_and_prepare silently reuses a dataset already prepared in another format.
     if tfds.core.FileFormat.ARRAY_RECORD not in builder.info.available_file_formats():
         raise ValueError(
@@ -45,6 +62,17 @@ def prepare(name: str, data_dir: str | None = None) -> str:
             f"cannot be read by index. Delete that folder or pass another --data_dir."
         )
     return str(builder.data_dir)
+
+
+def unreachable(urls, timeout: float = 5.0) -> dict[str, str]:
+    """The hosts of `urls` that no connection reaches within `timeout` seconds, with the reason."""
+    failed = {}
+    for host in sorted({urllib.parse.urlsplit(url).hostname for url in urls} - {None}):
+        try:
+            socket.create_connection((host, 443), timeout=timeout).close()
+        except OSError as error:
+            failed[host] = f"{host}: {error.strerror or error}"
+    return failed
 
 
 def _command(name: str, data_dir: str | None) -> str:
@@ -62,8 +90,12 @@ def main(argv: list[str] | None = None) -> int:
             f"  {_command(args.name, args.data_dir)}",
             file=sys.stderr,
         )
-        return 1
-    data_dir = prepare(args.name, args.data_dir)
+        return 2
+    try:
+        data_dir = prepare(args.name, args.data_dir)
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     print(f"Prepared {args.name} in {data_dir}; load it with load_source('tfds:{args.name}').")
     return 0
 

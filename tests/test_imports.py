@@ -114,14 +114,15 @@ if __name__ == "__main__":  # print the graph, one module a line
 
 def test_heavy_libraries_load_only_when_a_run_needs_them():
     """`incremental.run` (what every run imports) leaves out what only some runs use: tfds and
-    TensorFlow (tfds data), grain (streaming), matplotlib (the plot), scikit-learn (digits)."""
+    TensorFlow (tfds data), grain (streaming), matplotlib (the plot), scikit-learn (digits), Pillow
+    (image folders)."""
     import subprocess
     import sys
 
     code = (
         "import sys, incremental.run; "
         "print(sorted(m for m in ('tensorflow_datasets', 'tensorflow', 'grain', 'matplotlib', "
-        "'sklearn') if m in sys.modules))"
+        "'sklearn', 'PIL') if m in sys.modules))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"

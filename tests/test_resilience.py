@@ -340,6 +340,10 @@ BAD_INPUTS = {
         "--config=configs/digits.py:method=nonsense failed: ValueError: Unknown method 'nonsense'",
     ),
     "bad freeze regex": (['--config.train.freeze=(("[", True),)'], "does not compile, '['"),
+    "override before --config=": (
+        ["--config.train.lr=-0.1", "--config=configs/digits.py:method=lwf"],
+        "config.train.lr must be > 0, got -0.1",
+    ),
     "mistyped method argument": (
         ["--config=configs/digits.py:method=lwf", "--config.method_args.strenght=3"],
         "method 'lwf' has no argument 'strenght' (did you mean 'strength'?)",
@@ -356,6 +360,11 @@ BAD_INPUTS = {
         ),
         ("def get_config(arg=None):\n    return None\n", "get_config returned NoneType"),
         ("def get_config(arg=None):\n    x = (\n", "failed (line 2): SyntaxError"),
+        (
+            "from configs import digits\ndef get_config(arg=None):\n    c = digits.get_config()\n"
+            "    del c['train']\n    return c\n",
+            "missing (13 keys): a config file starts from incremental.config.base_config()",
+        ),
     ],
 )
 def test_a_config_file_that_fails_is_named_without_a_traceback(tmp_path, body, message):
@@ -383,6 +392,41 @@ def test_bad_input_fails_fast_and_changes_nothing(tmp_path, case):
     assert sorted(os.listdir(workdir)) == ["results.json"]
     assert (workdir / "results.json").read_text() == "{}"
     assert elapsed < 30  # seconds, with the interpreter's start; see the benchmark note in README
+
+
+def test_debug_shows_the_traceback_of_a_user_error(tmp_path):
+    cmd = [sys.executable, "-m", "incremental.main", "run", "--debug", "--config.train.lr=-0.1"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 2 and "Traceback" in out and "must be > 0, got -0.1" in out, out
+
+
+def test_a_full_disk_is_one_message_and_the_same_command_resumes(tmp_path):
+    """A checkpoint the disk refuses (here: files limited to 20 kB, as a full disk refuses them):
+    exit 2, a message naming the directory, the cause and what to do, no traceback (orbax logs
+    one from its writer thread); the same command then completes the run."""
+    import resource
+
+    def small_files():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # writes fail with EFBIG instead
+        resource.setrlimit(resource.RLIMIT_FSIZE, (20_000, 20_000))
+
+    workdir = tmp_path / "run"
+    cmd = [sys.executable, "-m", "incremental.main", "run", f"--workdir={workdir}",
+           "--config.train.epochs=1", "--config.train_first.epochs=1", "--config.log.plot=False"]  # fmt: skip
+    proc = subprocess.run(
+        cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, preexec_fn=small_files
+    )
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 2, out
+    assert (
+        f"A checkpoint could not be written under {workdir / 'checkpoints'}: File too large" in out
+    )
+    assert "raise the file size limit" in out and "Traceback" not in out, out
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    results = json.loads((workdir / "results.json").read_text())
+    assert len(results["accuracy_matrix"]) == 5
 
 
 @pytest.mark.parametrize(
@@ -473,7 +517,7 @@ def test_a_second_run_on_a_work_directory_is_refused_until_the_first_ends(tmp_pa
     try:
         assert holder.stdout.readline().strip() == "held"
         config = small_config()
-        with pytest.raises(ValueError, match=rf"in use by another run \(pid {holder.pid}: "):
+        with pytest.raises(ValueError, match=rf"in use by another process \(pid {holder.pid}: "):
             run_lib.run(config, str(workdir), stop_after=0)
         assert sorted(os.listdir(workdir)) == [".lock"]  # nothing else was written
     finally:

@@ -133,9 +133,29 @@ def test_prepare_script_without_tensorflow_says_what_to_install():
         text=True,
         timeout=60,
     )
-    assert result.returncode == 1
+    assert result.returncode == 2
     assert "pip install -e '.[prepare]'" in result.stderr
     assert "prepare_tfds.py mnist --data_dir /d" in result.stderr
+
+
+def test_prepare_without_the_network_says_so_at_once(monkeypatch, tmp_path):
+    """The download hosts are tried first: an unreachable one is named within seconds (tfds alone
+    retries for minutes), and nothing is downloaded or prepared."""
+    sys.path.insert(0, str(REPO / "scripts"))
+    import prepare_tfds
+
+    tried = []
+
+    def no_network(address, timeout):
+        tried.append((address, timeout))
+        raise OSError(101, "Network is unreachable")
+
+    monkeypatch.setattr(prepare_tfds.socket, "create_connection", no_network)
+    with pytest.raises(ValueError, match=r"www\.cs\.toronto\.edu, which cannot be reached") as info:
+        prepare_tfds.prepare("cifar100", str(tmp_path))
+    assert "Network is unreachable" in str(info.value)
+    assert tried == [(("www.cs.toronto.edu", 443), 5.0)]
+    assert not any(tmp_path.iterdir())  # nothing downloaded or prepared
 
 
 def _save(path, **arrays):

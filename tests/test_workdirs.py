@@ -149,6 +149,53 @@ def test_a_killed_surgerys_temporary_directory_is_removed_by_the_next(source, tm
     assert (tmp_path / "out" / "results.json").exists()
 
 
+def test_two_surgeries_cannot_write_one_output(source, tmp_path):
+    """`--out`'s lock: a second surgery to the same output is refused, naming the holder, and
+    writes nothing; the lock file is gone once a surgery ends."""
+    from incremental import lock
+
+    out = tmp_path / "out"
+    with lock.hold_file(str(tmp_path / ".out.lock"), "--out", "wait"):
+        with pytest.raises(ValueError, match=rf"--out {out} is in use by another process \(pid "):
+            workdirs.remove_classes(source, [2], str(out))
+        assert sorted(os.listdir(tmp_path)) == [".out.lock"]
+    workdirs.remove_classes(source, [2], str(out))
+    assert sorted(os.listdir(tmp_path)) == ["out"]
+
+
+def test_a_signal_during_surgery_stops_it_and_leaves_nothing(source, tmp_path, monkeypatch, capsys):
+    """SIGTERM while a surgery writes: a one-line message, the signal's exit status, and neither
+    the output nor its temporary copy left behind."""
+    import signal
+
+    from incremental.preemption import Interruptible
+
+    saves = []
+
+    def save_then_signal(self, *args):
+        saves.append(args[1])
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(workdirs._Writer, "save", save_then_signal)
+    with pytest.raises(SystemExit) as stopped, Interruptible():
+        workdirs.remove_classes(source, [2], str(tmp_path / "out"))
+    assert stopped.value.code == 128 + signal.SIGTERM and saves == [0]
+    assert "SIGTERM: stopped; nothing was changed." in capsys.readouterr().out
+    assert os.listdir(tmp_path) == []
+
+
+def test_a_work_directory_that_cannot_be_written_is_still_evaluated(source, caplog):
+    """`evaluate` only reads: where it cannot write evaluation.json it warns and answers."""
+    expected = workdirs.evaluate(source)
+    blocker = os.path.join(source, workdirs.EVALUATION_FILE + ".tmp")
+    os.mkdir(blocker)  # opening it for writing fails, as on a read-only disk
+    try:
+        assert workdirs.evaluate(source) == expected
+    finally:
+        os.rmdir(blocker)
+    assert "evaluation.json not written (Is a directory)" in caplog.text
+
+
 def test_method_state_edit_keeps_known_entries_and_refuses_unknown_ones():
     head = {"kernel": jnp.arange(12.0).reshape(2, 6), "bias": jnp.arange(6.0)}
     state = {

@@ -2,19 +2,22 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib.metadata
 import os
 import random
+import re
 import zipfile
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import numpy as np
 
-SOURCES: tuple[str, ...] = ("digits", "mnist1d", "tfds:NAME", "npz:PATH")
+SOURCES: tuple[str, ...] = ("digits", "mnist1d", "tfds:NAME", "npz:PATH", "folder:PATH")
 
 NPZ_KEYS: tuple[str, ...] = ("x_train", "y_train", "x_test", "y_test")
+NPZ_CLASS_NAMES = "class_names"  # an optional array of the .npz: one name per class
 
 # Records read per `__getitems__` call: batched reads are about twice as fast as single reads.
 _TFDS_CHUNK = 1024
@@ -24,7 +27,8 @@ class Source(NamedTuple):
     """A dataset split into train and test, labelled with original class ids.
 
     Images are uint8 (N, H, W, C) with `is_image=True`; feature vectors are float32 (N, D)
-    with `is_image=False`. Labels are int32 (N,) in [0, num_classes).
+    with `is_image=False`. Labels are int32 (N,) in [0, num_classes). `class_names[k]` names
+    class k where the source knows the names (image folders, an .npz with `class_names`).
     """
 
     x_train: np.ndarray
@@ -34,6 +38,7 @@ class Source(NamedTuple):
     num_classes: int
     name: str
     is_image: bool
+    class_names: tuple[str, ...] | None = None
 
 
 def load_source(
@@ -43,20 +48,32 @@ def load_source(
     download: bool = False,
     seed: int = 0,
     remap_labels: bool = False,
+    image_size: int = 0,
+    holdout: float = 0.2,
+    skip_bad: bool = False,
 ) -> Source:
     """Loads a whole dataset into memory.
 
     Args:
       name: "digits" (scikit-learn 8x8 digits), "mnist1d" (generated locally), "tfds:NAME"
-        (a TFDS dataset prepared in array_record format, e.g. "tfds:cifar100") or "npz:PATH"
-        (a .npz file with arrays x_train, y_train, x_test, y_test).
+        (a TFDS dataset prepared in array_record format, e.g. "tfds:cifar100"), "npz:PATH"
+        (a .npz file with arrays x_train, y_train, x_test, y_test) or "folder:PATH" (a directory
+        of images, one sub-directory per class; `load_folder`).
       data_dir: TFDS data directory; None uses the TFDS default. Only used by "tfds:".
       download: let TFDS download and prepare a missing dataset (needs TensorFlow and
         network). Only used by "tfds:".
       seed: accepted so every source has the same call signature; all current sources are
-        deterministic (fixed splits, fixed generator seed) and do not use it.
+        deterministic (fixed splits, fixed generator seed) and do not use it. A folder's held-out
+        split too is drawn with `load_folder`'s fixed seed 0, not this one: every run seed (and
+        every seed of `config.seeds`, which share one load) is tested on the same images.
       remap_labels: for "npz:", renumber the class ids present (sorted) as 0..K-1 instead of
         refusing ids that are not (`label_contract`).
+      image_size: for "folder:", resize every image to image_size x image_size (0: keep the
+        native size, which must then be the same for every image).
+      holdout: for "folder:" without train/ and test/ sub-directories, the fraction of each
+        class's images held out to test.
+      skip_bad: for "folder:", skip (and warn about) files that cannot be decoded instead of
+        refusing the folder.
 
     Returns:
       The dataset as a `Source`.
@@ -71,6 +88,8 @@ def load_source(
         return _load_tfds(arg, data_dir=data_dir, download=download)
     if kind == "npz" and arg:
         return _load_npz(arg, remap_labels)
+    if kind == "folder" and arg:
+        return load_folder(arg, image_size=image_size, holdout=holdout, skip_bad=skip_bad)
     raise ValueError(f"Unknown data source {name!r}; valid sources are {', '.join(SOURCES)}.")
 
 
@@ -104,6 +123,60 @@ def _disk_cached(name: str, version: str, build: Callable[[], tuple[np.ndarray, 
     except OSError:
         pass
     return arrays
+
+
+def load_folder(
+    path: str, *, image_size: int, holdout: float = 0.2, seed: int = 0, skip_bad: bool = False
+) -> Source:
+    """A directory of images, one sub-directory per class, as a `Source` with its class names.
+
+    The layouts, class ids, split and decoding are those of `incremental.data.folder`. The decoded
+    arrays are cached by `_disk_cached` under the folder's `folder.fingerprint`, so a second load
+    reads them instead of decoding, and any change of the images (or of the arguments) decodes
+    them again; the cache file of the folder's previous images, read with the same arguments, is
+    removed then.
+
+    Args:
+      path: the folder, holding train/<class>/ and test/<class>/, or the <class>/ directories.
+      image_size: resize every image to image_size x image_size; 0 keeps the native size, which
+        must then be the same for every image.
+      holdout: without train/ and test/, the fraction of each class's images held out to test.
+      seed: the seed of the held-out split.
+      skip_bad: skip files that cannot be decoded (warning how many) instead of refusing them.
+    """
+    from incremental.data import folder  # Imported here: it imports Pillow, only folders need it.
+
+    folder.check_arguments(image_size=image_size, holdout=holdout, seed=seed)
+    listing = folder.list_folder(path, holdout=holdout, seed=seed)
+    arguments = {"image_size": image_size, "holdout": holdout, "seed": seed, "skip_bad": skip_bad}
+    name, version = folder.cache_name(path, **arguments), folder.fingerprint(listing, **arguments)
+
+    def build():
+        _remove_other_versions(name, version)  # a large folder's stale cache is large too
+        return folder.decode_folder(listing, image_size=image_size, skip_bad=skip_bad)
+
+    x_train, y_train, x_test, y_test, names, skipped = _disk_cached(name, version, build)
+    folder.warn_skipped(path, skipped.tolist())
+    class_names = tuple(str(n) for n in names.tolist())
+    source_name = f"folder:{path}"
+    return Source(
+        x_train, y_train, x_test, y_test, len(class_names), source_name, True, class_names
+    )
+
+
+def _remove_other_versions(name: str, version: str) -> None:
+    """Removes the cache files `_disk_cached` wrote for `name` under versions other than `version`."""
+    root = cache_root()
+    pattern = re.compile(rf"{re.escape(name)}-[0-9a-f]+\.npz")
+    try:
+        names = os.listdir(root)
+    except OSError:
+        return  # no cache directory yet
+    for filename in names:
+        if pattern.fullmatch(filename) and filename != f"{name}-{version}.npz":
+            # Removed by another process first, or not ours to remove: left alone.
+            with contextlib.suppress(OSError):
+                os.remove(os.path.join(root, filename))
 
 
 def _package_version(name: str) -> str:
@@ -265,8 +338,30 @@ def _load_npz(path: str, remap_labels: bool = False) -> Source:
             f"shape {x_test.shape[1:]}; they must match."
         )
     y_train, y_test, num_classes = label_contract(y_train, y_test, path, remap_labels)
+    names = _check_class_names(arrays.get(NPZ_CLASS_NAMES), num_classes, path, remap_labels)
     name = f"npz:{path}"
-    return Source(x_train, y_train, x_test, y_test, num_classes, name, x_train.ndim == 4)
+    return Source(x_train, y_train, x_test, y_test, num_classes, name, x_train.ndim == 4, names)
+
+
+def _check_class_names(
+    names: np.ndarray | None, num_classes: int, path: str, remap: bool
+) -> tuple[str, ...] | None:
+    """An .npz's optional `class_names`: one string per class, name k for class id k (with
+    `remap`, for the k-th smallest id present, which becomes class k)."""
+    if names is None:
+        return None
+    if names.ndim != 1 or names.dtype.kind not in "US":
+        raise ValueError(
+            f"{path}: class_names has dtype {names.dtype} and shape {names.shape}; save one "
+            f"string per class, e.g. class_names=np.array(['cat', 'dog'])."
+        )
+    if len(names) != num_classes:
+        which = "the k-th smallest class id present" if remap else "class id k"
+        raise ValueError(
+            f"{path}: class_names has {len(names)} names but the labels have {num_classes} "
+            f"classes; save one name per class, name k for {which}."
+        )
+    return tuple(n.decode(errors="replace") if isinstance(n, bytes) else n for n in names.tolist())
 
 
 def label_contract(
@@ -309,7 +404,7 @@ def _ids(ids: np.ndarray) -> str:
 
 
 def _read_npz(path: str) -> dict[str, np.ndarray]:
-    """Reads the four required arrays of an .npz file."""
+    """Reads the four required arrays of an .npz file, and `class_names` where it has one."""
     if not os.path.isfile(path):
         raise ValueError(f"npz file {path!r} not found (expected arrays {', '.join(NPZ_KEYS)}).")
     try:
@@ -325,7 +420,8 @@ def _read_npz(path: str) -> dict[str, np.ndarray]:
                 f"{path}: missing arrays {missing}; found {sorted(npz.files)}, "
                 f"required {list(NPZ_KEYS)}."
             )
-        return {k: _read_npz_array(npz, k, path) for k in NPZ_KEYS}
+        keys = (*NPZ_KEYS, NPZ_CLASS_NAMES) if NPZ_CLASS_NAMES in npz.files else NPZ_KEYS
+        return {k: _read_npz_array(npz, k, path) for k in keys}
 
 
 def _read_npz_array(npz: np.lib.npyio.NpzFile, key: str, path: str) -> np.ndarray:
@@ -371,7 +467,7 @@ def _check_labels(y: np.ndarray, key: str) -> np.ndarray:
 
 
 def subset_classes(source: Source, spec: str, seed: int = 1993) -> Source:
-    """Keeps only some classes and relabels them 0..K-1 in the order given.
+    """Keeps only some classes and relabels them 0..K-1 in the order given (`class_names` too).
 
     Args:
       source: the loaded dataset.
@@ -404,10 +500,12 @@ def subset_classes(source: Source, spec: str, seed: int = 1993) -> Source:
     lookup = np.full(source.num_classes, -1, np.int32)
     lookup[keep] = np.arange(len(keep), dtype=np.int32)
     train, test = lookup[source.y_train] >= 0, lookup[source.y_test] >= 0
+    names = source.class_names
     return source._replace(
         x_train=source.x_train[train],
         y_train=lookup[source.y_train[train]],
         x_test=source.x_test[test],
         y_test=lookup[source.y_test[test]],
         num_classes=len(keep),
+        class_names=None if names is None else tuple(names[k] for k in keep.tolist()),
     )

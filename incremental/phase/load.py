@@ -48,15 +48,27 @@ def fingerprint(*arrays: np.ndarray) -> str:
     return digest.hexdigest()
 
 
+def source_options(config) -> dict:
+    """The keyword arguments of `sources.load_source` from `config`.
+
+    A config saved before the image-folder keys existed (an older run's checkpoints) lacks them;
+    they take their defaults, which are what such a run loaded.
+    """
+    dataset = config.dataset
+    return {
+        "data_dir": dataset.data_dir or None,
+        "download": dataset.download,
+        "seed": config.seed,
+        "remap_labels": dataset.remap_labels,
+        "image_size": dataset.get("image_size", 0),
+        "holdout": dataset.get("holdout", 0.2),
+        "skip_bad": dataset.get("skip_bad_files", False),
+    }
+
+
 def load_data(config) -> tuple[RunData, Protocol, sources.Source]:
     """Loads the source, builds the protocol and remaps the labels."""
-    source = sources.load_source(
-        config.dataset.name,
-        data_dir=config.dataset.data_dir or None,
-        download=config.dataset.download,
-        seed=config.seed,
-        remap_labels=config.dataset.remap_labels,
-    )
+    source = sources.load_source(config.dataset.name, **source_options(config))
     source = sources.subset_classes(source, config.dataset.classes)
     protocol = make_protocol(source.num_classes, config.protocol)
     norm = device.fit_normalizer(source.x_train, source.is_image)
