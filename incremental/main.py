@@ -150,9 +150,10 @@ def check_overrides(argv: list[str], config) -> None:
         if arg.startswith("--config."):
             key, has_value, text = arg.removeprefix("--config.").partition("=")
             message = schema.check_override(key)
-            if not message and has_value:
-                message = schema.check_override_value(key, text)
             field = key.removeprefix("method_args.")
+            if not message and has_value:
+                kind = type(config.method_args.get(field)) if key != field else None
+                message = schema.check_override_value(key, text, kind)
             if not message and key.startswith("method_args.") and field not in config.method_args:
                 fields = sorted(config.method_args)
                 near = difflib.get_close_matches(field, fields, n=1)

@@ -227,17 +227,22 @@ def check_override(key: str) -> str | None:
     return unknown(key)
 
 
-def check_override_value(key: str, text: str) -> str | None:
+def check_override_value(key: str, text: str, kind: type | None = None) -> str | None:
     """The message for `--config.KEY=TEXT` when TEXT cannot be KEY's type (absl would refuse it
-    with a message that names no valid value), or None."""
+    with a message that names no valid value), or None. `kind` is the type of a free-form key
+    (a `method_args` value's), which the table does not hold."""
     spec = KEYS.get(key)
-    parse = {int: int, float: float}.get(spec.kind) if spec else None
-    if spec is not None and spec.kind is bool and text.lower() not in ("true", "false", "1", "0"):
-        return f"config.{key} must be true or false, got {text!r} ({spec.help})."
+    kind = spec.kind if spec is not None else kind
+    if kind is bool and text.lower() not in ("true", "false", "1", "0"):
+        return (
+            f"config.{key} must be true or false, got {text!r}{f' ({spec.help})' if spec else ''}."
+        )
     try:
-        if parse is not None:
-            parse(text)
+        if kind in (int, float):
+            kind(text)
     except ValueError:
+        if spec is None:
+            return f"config.{key} must be {kind.__name__}, got {text!r}."
         return f"config.{key} must be {spec.describe()}, got {text!r} ({spec.help})."
     return None
 

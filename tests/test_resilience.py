@@ -344,6 +344,10 @@ BAD_INPUTS = {
         ["--config.train.lr=-0.1", "--config=configs/digits.py:method=lwf"],
         "config.train.lr must be > 0, got -0.1",
     ),
+    "method argument of another type": (
+        ["--config=configs/digits.py:method=lwf", "--config.method_args.strength=abc"],
+        "config.method_args.strength must be float, got 'abc'",
+    ),
     "mistyped method argument": (
         ["--config=configs/digits.py:method=lwf", "--config.method_args.strenght=3"],
         "method 'lwf' has no argument 'strenght' (did you mean 'strength'?)",

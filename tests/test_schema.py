@@ -1,14 +1,17 @@
 """The config schema: complete, in step with the registries, and every bad value refused by name."""
 
+import dataclasses
 import importlib
 import os
 import subprocess
 import sys
+import typing
 
 import pytest
 
-from incremental import schema
+from incremental import methods, schema
 from incremental.config import base_config
+from incremental.methods import METHODS
 
 CONFIGS = ("digits", "mnist1d", "cifar100", "imagenet100")
 
@@ -116,11 +119,40 @@ def test_freeze_rules_are_pairs_of_a_compiling_regex_and_a_bool(rules):
         ("train.lr", "fast", True),
         ("log.plot", "maybe", True),
         ("log.plot", "False", False),
-        ("method_args.anything", "x", False),  # the method's own
+        ("method_args.anything", "x", False),  # a key the config lacks: the method's own check
+        ("method_args.strength", "1e-3", False),
+        ("method_args.strength", "x", True),  # of a float the config holds
     ],
 )
 def test_a_command_line_value_that_cannot_be_its_keys_type_is_named(key, text, bad):
-    message = schema.check_override_value(key, text)
+    kind = float if key == "method_args.strength" else None
+    message = schema.check_override_value(key, text, kind)
     assert (message is not None) == bad
     if bad:
         assert message.startswith(f"config.{key} must be") and repr(text) in message
+
+
+def _wrong_value(hint):
+    """A value that no field annotated `hint` takes."""
+    return 1 if hint is str else "x"
+
+
+METHOD_FIELDS = [
+    (name, field.name)
+    for name, cls in sorted(METHODS.items())
+    for field in dataclasses.fields(cls)
+    if field.name != "memory"  # config.memory, checked by the schema
+]
+
+
+@pytest.mark.parametrize("method, field", METHOD_FIELDS)
+def test_every_method_argument_of_the_wrong_type_is_refused_by_name(method, field):
+    """`method_args` belong to each method (its dataclass fields): a value of the wrong type is
+    refused naming `config.method_args.<field>` when the method is built, before any training;
+    ranges are the method's own checks."""
+    hint = typing.get_type_hints(METHODS[method])[field]
+    with pytest.raises(ValueError, match=rf"config\.method_args\.{field} must be .* got "):
+        methods.build(method, {field: _wrong_value(hint)})
+    default = next(f for f in dataclasses.fields(METHODS[method]) if f.name == field).default
+    if default is not dataclasses.MISSING:
+        methods.build(method, {field: default})  # the default is of the declared type

@@ -1,6 +1,8 @@
 """Method registry: a name -> a `Method` dataclass; `build` fills its fields from `config.method_args`."""
 
 import dataclasses
+import types
+import typing
 from collections.abc import Mapping
 from typing import Any
 
@@ -106,6 +108,27 @@ def build(
             f"Method {name!r} has no hyper-parameter(s) {unknown}; "
             f"its config.method_args are: {sorted(fields) or 'none'}."
         )
+    hints = typing.get_type_hints(cls)
+    for key, value in args.items():
+        if not _is_a(value, hints[key]):
+            kind = getattr(hints[key], "__name__", str(hints[key]))
+            raise ValueError(
+                f"config.method_args.{key} must be {kind} for method {name!r}, got {value!r}."
+            )
     if "memory" in fields and memory is not None:
         args["memory"] = MemoryConfig(**dict(memory))
     return cls(**args)
+
+
+def _is_a(value: Any, hint: Any) -> bool:
+    """Whether a config value suits a method field's annotation (an int where a float goes too)."""
+    if isinstance(hint, types.UnionType):
+        return any(_is_a(value, h) for h in typing.get_args(hint))
+    if typing.get_origin(hint) is tuple:
+        (item, _) = typing.get_args(hint)
+        return isinstance(value, (tuple, list)) and all(_is_a(v, item) for v in value)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return not isinstance(hint, type) or isinstance(value, hint)
