@@ -76,6 +76,14 @@ def _no_match(what: str, regex: str, paths: Sequence[str]) -> ValueError:
     )
 
 
+def compile_pattern(regex: str) -> re.Pattern:
+    """`re.compile(regex)`, or a ValueError naming the pattern and what is wrong with it."""
+    try:
+        return re.compile(regex)
+    except re.error as error:
+        raise ValueError(f"The pattern {regex!r} is not a regular expression ({error}).") from None
+
+
 def select(tree: PyTree, regex: str, *, strict: bool = False) -> dict[str, jax.Array]:
     """The leaves whose path fully matches `regex`, keyed by path.
 
@@ -88,7 +96,7 @@ def select(tree: PyTree, regex: str, *, strict: bool = False) -> dict[str, jax.A
     Traceback (most recent call last):
     ValueError: select: pattern 'heads/.*' matches no leaf path. ...
     """
-    pattern = re.compile(regex)
+    pattern = compile_pattern(regex)
     leaves = _leaves(tree)
     found = {path: leaf for path, leaf in leaves.items() if pattern.fullmatch(path)}
     if strict and not found:
@@ -103,7 +111,7 @@ def map_paths(fn: Callable[[jax.Array], jax.Array], tree: PyTree, regex: str) ->
     >>> map_paths(lambda x: 2 * x, params, 'head/.*')['head']['bias'].tolist()
     [2.0, 2.0]
     """
-    pattern = re.compile(regex)
+    pattern = compile_pattern(regex)
     return jax.tree_util.tree_map_with_path(
         lambda p, leaf: fn(leaf) if pattern.fullmatch(path_str(p)) else leaf, tree
     )
@@ -220,7 +228,7 @@ def graft_from_checkpoint(
     handler = ocp.PyTreeCheckpointHandler()
     metadata = handler.metadata(path).tree
     saved = _under(_leaves(metadata), subtree, path)
-    pattern = re.compile(regex)
+    pattern = compile_pattern(regex)
     wanted = {p: m for p, m in saved.items() if pattern.fullmatch(p)}
     if not wanted:
         raise _no_match(f"graft_from_checkpoint({str(path)!r})", regex, list(saved))
@@ -606,7 +614,7 @@ def freeze_labels(params: PyTree, rules: FreezeRules) -> PyTree:
     >>> freeze_labels(params, [('backbone/.*', True)])
     {'backbone': {'w': 'frozen'}, 'head': {'bias': 'trainable'}}
     """
-    compiled = [(re.compile(regex), frozen) for regex, frozen in rules]
+    compiled = [(compile_pattern(regex), frozen) for regex, frozen in rules]
 
     def label(path, _):
         name = path_str(path)

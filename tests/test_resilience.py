@@ -441,6 +441,8 @@ def test_a_full_disk_is_one_message_and_the_same_command_resumes(tmp_path):
         (dict(y_train=(np.arange(40) % 4) + 0.5), "integer"),
         (dict(x_train=np.full((40, 5), np.nan, np.float32)), "NaN"),
         (dict(x_test=np.full((8, 5), np.inf, np.float32)), "infinite"),
+        (dict(x_train=np.ones((40, 5), np.complex64)), "x_train has complex dtype complex64"),
+        (dict(x_test=np.full((8, 5), 1e300)), "x_test has values of magnitude up to 1e\\+300"),
         (dict(y_test=np.arange(8) % 4 - 1), "negative class ids"),
         (dict(x_test=np.zeros((8, 6), np.float32)), "x_test"),
         # The label contract: ids 0..K-1, every class in both splits.

@@ -149,6 +149,12 @@ def test_a_killed_surgerys_temporary_directory_is_removed_by_the_next(source, tm
     assert (tmp_path / "out" / "results.json").exists()
 
 
+def test_a_graft_pattern_that_is_no_regex_is_named(source, tmp_path):
+    with pytest.raises(ValueError, match=r"The pattern '\[bad' is not a regular expression"):
+        workdirs.graft(source, "[bad", source, str(tmp_path / "out"))
+    assert os.listdir(tmp_path) == []
+
+
 def test_two_surgeries_cannot_write_one_output(source, tmp_path):
     """`--out`'s lock: a second surgery to the same output is refused, naming the holder, and
     writes nothing; the lock file is gone once a surgery ends."""

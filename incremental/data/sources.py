@@ -441,13 +441,24 @@ def _check_features(x: np.ndarray, key: str) -> np.ndarray:
         )
     if not (np.issubdtype(x.dtype, np.number) or x.dtype == np.bool_):
         raise ValueError(f"{key} has non-numeric dtype {x.dtype}.")
+    if np.issubdtype(x.dtype, np.complexfloating):
+        raise ValueError(
+            f"{key} has complex dtype {x.dtype}; models take real inputs: save the real and "
+            "imaginary parts (or the magnitude) as real features."
+        )
     if x.ndim == 3:
         x = x[..., None]
     if x.dtype == np.uint8 and x.ndim == 4:
         return x
     if np.issubdtype(x.dtype, np.inexact) and not np.isfinite(x).all():
         raise ValueError(f"{key} contains NaN or infinite values; clean or impute them first.")
-    return x.astype(np.float32)
+    cast = x.astype(np.float32)
+    if not np.isfinite(cast).all():  # beyond float32's range (about 3.4e38)
+        raise ValueError(
+            f"{key} has values of magnitude up to {np.abs(x).max():.3g}, beyond float32's range, "
+            "which the models compute in; rescale them first."
+        )
+    return cast
 
 
 def _check_labels(y: np.ndarray, key: str) -> np.ndarray:
