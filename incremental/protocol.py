@@ -19,6 +19,13 @@ class Protocol(NamedTuple):
 
     class_order: tuple[int, ...]  # original class ids, in the order they are learned
     phase_sizes: tuple[int, ...]
+    # The name of each class id (class_names[class_order[p]] is position p's), where the data
+    # names its classes (image folders, an npz's `class_names`); None: the ids are the names.
+    class_names: tuple[str, ...] | None = None
+
+    def name(self, class_id: int) -> str:
+        """Class `class_id`'s name, or the id as text when the data has no names."""
+        return str(class_id) if self.class_names is None else self.class_names[class_id]
 
     @property
     def num_classes(self) -> int:

@@ -127,6 +127,17 @@ def print_summary(results: dict, workdir: str) -> None:
     )
 
 
+def phase_label(results: dict, phase: int, most: int = 3) -> str:
+    """"phase 1: cat, dog" where the data names its classes (up to `most`), else "phase 1 classes"."""
+    names = results.get("class_names")
+    if names is None:
+        return f"phase {phase} classes"
+    start = int(np.sum(results["phase_sizes"][:phase]))
+    ids = results["class_order"][start : start + results["phase_sizes"][phase]]
+    shown = ", ".join(names[i] for i in ids[:most])
+    return f"phase {phase}: {shown}{', ...' if len(ids) > most else ''}"
+
+
 def plot(results: dict, path: str) -> None:
     """Accuracy on all seen classes per phase, and each phase's classes over time (PNG)."""
     import matplotlib  # imported here: the command line starts faster without it
@@ -140,7 +151,7 @@ def plot(results: dict, path: str) -> None:
     ax.plot(seen, results["task_aware_accuracy"], "s--", color="gray", label="task-aware")
     for j in range(len(results["accuracy"])):
         values = [row[j] for row in results["accuracy_matrix"][j:]]
-        ax.plot(seen[j : j + len(values)], values, ".-", alpha=0.5, label=f"phase {j} classes")
+        ax.plot(seen[j : j + len(values)], values, ".-", alpha=0.5, label=phase_label(results, j))
     ax.set_xlabel("number of classes seen")
     ax.set_ylabel("accuracy")
     ax.set_ylim(0, 1.02)

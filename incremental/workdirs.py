@@ -241,7 +241,8 @@ def evaluate(workdir: str, phase: int | None = None, *, predictions: bool = Fals
       The document: `accuracy`, `task_aware_accuracy`, `old_accuracy`, `new_accuracy`, `row` and
       `task_aware_row` (this phase's rows of the results matrices), `extra` (the method's other
       classifiers, e.g. `nme`, with the same keys), `per_class` (for each seen class in the class
-      order: `class` (id as in results.json's `class_order`), `dataset_class`, `phase`, `num_test`,
+      order: `class` (id as in results.json's `class_order`), `name` (from the data, else the id),
+      `dataset_class`, `phase`, `num_test`,
       `accuracy` and `<name>_accuracy` for each extra classifier), `confusion` (test example counts
       per true and predicted class id, `{true: {predicted: n}}`), and what was evaluated.
       With `predictions=True`, `(document, predictions)`: the seen classes' test examples in
@@ -273,6 +274,7 @@ def _evaluate(workdir: str, phase: int | None) -> tuple[dict, dict]:
         mine = y == position
         entry = {
             "class": int(order[position]),
+            "name": rs.protocol.name(int(order[position])),
             "dataset_class": int(labels[order[position]]),
             "phase": int(rs.protocol.phase_of(np.asarray([position]))[0]),
             "num_test": int(mine.sum()),
@@ -479,6 +481,7 @@ class _Writer:
             records=records,
             config=rs.config.to_dict(),
             class_order=list(rs.protocol.class_order),
+            class_names=None if rs.protocol.class_names is None else list(rs.protocol.class_names),
             data_fingerprint=rs.data.fingerprint,  # the edited run's data (its classes)
         )
         meta = json.loads(json.dumps(meta, default=_json_default))
@@ -797,18 +800,21 @@ def evaluation_table(doc: dict):
     from rich.table import Table
 
     extra = list(doc.get("extra", {}))
+    named = any(e.get("name", str(e["class"])) != str(e["class"]) for e in doc["per_class"])
     table = Table(
         title=f"{doc['method']} on {doc['dataset']}, phase {doc['phase']}: test accuracy (%)",
         box=box.SIMPLE,
     )
-    for name in ("class", "dataset class", "phase", "test", "accuracy", *extra):
+    columns = ("class", *(("name",) if named else ()), "dataset class", "phase", "test", "accuracy")
+    for name in (*columns, *extra):
         table.add_column(name, justify="right")
     pct = lambda v: "-" if v is None else f"{100 * v:5.1f}"
     for entry in doc["per_class"]:
-        cells = [str(entry["class"]), str(entry["dataset_class"]), str(entry["phase"])]
+        cells = [str(entry["class"]), *((entry["name"],) if named else ())]
+        cells += [str(entry["dataset_class"]), str(entry["phase"])]
         cells += [str(entry["num_test"]), pct(entry["accuracy"])]
         table.add_row(*cells, *(pct(entry[f"{name}_accuracy"]) for name in extra))
     table.add_section()
-    totals = ["all", "", "", str(doc["num_test"]), pct(doc["accuracy"])]
+    totals = ["all", *([""] if named else []), "", "", str(doc["num_test"]), pct(doc["accuracy"])]
     table.add_row(*totals, *(pct(doc["extra"][name]["accuracy"]) for name in extra))
     return table

@@ -348,3 +348,44 @@ def test_load_data_reads_a_folder_with_the_digits_config(tmp_path):
         data.is_image and data.x_train.shape == (16, 8, 8, 3) and data.x_test.shape == (4, 8, 8, 3)
     )
     assert sorted(np.unique(data.y_train).tolist()) == [0, 1, 2, 3]
+
+
+def _digits_folder(root, names=("zero", "one", "two", "three")):
+    """The first four digits classes of scikit-learn's data as PNG files, a directory per name."""
+    digits = load_source("digits")
+    for split, x, y in (("train", digits.x_train, digits.y_train), ("test", digits.x_test, digits.y_test)):  # fmt: skip
+        for k, name in enumerate(names):
+            os.makedirs(root / split / name, exist_ok=True)
+            for i in np.flatnonzero(y == k)[:30]:
+                Image.fromarray(x[i, :, :, 0]).save(root / split / name / f"{i}.png")
+    return root
+
+
+def test_class_names_reach_results_evaluation_plot_and_checkpoint(tmp_path):
+    """A folder's class names: in results.json (indexed by class id), in each evaluated class, in
+    the plot's legend and in the checkpoint's meta; renaming a class is a change of data that a
+    resume refuses."""
+    from configs import digits
+    from incremental import checkpoint, report, workdirs
+    from incremental import run as run_lib
+
+    root = _digits_folder(tmp_path / "images")
+    config = digits.get_config()
+    config.dataset.name = f"folder:{root}"
+    config.train.epochs = config.train_first.epochs = 1
+    config.log.progress = config.log.plot = False
+    workdir = str(tmp_path / "run")
+    results = run_lib.run(config, workdir)
+    names = ["one", "three", "two", "zero"]  # sorted directory names are the ids
+    assert results["class_names"] == names
+    doc = workdirs.evaluate(workdir)
+    assert [e["name"] for e in doc["per_class"]] == [names[c] for c in results["class_order"]]
+    first = results["class_order"][:2]
+    assert report.phase_label(results, 0) == f"phase 0: {names[first[0]]}, {names[first[1]]}"
+    ckpts = checkpoint.Checkpoints(workdir)
+    assert ckpts.read_meta(1)["class_names"] == names
+    ckpts.close()
+    for split in ("train", "test"):  # the same images and ids, one name changed
+        os.rename(root / split / "two", root / split / "twos")
+    with pytest.raises(ValueError, match="fingerprint"):
+        run_lib.run(config, workdir)

@@ -33,7 +33,7 @@ class RunData(NamedTuple):
 FULL_HASH_BYTES = 1 << 30  # larger arrays are hashed on a sample of rows
 
 
-def fingerprint(*arrays: np.ndarray) -> str:
+def fingerprint(*arrays: np.ndarray, names: tuple[str, ...] | None = None) -> str:
     """A hash of the arrays' dtypes, shapes and contents: other data, another fingerprint.
 
     Arrays up to 1 GiB are hashed whole; of a larger one (an ImageNet training set), every k-th row
@@ -45,6 +45,8 @@ def fingerprint(*arrays: np.ndarray) -> str:
         digest.update(f"{a.dtype.str}{a.shape}".encode())
         step = max(1, -(-a.nbytes // FULL_HASH_BYTES))
         digest.update(np.ascontiguousarray(a[::step]).tobytes())
+    if names is not None:  # a class renamed is other data too
+        digest.update(repr(tuple(names)).encode())
     return digest.hexdigest()
 
 
@@ -71,10 +73,11 @@ def load_data(config) -> tuple[RunData, Protocol, sources.Source]:
     source = sources.load_source(config.dataset.name, **source_options(config))
     source = sources.subset_classes(source, config.dataset.classes)
     protocol = make_protocol(source.num_classes, config.protocol)
+    protocol = protocol._replace(class_names=source.class_names)
     norm = device.fit_normalizer(source.x_train, source.is_image)
     y_train, y_test = protocol.remap(source.y_train), protocol.remap(source.y_test)
     arrays = (source.x_train, y_train, source.x_test, y_test)
-    data = RunData(*arrays, norm, source.is_image, fingerprint(*arrays))
+    data = RunData(*arrays, norm, source.is_image, fingerprint(*arrays, names=source.class_names))
     return data, protocol, source
 
 

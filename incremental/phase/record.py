@@ -78,6 +78,7 @@ def results_from_records(config, protocol: Protocol, records: list[dict]) -> dic
         "method": config.method,
         "dataset": config.dataset.name,
         "class_order": list(protocol.class_order),
+        "class_names": None if protocol.class_names is None else list(protocol.class_names),
         "phase_sizes": list(protocol.phase_sizes),
         "num_phases": protocol.num_phases,
         "complete": len(records) == protocol.num_phases,

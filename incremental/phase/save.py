@@ -36,6 +36,7 @@ def meta(
         "records": records,
         "config": config.to_dict(),
         "class_order": list(protocol.class_order),
+        "class_names": None if protocol.class_names is None else list(protocol.class_names),
     }
     return json.loads(json.dumps(doc, default=json_default))
 
