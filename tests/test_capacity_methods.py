@@ -32,7 +32,20 @@ DYNAMIC = [
 ]
 
 
-@pytest.mark.parametrize("method, overrides, programs, fits", [(*c, 0)[:4] for c in DYNAMIC])
+# The everyday suite runs one case of each kind of state (a teacher, exemplars with NME, a fit with
+# the method's loss, a cosine head with frozen columns, a closed-form head); the full suite (`-m ""`,
+# CI) runs every case: each is two full runs of three phases, an end-to-end check.
+EVERYDAY = {0, 2, 6, 12, 15}
+
+
+def cases():
+    return [
+        pytest.param(*(*case, 0)[:4], marks=() if i in EVERYDAY else (pytest.mark.slow,))
+        for i, case in enumerate(DYNAMIC)
+    ]
+
+
+@pytest.mark.parametrize("method, overrides, programs, fits", cases())
 def test_every_dynamic_method_gives_the_widening_numbers(
     tmp_path, monkeypatch, method, overrides, programs, fits
 ):

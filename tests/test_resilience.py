@@ -405,6 +405,7 @@ def test_debug_shows_the_traceback_of_a_user_error(tmp_path):
     assert proc.returncode == 2 and "Traceback" in out and "must be > 0, got -0.1" in out, out
 
 
+@pytest.mark.slow  # two runs through the command line
 def test_a_full_disk_is_one_message_and_the_same_command_resumes(tmp_path):
     """A checkpoint the disk refuses (here: files limited to 20 kB, as a full disk refuses them):
     exit 2, a message naming the directory, the cause and what to do, no traceback (orbax logs
