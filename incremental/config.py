@@ -119,6 +119,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.log = ml_collections.ConfigDict()  # does not change results; may differ on resume
     c.log.progress = True  # progress bars
     c.log.plot = True  # accuracy plot (PNG) in the work directory
+    c.log.tensorboard = (
+        True  # TensorBoard event files in WORKDIR/tensorboard (metrics.jsonl: always)
+    )
     return c
 
 

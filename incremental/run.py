@@ -9,6 +9,7 @@ import time
 from typing import Any, NamedTuple
 
 from incremental import capacity, checkpoint, compilation, lock, parallel, report, seeds
+from incremental.metrics import MetricsLog
 from incremental.phase import begin, end, evaluate, fit, load, record, save
 from incremental.phase.begin import Carried
 from incremental.preemption import Preempted, Preemption
@@ -52,6 +53,7 @@ def run(
     # One writer per work directory (the main process of a multi-host run writes its files).
     with lock.hold(workdir) if main else contextlib.nullcontext():
         ckpts = checkpoint.Checkpoints(workdir, config.checkpoint.keep)
+        log = MetricsLog(workdir, tensorboard=config.log.tensorboard, enabled=main)
         try:
             # What is saved and compared; a resumed run keeps the width it was saved with.
             saved = ckpts.saved_head_capacity()
@@ -72,7 +74,7 @@ def run(
             with Preemption(report.console) as preempt, progress:
                 for phase in range(first, last + 1):
                     within = Within(
-                        config, ckpts, preempt, progress, protocol, records, data.fingerprint
+                        config, ckpts, preempt, progress, protocol, records, data.fingerprint, log
                     )
                     carried, rng, rec = run_phase(
                         config, method, data, protocol, phase, carried, method_state, programs,
@@ -87,10 +89,12 @@ def run(
                         ckpts, config, protocol, phase, carried, rng, records, mesh,
                         data.fingerprint,
                     )  # fmt: skip
+                    log.evaluation(rec)
                     progress.phase_done(records[-1])
                     if preempt.requested and phase < last:
                         raise Preempted(f"Stopped after phase {phase}, saved.")
         finally:
+            log.close()
             ckpts.close()
     if config.log.plot and results is not None and main:
         report.plot(results, os.path.join(workdir, "accuracy.png"))
@@ -150,10 +154,17 @@ class Within:
     """The fit stage of a checkpointed run: resumes after a within-phase checkpoint, saves every
     `checkpoint.every_steps` / `every_epochs`, and stops (saved) when preemption is requested."""
 
-    def __init__(self, config, ckpts, preempt, progress, protocol, records: list, fingerprint=""):
+    def __init__(
+        self, config, ckpts, preempt, progress, protocol, records: list, fingerprint="", log=None
+    ):
         self.config, self.ckpts, self.preempt = config, ckpts, preempt
         self.progress, self.protocol, self.records = progress, protocol, records
-        self.fingerprint = fingerprint
+        self.fingerprint, self.log = fingerprint, log or MetricsLog("", enabled=False)
+        self._clock = time.perf_counter()
+
+    @property
+    def batch_size(self) -> int:
+        return self.config.train.batch_size
 
     def fit(self, pr: begin.PhaseRun, state, method_state):
         phase, saved = pr.info.phase, None
@@ -163,10 +174,15 @@ class Within:
             epoch = saved["step"] // pr.steps_per_epoch
             report.console.print(f"Resuming phase {phase} at step {saved['step']} (epoch {epoch}).")
         steps = fit.Steps.of(pr, saved)
+        self.log.resume(phase, steps.step)
         self.progress.start_epochs(phase, pr.epochs, start=steps.epoch)
+        self._clock = time.perf_counter()
         return fit.fit(pr, state, method_state, steps=steps, on_call=self.after_call)
 
     def after_call(self, steps: fit.Steps, state, method_state, ended_epoch: bool) -> None:
+        now, examples = time.perf_counter(), (steps.step - steps.call_start) * self.batch_size
+        self.log.train(steps.phase, steps.call_start, steps.call, examples / (now - self._clock))
+        self._clock = now
         if ended_epoch:
             self.progress.epoch_done(steps.last_epoch)
         if steps.step == steps.total:

@@ -173,6 +173,9 @@ KEYS: dict[str, Key] = {
     "checkpoint.keep": Key(int, "within-phase checkpoints kept", low=1),
     "log.progress": Key(bool, "progress bars"),
     "log.plot": Key(bool, "the accuracy plot in the work directory"),
+    "log.tensorboard": Key(
+        bool, "TensorBoard event files in WORKDIR/tensorboard (metrics.jsonl is always written)"
+    ),
 }
 
 

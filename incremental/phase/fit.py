@@ -39,6 +39,7 @@ class Steps:
         self.step = int(saved.get("step", 0))
         self.values = {k: list(v) for k, v in saved.get("values", {}).items()}
         self.last_epoch = dict(saved.get("last_epoch", {}))  # the last finished epoch's means
+        self.call_start, self.call = self.step, {}  # the last call's steps and their values
 
     def remaining(self, state: train.TrainState) -> bool:
         step = int(parallel.to_host(state.step))
@@ -57,9 +58,14 @@ class Steps:
                 f"{self.step // self.per_epoch}, steps {self.step}-{self.step + n - 1}; lower the "
                 "learning rate or check the data. Checkpoints saved before it are kept."
             )
+        # The call's steps, for the metrics log: steps `call_start + 1, ...`.
+        self.call_start, self.call = (
+            self.step,
+            {key: [float(v) for v in np.asarray(value)[:n]] for key, value in metrics.items()},
+        )
         self.step += n
-        for key, value in metrics.items():
-            self.values.setdefault(key, []).extend(float(v) for v in np.asarray(value)[:n])
+        for key, value in self.call.items():
+            self.values.setdefault(key, []).extend(value)
         if self.step % self.per_epoch:
             return False
         self.last_epoch = {k: math.fsum(v) / len(v) for k, v in self.values.items()}

@@ -1,0 +1,150 @@
+"""A run's metrics as it trains: `WORKDIR/metrics.jsonl`, and TensorBoard event files.
+
+Each line of `metrics.jsonl` is one JSON object:
+
+- a training step: `{"kind": "train", "phase", "step" (steps of the phase done), "global_step"
+  (steps of the run done), "loss", "accuracy", and the method's terms (`ce`, `kd`, ...)}`, and
+  `"examples_per_second"` on the last step of each call of the train epoch;
+- a phase's evaluation: `{"kind": "eval", "phase", "global_step", ...}` with the phase's record of
+  results.json (accuracies, old/new, the accuracy-matrix row, timings).
+
+The values come back from the device once per call of the jitted epoch, as they already do for the
+progress bar, so writing them costs the training nothing. With `log.tensorboard` the same values
+go to `WORKDIR/tensorboard/` as scalars (`train/loss`, `eval/accuracy`, ...) through tensorboardX,
+which needs neither TensorFlow nor torch. A resumed run first drops what the killed process wrote
+past the checkpoint it resumes from (the lines of later steps; TensorBoard's `purge_step`), so every
+step appears once.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Any
+
+METRICS_FILE = "metrics.jsonl"
+TENSORBOARD_DIR = "tensorboard"
+EVAL_KEYS = ("accuracy", "old_accuracy", "new_accuracy", "task_aware_accuracy", "final_loss")
+
+
+class MetricsLog:
+    """Writes one run's metrics; `resume(phase, step)` before a phase's first step."""
+
+    def __init__(self, workdir: str, *, tensorboard: bool = True, enabled: bool = True):
+        self.path = os.path.join(workdir, METRICS_FILE)
+        self.tensorboard_dir = os.path.join(workdir, TENSORBOARD_DIR) if tensorboard else None
+        self.enabled = enabled
+        self.phase_start = 0  # global step at the start of the current phase
+        self._writer = None
+
+    def resume(self, phase: int, step: int) -> None:
+        """Keeps the lines before step `step` of `phase` (and earlier phases'), drops the rest."""
+        if not self.enabled:
+            return
+        kept = [line for line in _read(self.path) if _before(line, phase, step)]
+        earlier = [line["global_step"] for line in kept if line["phase"] < phase]
+        self.phase_start = max(earlier, default=0)
+        _write(self.path, kept)
+        if self.tensorboard_dir is not None and self._writer is None:  # a process's first phase
+            self._writer = _summary_writer(self.tensorboard_dir, self.phase_start + step + 1)
+
+    def train(self, phase: int, first_step: int, values: dict[str, list[float]], rate: float):
+        """The steps `first_step + 1, ...` of `phase`, `values[key][i]` for each (one call)."""
+        if not self.enabled or not values:
+            return
+        count = len(next(iter(values.values())))
+        lines = []
+        for i in range(count):
+            step = first_step + i + 1
+            line = {"kind": "train", "phase": phase, "step": step}
+            line["global_step"] = self.phase_start + step
+            line.update({k: v[i] for k, v in values.items()})
+            lines.append(line)
+        lines[-1]["examples_per_second"] = rate
+        self._append(lines)
+        for line in lines:
+            for key, value in line.items():
+                if key not in ("kind", "phase", "step", "global_step"):
+                    self._scalar(f"train/{key}", value, line["global_step"])
+
+    def evaluation(self, rec: dict) -> None:
+        """A phase's record (results.json's `phases` entry), after its evaluation."""
+        if not self.enabled:
+            return
+        global_step = max(self.phase_start, self._last_global_step())
+        line = {"kind": "eval", "phase": rec["phase"], "global_step": global_step, **rec}
+        self._append([line])
+        for key in EVAL_KEYS:
+            if isinstance(rec.get(key), float):
+                self._scalar(f"eval/{key}", rec[key], global_step)
+        self.phase_start = global_step
+
+    def close(self) -> None:
+        self._close_writer()
+
+    def _append(self, lines: list[dict]) -> None:
+        with open(self.path, "a") as f:
+            f.writelines(json.dumps(line, default=_plain) + "\n" for line in lines)
+        self._last = lines[-1]["global_step"]
+
+    def _last_global_step(self) -> int:
+        return getattr(self, "_last", self.phase_start)
+
+    def _scalar(self, tag: str, value: Any, step: int) -> None:
+        if self._writer is not None and isinstance(value, int | float):
+            self._writer.add_scalar(tag, value, step)
+
+    def _close_writer(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+
+
+def _before(line: dict, phase: int, step: int) -> bool:
+    """Whether `line` was written before step `step` of `phase` began (and so stays)."""
+    if line["phase"] != phase:
+        return line["phase"] < phase
+    return line["kind"] == "train" and line["step"] <= step
+
+
+def _read(path: str) -> list[dict]:
+    """The file's complete lines (a line cut short by a kill is dropped)."""
+    try:
+        with open(path) as f:
+            text = f.read()
+    except FileNotFoundError:
+        return []
+    lines = []
+    for raw in text.splitlines():
+        try:
+            lines.append(json.loads(raw))
+        except json.JSONDecodeError:
+            continue
+    return lines
+
+
+def _write(path: str, lines: list[dict]) -> None:
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        f.writelines(json.dumps(line) + "\n" for line in lines)
+    os.replace(tmp, path)
+
+
+def _summary_writer(directory: str, purge_step: int):
+    """A tensorboardX writer that hides the events a killed process wrote from `purge_step` on."""
+    try:
+        from tensorboardX import SummaryWriter
+    except ImportError:
+        raise ValueError(
+            "log.tensorboard=True needs tensorboardX (pip install tensorboardX); or set "
+            "--config.log.tensorboard=False (metrics.jsonl is written either way)."
+        ) from None
+    # One file per writer: tensorboardX names files by the second, which a resume can share.
+    suffix = f".{time.time_ns()}.{os.getpid()}"  # sorted by time, as TensorBoard reads them
+    return SummaryWriter(directory, purge_step=purge_step, flush_secs=30, filename_suffix=suffix)
+
+
+def _plain(value):
+    """JSON for numpy scalars and arrays in a record."""
+    return value.tolist() if hasattr(value, "tolist") else str(value)

@@ -1,0 +1,115 @@
+"""metrics.jsonl and the TensorBoard event files: every step once, in order, across a crash and resume."""
+
+import json
+import os
+import struct
+
+import pytest
+
+from configs import digits
+from incremental import metrics
+from incremental import run as run_lib
+
+
+def small_config():
+    config = digits.get_config("method=lwf")
+    config.train.epochs = config.train_first.epochs = 2
+    config.protocol.init_classes, config.protocol.increment = 4, 3  # 3 phases
+    config.checkpoint.every_steps = 3
+    config.log.progress = config.log.plot = False
+    return config
+
+
+def lines(workdir):
+    with open(os.path.join(workdir, metrics.METRICS_FILE)) as f:
+        return [json.loads(line) for line in f]
+
+
+def train_steps(workdir):
+    """(phase, step, global_step, loss, kd) of every train line."""
+    return [
+        (m["phase"], m["step"], m["global_step"], m["loss"], m.get("kd"))
+        for m in lines(workdir)
+        if m["kind"] == "train"
+    ]
+
+
+def scalars(directory, tag):
+    """The (step, value) pairs of `tag` in the event files under `directory` (TFRecord framing:
+    length, its CRC, the Event proto, its CRC)."""
+    from tensorboardX.proto import event_pb2
+
+    found = []
+    for name in sorted(os.listdir(directory)):
+        with open(os.path.join(directory, name), "rb") as f:
+            data = f.read()
+        at = 0
+        while at < len(data):
+            (length,) = struct.unpack("<Q", data[at : at + 8])
+            event = event_pb2.Event.FromString(data[at + 12 : at + 12 + length])
+            at += 16 + length
+            found += [(event.step, v.simple_value) for v in event.summary.value if v.tag == tag]
+    return found
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    workdir = str(tmp_path_factory.mktemp("metrics") / "run")
+    results = run_lib.run(small_config(), workdir)
+    return workdir, results
+
+
+def test_every_step_is_logged_once_with_the_methods_terms_and_each_evaluation(uninterrupted):
+    workdir, results = uninterrupted
+    steps = train_steps(workdir)
+    assert [s[2] for s in steps] == list(range(1, len(steps) + 1))  # global steps 1, 2, ...
+    for phase in range(3):
+        mine = [s[1] for s in steps if s[0] == phase]
+        assert mine == list(range(1, len(mine) + 1)) and mine
+    assert all(s[4] is None for s in steps if s[0] == 0)  # no teacher in phase 0
+    assert all(isinstance(s[4], float) for s in steps if s[0] > 0)  # LwF's distillation term
+    evals = [m for m in lines(workdir) if m["kind"] == "eval"]
+    assert [m["accuracy"] for m in evals] == results["accuracy"]
+    assert [m["final_loss"] for m in evals] == [p["final_loss"] for p in results["phases"]]
+    assert any("examples_per_second" in m for m in lines(workdir))
+    logged = scalars(os.path.join(workdir, metrics.TENSORBOARD_DIR), "train/loss")
+    assert [(s[2], pytest.approx(s[3])) for s in steps] == logged
+    accuracy = scalars(os.path.join(workdir, metrics.TENSORBOARD_DIR), "eval/accuracy")
+    assert [v for _, v in accuracy] == pytest.approx(results["accuracy"])
+
+
+def test_a_crash_and_resume_log_each_step_once(uninterrupted, tmp_path, monkeypatch):
+    """A process that dies after logging steps its checkpoint does not hold: the resumed run drops
+    them and logs them again, so the file (and TensorBoard's view) equals an uninterrupted run's."""
+    reference, _ = uninterrupted
+    workdir = str(tmp_path / "run")
+    train = metrics.MetricsLog.train
+    calls = []
+
+    def crash_after_logging(self, *args):
+        train(self, *args)
+        calls.append(args[0])
+        if len(calls) == 9:  # in phase 1, after logging steps the next checkpoint would save
+            raise RuntimeError("killed")
+
+    monkeypatch.setattr(metrics.MetricsLog, "train", crash_after_logging)
+    with pytest.raises(RuntimeError, match="killed"):
+        run_lib.run(small_config(), workdir)
+    assert calls[-1] == 1 and len(train_steps(workdir)) > 0
+    monkeypatch.setattr(metrics.MetricsLog, "train", train)
+    run_lib.run(small_config(), workdir)
+    assert train_steps(workdir) == train_steps(reference)
+    logged = scalars(os.path.join(workdir, metrics.TENSORBOARD_DIR), "train/loss")
+    # TensorBoard keeps the purged events on disk and hides those at or after `purge_step`.
+    assert [(step, pytest.approx(loss)) for _, _, step, loss, _ in train_steps(reference)] == [
+        pair for pair in _purged(logged)
+    ]
+
+
+def _purged(events):
+    """What TensorBoard shows: a later event at a step hides every earlier one from that step on."""
+    shown = []
+    for step, value in events:
+        shown = [pair for pair in shown if pair[0] < step]
+        shown.append((step, value))
+    return shown
