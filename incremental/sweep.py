@@ -1,0 +1,204 @@
+"""Sweeps: a grid of runs, each point in its own work directory, several at a time.
+
+    incremental sweep --config=configs/digits.py --sweep='method=[replay,icarl];seed=[0,1,2]' \
+        --workdir=runs/grid [--parallel=2] [--point=K]
+
+The points are the product of `--sweep`'s lists (the last key varies fastest), or what the config
+file's `get_sweep()` returns (big_vision's convention: a list of dicts of overrides), or both
+(every point of the file's list with every point of the grid). Point k runs
+`incremental run --config=FILE[:ARG] --config.KEY=VALUE ... --workdir=DIR/kkk-KEY=VALUE,...` in a
+process of its own; `method` goes into the config file's argument (`FILE:method=replay`), where the
+configs choose a method's defaults. A point whose results.json is complete is skipped, an
+unfinished one resumes (the run's own resume), so a killed sweep continues where it stopped when
+the same command runs again. `--point=K` runs only point K (one task of a SLURM array, say).
+`DIR/sweep.json` lists the points, their directories, statuses and last accuracies.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+
+SWEEP_FILE = "sweep.json"
+_GRID_ITEM = re.compile(r"^\s*([A-Za-z_][\w.]*)\s*=\s*\[(.*)\]\s*$")
+
+
+def parse_grid(text: str) -> list[dict[str, str]]:
+    """'method=[replay,icarl];seed=[0,1]' -> the product of the lists, the last key fastest."""
+    if not text.strip():
+        return [{}]
+    keys, values = [], []
+    for item in text.split(";"):
+        found = _GRID_ITEM.match(item)
+        if found is None:
+            raise ValueError(
+                f"--sweep item {item.strip()!r} is not KEY=[V1,V2,...]; e.g. "
+                "--sweep='method=[replay,icarl];train.lr=[0.1,0.05]'."
+            )
+        options = [v.strip() for v in found[2].split(",") if v.strip()]
+        if not options or found[1] in keys:
+            raise ValueError(f"--sweep key {found[1]!r} has no values or appears twice.")
+        keys.append(found[1])
+        values.append(options)
+    return [dict(zip(keys, combo, strict=True)) for combo in itertools.product(*values)]
+
+
+def file_points(config_file: str) -> list[dict[str, str]]:
+    """The config file's `get_sweep()` (a list of dicts of overrides), or [{}] when it has none."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("_incremental_sweep_config", config_file)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    if not hasattr(module, "get_sweep"):
+        return [{}]
+    points = module.get_sweep()
+    if not isinstance(points, list) or not all(isinstance(p, dict) for p in points):
+        raise ValueError(f"{config_file}: get_sweep() must return a list of dicts of overrides.")
+    return [{str(k): _text(v) for k, v in p.items()} for p in points]
+
+
+def points(config_file: str, grid: str) -> list[dict[str, str]]:
+    """Every point of the sweep: the file's points times the command line's grid."""
+    found = [{**a, **b} for a in file_points(config_file) for b in parse_grid(grid)]
+    if found == [{}]:
+        raise ValueError(
+            "The sweep has no points: give --sweep='KEY=[V1,V2];...' or a get_sweep() in the "
+            "config file."
+        )
+    return found
+
+
+def point_dir(workdir: str, index: int, overrides: dict[str, str]) -> str:
+    name = ",".join(f"{k}={v}" for k, v in overrides.items())
+    return os.path.join(workdir, f"{index:03d}-" + re.sub(r"[^\w.,=+-]+", "_", name)[:100])
+
+
+def command(config: str, overrides: dict[str, str], workdir: str) -> list[str]:
+    """The `incremental run` command line of one point."""
+    path, _, arg = config.partition(":")
+    args = dict(a.split("=", 1) for a in arg.split(",") if "=" in a)
+    if "method" in overrides:
+        args["method"] = overrides["method"]
+    config_arg = path + (":" + ",".join(f"{k}={v}" for k, v in args.items()) if args else "")
+    flags = [f"--config.{k}={v}" for k, v in overrides.items() if k != "method"]
+    return [sys.executable, "-m", "incremental.main", "run", f"--config={config_arg}", *flags,
+            f"--workdir={workdir}", "--config.log.progress=False"]  # fmt: skip
+
+
+def status(workdir: str) -> str:
+    """'done' (results.json complete), 'partial' (started) or 'new'."""
+    try:
+        with open(os.path.join(workdir, "results.json")) as f:
+            return "done" if json.load(f).get("complete") else "partial"
+    except (OSError, ValueError):
+        return "partial" if os.path.isdir(workdir) else "new"
+
+
+def last_accuracy(workdir: str) -> float | None:
+    try:
+        with open(os.path.join(workdir, "results.json")) as f:
+            return json.load(f).get("last_accuracy")
+    except (OSError, ValueError):
+        return None
+
+
+def run_sweep(
+    config: str, workdir: str, grid: str = "", *, parallel: int = 1, point: int | None = None,
+    say=print,
+) -> list[dict]:  # fmt: skip
+    """Runs the sweep's points that are not done; returns their entries (as in sweep.json)."""
+    if parallel < 1:
+        raise ValueError(f"--parallel must be >= 1, got {parallel}.")
+    found = points(config.partition(":")[0], grid)
+    if point is not None and not 0 <= point < len(found):
+        raise ValueError(f"--point={point}: the sweep has points 0..{len(found) - 1}.")
+    entries = [
+        {"point": k, "overrides": o, "workdir": point_dir(workdir, k, o)}
+        for k, o in enumerate(found)
+    ]
+    os.makedirs(workdir, exist_ok=True)
+    chosen = [e for e in entries if point is None or e["point"] == point]
+    todo = []
+    for entry in chosen:
+        entry["before"] = status(entry["workdir"])
+        if entry["before"] != "done":
+            todo.append(entry)
+    say(f"{len(found)} points; {len(chosen) - len(todo)} done, {len(todo)} to run in {workdir}")
+    codes = _run_all(config, todo, parallel, say)
+    for entry in entries:
+        entry["status"] = status(entry["workdir"])
+        entry["exit_code"] = codes.get(entry["point"])
+        entry["last_accuracy"] = last_accuracy(entry["workdir"])
+    _write(os.path.join(workdir, SWEEP_FILE), entries)
+    return entries
+
+
+def _run_all(config: str, todo: Sequence[dict], parallel: int, say) -> dict[int, int]:
+    """Runs the points `parallel` at a time; SIGTERM/SIGINT reach every running point, which saves
+    and stops (the same sweep command resumes them)."""
+    running: dict[int, subprocess.Popen] = {}
+    codes: dict[int, int] = {}
+    queue = list(todo)
+    stop = []
+
+    def forward(signum, frame):
+        del frame
+        stop.append(signum)
+        for proc in running.values():
+            proc.send_signal(signum)
+
+    previous = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        while queue or running:
+            while queue and len(running) < parallel and not stop:
+                entry = queue.pop(0)
+                log = open(entry["workdir"] + ".log", "a")  # noqa: SIM115 -- the child writes it
+                cmd = command(config, entry["overrides"], entry["workdir"])
+                running[entry["point"]] = subprocess.Popen(
+                    cmd, stdout=log, stderr=log, preexec_fn=_term_with_parent
+                )
+                say(f"point {entry['point']} {entry['before']}: {' '.join(cmd[3:])}")
+            for k, proc in list(running.items()):
+                if proc.poll() is not None:
+                    codes[k] = running.pop(k).returncode
+                    say(f"point {k} ended with exit status {codes[k]}")
+            if stop and not running:
+                break
+            time.sleep(0.2)
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    return codes
+
+
+def _term_with_parent() -> None:
+    """In a point's process (Linux): SIGTERM when the sweep dies, however it dies (SIGKILL too),
+    so the point saves and stops instead of running on unwatched."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass  # elsewhere a killed sweep leaves its points to finish on their own
+
+
+def _write(path: str, entries: list[dict]) -> None:
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(entries, f, indent=1)
+    os.replace(tmp, path)
+
+
+def _text(value) -> str:
+    """A config value as `--config.KEY=` text (tuples as absl reads them)."""
+    if isinstance(value, tuple | list):
+        return "(" + ",".join(str(v) for v in value) + ("," if len(value) == 1 else "") + ")"
+    return str(value)
