@@ -3,9 +3,10 @@
 import json
 import os
 
+import numpy as np
 import pytest
 
-from incremental import sweep
+from incremental import compare, sweep
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -43,37 +44,84 @@ def get_sweep():
 """
 
 
+@pytest.mark.slow  # five runs, each a process of its own
 def test_a_sweep_runs_its_points_skips_finished_ones_and_resumes_unfinished_ones(
     tmp_path, monkeypatch
 ):
-    """Two points (the file's lr with the grid's two methods) run two at a time; a point started
-    before (one phase saved) is resumed, not restarted; a second call runs nothing."""
+    """2 methods x 2 seeds (with the file's lr) run two at a time; a point started before (one
+    phase saved) is resumed, not restarted; a second call runs nothing; the report's numbers are
+    the mean and std of the points' own results.json."""
     from configs import digits
+    from incremental import compare
     from incremental import run as run_lib
 
     config_file = tmp_path / "grid_config.py"
     config_file.write_text(CONFIG)
     workdir = str(tmp_path / "grid")
-    started = sweep.point_dir(workdir, 1, {"train.lr": "0.05", "method": "replay"})
+    grid = "method=[finetune,replay];seed=[0,1]"
+    started = sweep.point_dir(workdir, 3, {"train.lr": "0.05", "method": "replay", "seed": "1"})
     config = digits.get_config("method=replay")
     config.train.epochs = config.train_first.epochs = 1
     config.protocol.init_classes, config.protocol.increment = 4, 3
     config.log.plot = config.log.progress = False
-    config.train.lr = 0.05
+    config.train.lr, config.seed = 0.05, 1
     run_lib.run(config, started, stop_after=0)
 
     monkeypatch.chdir(ROOT)  # the points import `configs` from the repository
     said = []
-    entries = sweep.run_sweep(str(config_file), workdir, "method=[finetune,replay]", parallel=2,
-                              say=said.append)  # fmt: skip
-    assert [e["before"] for e in entries] == ["new", "partial"]
-    assert [e["status"] for e in entries] == ["done", "done"]
-    assert [e["exit_code"] for e in entries] == [0, 0]
-    assert all(0 < e["last_accuracy"] <= 1 for e in entries)
+    entries = sweep.run_sweep(str(config_file), workdir, grid, parallel=2, say=said.append)
+    assert [e["before"] for e in entries] == ["new", "new", "new", "partial"]
+    assert [e["status"] for e in entries] == ["done"] * 4
+    assert [e["exit_code"] for e in entries] == [0] * 4
     with open(os.path.join(started, "results.json")) as f:
         assert len(json.load(f)["accuracy_matrix"]) == 3
-    with open(os.path.join(workdir, sweep.SWEEP_FILE)) as f:
-        assert [e["overrides"]["method"] for e in json.load(f)] == ["finetune", "replay"]
-    again = sweep.run_sweep(str(config_file), workdir, "method=[finetune,replay]", point=0,
-                            say=said.append)  # fmt: skip
-    assert again[0]["exit_code"] is None and said[-1] == "2 points; 1 done, 0 to run in " + workdir
+    again = sweep.run_sweep(str(config_file), workdir, grid, point=0, say=said.append)
+    assert again[0]["exit_code"] is None and said[-1] == "4 points; 1 done, 0 to run in " + workdir
+
+    text, written = compare.report([workdir], str(tmp_path / "report"))
+    rows = {line.split(" | ")[2]: line for line in text.splitlines()[2:]}
+    assert sorted(rows) == ["finetune", "replay"]  # seeds pooled; lr and method not swept apart
+    for method, first in (("finetune", 0), ("replay", 2)):
+        last = [100 * entries[k]["last_accuracy"] for k in (first, first + 1)]
+        assert f"{np.mean(last):.1f} ± {np.std(last):.1f}" in rows[method]
+    assert len(written) == 3 and all(os.path.getsize(p) for p in written)
+
+
+def _results(method, seed, lr, last, curve):
+    config = {"method": method, "seed": seed, "train": {"lr": lr}, "log": {"plot": seed == 0}}
+    return {
+        "complete": True, "method": method, "dataset": "digits", "phase_sizes": [2, 2],
+        "config": config, "last_accuracy": last, "average_incremental_accuracy": np.mean(curve),
+        "forgetting": 0.1, "accuracy": curve,
+        "phases": [{"train_seconds": 1.0, "compile_seconds": 0.5}] * 2,
+    }  # fmt: skip
+
+
+def test_the_report_groups_by_the_swept_keys_and_pools_the_seeds(tmp_path):
+    runs = [
+        _results("replay", 0, 0.1, 0.5, [0.9, 0.5]),
+        _results("replay", 1, 0.1, 0.7, [1.0, 0.7]),
+        _results("replay", 0, 0.05, 0.6, [0.9, 0.6]),
+        {**_results("icarl", 0, 0.1, 0.8, [1.0, 0.8]), "nme_last_accuracy": 0.85},
+        {**_results("icarl", 1, 0.1, 0.9, [1.0, 0.9]), "complete": False},  # unfinished: left out
+    ]
+    for i, doc in enumerate(runs):
+        os.makedirs(tmp_path / f"run{i}")
+        (tmp_path / f"run{i}" / "results.json").write_text(json.dumps(doc))
+    text, written = compare.report([str(tmp_path)], str(tmp_path / "out" / "report"))
+    rows = [line.split(" | ") for line in text.splitlines()[2:]]
+    assert [r[2] for r in rows] == [
+        "icarl train.lr=0.1",
+        "replay train.lr=0.05",
+        "replay train.lr=0.1",
+    ]
+    assert rows[2][3:6] == ["2", "60.0 ± 10.0", "77.5 ± 7.5"]  # runs, last, average (in %)
+    assert rows[0][7] == "85.0 ± 0.0" and rows[1][7] == "-"  # NME only where the method has it
+    assert rows[0][9] == "2.0 ± 0.0"  # training seconds summed over phases
+    assert [os.path.basename(p) for p in written] == [
+        "report.md",
+        "report.csv",
+        "report-digits-2_2.png",
+    ]
+    with pytest.raises(ValueError, match="No finished run"):
+        compare.report([str(tmp_path / "out")])
