@@ -5,6 +5,9 @@ Each line of `metrics.jsonl` is one JSON object:
 - a training step: `{"kind": "train", "phase", "step" (steps of the phase done), "global_step"
   (steps of the run done), "loss", "accuracy", and the method's terms (`ce`, `kd`, ...)}`, and
   `"examples_per_second"` on the last step of each call of the train epoch;
+- an epoch's end: `{"kind": "epoch", "phase", "epoch" (epochs of the phase done), "step",
+  "global_step", ...}` with the epoch's mean of every train value (the last epoch's `loss` is
+  results.json's `final_loss` of the phase);
 - a phase's evaluation: `{"kind": "eval", "phase", "global_step", ...}` with the phase's record of
   results.json (accuracies, old/new, the accuracy-matrix row, timings).
 
@@ -68,6 +71,16 @@ class MetricsLog:
                 if key not in ("kind", "phase", "step", "global_step"):
                     self._scalar(f"train/{key}", value, line["global_step"])
 
+    def epoch(self, phase: int, epoch: int, step: int, means: dict[str, float]) -> None:
+        """The means of an epoch that ended at step `step` of `phase`."""
+        if not self.enabled:
+            return
+        global_step = self.phase_start + step
+        line = {"kind": "epoch", "phase": phase, "epoch": epoch, "step": step}
+        self._append([{**line, "global_step": global_step, **means}])
+        for key, value in means.items():
+            self._scalar(f"epoch/{key}", value, global_step)
+
     def evaluation(self, rec: dict) -> None:
         """A phase's record (results.json's `phases` entry), after its evaluation."""
         if not self.enabled:
@@ -105,7 +118,7 @@ def _before(line: dict, phase: int, step: int) -> bool:
     """Whether `line` was written before step `step` of `phase` began (and so stays)."""
     if line["phase"] != phase:
         return line["phase"] < phase
-    return line["kind"] == "train" and line["step"] <= step
+    return line["kind"] in ("train", "epoch") and line["step"] <= step
 
 
 def _read(path: str) -> list[dict]:

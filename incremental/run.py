@@ -184,6 +184,7 @@ class Within:
         self.log.train(steps.phase, steps.call_start, steps.call, examples / (now - self._clock))
         self._clock = now
         if ended_epoch:
+            self.log.epoch(steps.phase, steps.epoch, steps.step, steps.last_epoch)
             self.progress.epoch_done(steps.last_epoch)
         if steps.step == steps.total:
             return  # the phase-end checkpoint follows

@@ -71,6 +71,10 @@ def test_every_step_is_logged_once_with_the_methods_terms_and_each_evaluation(un
     evals = [m for m in lines(workdir) if m["kind"] == "eval"]
     assert [m["accuracy"] for m in evals] == results["accuracy"]
     assert [m["final_loss"] for m in evals] == [p["final_loss"] for p in results["phases"]]
+    epochs = [m for m in lines(workdir) if m["kind"] == "epoch"]
+    assert [(m["phase"], m["epoch"]) for m in epochs] == [(p, e) for p in range(3) for e in (1, 2)]
+    last = [[m["loss"] for m in epochs if m["phase"] == p][-1] for p in range(3)]
+    assert last == [p["final_loss"] for p in results["phases"]]
     assert any("examples_per_second" in m for m in lines(workdir))
     logged = scalars(os.path.join(workdir, metrics.TENSORBOARD_DIR), "train/loss")
     assert [(s[2], pytest.approx(s[3])) for s in steps] == logged
@@ -99,6 +103,10 @@ def test_a_crash_and_resume_log_each_step_once(uninterrupted, tmp_path, monkeypa
     monkeypatch.setattr(metrics.MetricsLog, "train", train)
     run_lib.run(small_config(), workdir)
     assert train_steps(workdir) == train_steps(reference)
+    epochs = lambda w: [
+        (m["phase"], m["epoch"], m["loss"]) for m in lines(w) if m["kind"] == "epoch"
+    ]  # noqa: E731
+    assert epochs(workdir) == epochs(reference)
     logged = scalars(os.path.join(workdir, metrics.TENSORBOARD_DIR), "train/loss")
     # TensorBoard keeps the purged events on disk and hides those at or after `purge_step`.
     assert [(step, pytest.approx(loss)) for _, _, step, loss, _ in train_steps(reference)] == [
