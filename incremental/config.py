@@ -122,6 +122,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.log.tensorboard = (
         True  # TensorBoard event files in WORKDIR/tensorboard (metrics.jsonl: always)
     )
+    c.log.wandb = ""  # a Weights & Biases project to log to (needs the optional wandb package)
     return c
 
 

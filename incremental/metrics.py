@@ -14,13 +14,16 @@ Each line of `metrics.jsonl` is one JSON object:
 The values come back from the device once per call of the jitted epoch, as they already do for the
 progress bar, so writing them costs the training nothing. With `log.tensorboard` the same values
 go to `WORKDIR/tensorboard/` as scalars (`train/loss`, `eval/accuracy`, ...) through tensorboardX,
-which needs neither TensorFlow nor torch. A resumed run first drops what the killed process wrote
+which needs neither TensorFlow nor torch, and with `log.wandb=PROJECT` to Weights & Biases (the
+optional `wandb` package; its own settings apply, `WANDB_MODE=offline` included; the run's id is
+derived from the work directory, so a resumed run continues the same W&B run). A resumed run first drops what the killed process wrote
 past the checkpoint it resumes from (the lines of later steps; TensorBoard's `purge_step`), so every
 step appears once.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import time
@@ -34,12 +37,21 @@ EVAL_KEYS = ("accuracy", "old_accuracy", "new_accuracy", "task_aware_accuracy", 
 class MetricsLog:
     """Writes one run's metrics; `resume(phase, step)` before a phase's first step."""
 
-    def __init__(self, workdir: str, *, tensorboard: bool = True, enabled: bool = True):
+    def __init__(
+        self,
+        workdir: str,
+        *,
+        tensorboard: bool = True,
+        wandb: str = "",
+        config: dict | None = None,
+        enabled: bool = True,
+    ):
         self.path = os.path.join(workdir, METRICS_FILE)
         self.tensorboard_dir = os.path.join(workdir, TENSORBOARD_DIR) if tensorboard else None
         self.enabled = enabled
         self.phase_start = 0  # global step at the start of the current phase
         self._writer = None
+        self._wandb = _wandb_run(wandb, workdir, config) if wandb and enabled else None
 
     def resume(self, phase: int, step: int) -> None:
         """Keeps the lines before step `step` of `phase` (and earlier phases'), drops the rest."""
@@ -105,13 +117,20 @@ class MetricsLog:
         return getattr(self, "_last", self.phase_start)
 
     def _scalar(self, tag: str, value: Any, step: int) -> None:
-        if self._writer is not None and isinstance(value, int | float):
+        if not isinstance(value, int | float):
+            return
+        if self._writer is not None:
             self._writer.add_scalar(tag, value, step)
+        if self._wandb is not None:
+            self._wandb.log({tag: value}, step=step)
 
     def _close_writer(self) -> None:
         if self._writer is not None:
             self._writer.close()
             self._writer = None
+        if self._wandb is not None:
+            self._wandb.finish()
+            self._wandb = None
 
 
 def _before(line: dict, phase: int, step: int) -> bool:
@@ -156,6 +175,22 @@ def _summary_writer(directory: str, purge_step: int):
     # One file per writer: tensorboardX names files by the second, which a resume can share.
     suffix = f".{time.time_ns()}.{os.getpid()}"  # sorted by time, as TensorBoard reads them
     return SummaryWriter(directory, purge_step=purge_step, flush_secs=30, filename_suffix=suffix)
+
+
+def _wandb_run(project: str, workdir: str, config: dict | None):
+    """A W&B run for `workdir` in `project`, resumed when it exists (its id: the directory's)."""
+    try:
+        import wandb
+    except ImportError:
+        raise ValueError(
+            f"log.wandb={project!r} needs the wandb package (pip install -e '.[wandb]'); or leave "
+            "log.wandb empty (metrics.jsonl and TensorBoard files are written either way)."
+        ) from None
+    key = hashlib.blake2b(os.path.abspath(workdir).encode(), digest_size=8).hexdigest()
+    name = os.path.basename(os.path.abspath(workdir))
+    return wandb.init(
+        project=project, id=key, name=name, dir=workdir, config=config, resume="allow"
+    )
 
 
 def _plain(value):

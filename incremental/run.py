@@ -53,7 +53,13 @@ def run(
     # One writer per work directory (the main process of a multi-host run writes its files).
     with lock.hold(workdir) if main else contextlib.nullcontext():
         ckpts = checkpoint.Checkpoints(workdir, config.checkpoint.keep)
-        log = MetricsLog(workdir, tensorboard=config.log.tensorboard, enabled=main)
+        log = MetricsLog(
+            workdir,
+            tensorboard=config.log.tensorboard,
+            wandb=config.log.wandb,
+            config=config.to_dict(),
+            enabled=main,
+        )
         try:
             # What is saved and compared; a resumed run keeps the width it was saved with.
             saved = ckpts.saved_head_capacity()

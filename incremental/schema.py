@@ -176,6 +176,7 @@ KEYS: dict[str, Key] = {
     "log.tensorboard": Key(
         bool, "TensorBoard event files in WORKDIR/tensorboard (metrics.jsonl is always written)"
     ),
+    "log.wandb": Key(str, "a Weights & Biases project to log to ('' for none; pip install wandb)"),
 }
 
 

@@ -121,3 +121,37 @@ def _purged(events):
         shown = [pair for pair in shown if pair[0] < step]
         shown.append((step, value))
     return shown
+
+
+def test_weights_and_biases_gets_the_same_scalars_and_resumes_one_run(tmp_path, monkeypatch):
+    """log.wandb=PROJECT: a W&B run whose id is the work directory's (the same after a resume),
+    given the config and every scalar TensorBoard gets. (A stand-in module: wandb is optional.)"""
+    import sys
+    import types
+
+    calls = []
+
+    class Run:
+        def log(self, values, step):
+            calls.append(("log", values, step))
+
+        def finish(self):
+            calls.append(("finish",))
+
+    def init(**kwargs):
+        calls.append(("init", kwargs))
+        return Run()
+
+    monkeypatch.setitem(sys.modules, "wandb", types.SimpleNamespace(init=init))
+    config = small_config()
+    config.log.wandb, config.log.tensorboard = "my-project", False
+    workdir = str(tmp_path / "run")
+    run_lib.run(config, workdir, stop_after=0)
+    run_lib.run(config, workdir)
+    inits = [c[1] for c in calls if c[0] == "init"]
+    assert len(inits) == 2 and inits[0]["id"] == inits[1]["id"] and inits[0]["resume"] == "allow"
+    assert inits[0]["project"] == "my-project" and inits[0]["config"]["method"] == "lwf"
+    logged = [(c[2], c[1]["train/loss"]) for c in calls if c[0] == "log" and "train/loss" in c[1]]
+    assert logged == [(s[2], s[3]) for s in train_steps(workdir)]
+    assert [c[0] for c in calls].count("finish") == 2
+    assert not os.path.exists(os.path.join(workdir, metrics.TENSORBOARD_DIR))
