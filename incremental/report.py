@@ -7,7 +7,13 @@ import os
 import numpy as np
 from rich import box
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 from rich.progress import Progress as RichProgress
 from rich.table import Table
 
@@ -36,6 +42,8 @@ class Progress:
             MofNCompleteColumn(),
             TextColumn("{task.fields[info]}"),
             TimeElapsedColumn(),
+            TextColumn("eta"),
+            TimeRemainingColumn(),
             console=console,
             transient=True,
             disable=not enabled,
@@ -60,16 +68,21 @@ class Progress:
     def __exit__(self, *exc):
         self.bars.__exit__(*exc)
 
-    def start_epochs(self, phase: int, num_epochs: int, start: int = 0) -> None:
+    def start_steps(self, phase: int, epochs: int, per_epoch: int, done: int = 0) -> None:
+        """A bar over the phase's steps (from `done`), with its epoch, loss and speed."""
         if self._epoch_task is not None:
             self.bars.remove_task(self._epoch_task)
+        self._epochs, self._per_epoch = epochs, per_epoch
         self._epoch_task = self.bars.add_task(
-            f"phase {phase} epochs", total=num_epochs, completed=start, info=""
+            f"phase {phase} steps", total=epochs * per_epoch, completed=done, info=""
         )
 
-    def epoch_done(self, metrics: dict) -> None:
-        info = f"loss {metrics['loss']:.3f} acc {metrics['accuracy']:.3f}"
-        self.bars.update(self._epoch_task, advance=1, info=info)
+    def steps_done(self, step: int, values: dict, examples_per_second: float) -> None:
+        """After a call of the train epoch: the phase's steps so far and the call's mean loss."""
+        loss = sum(values.get("loss", [0.0])) / max(len(values.get("loss", [])), 1)
+        epoch = min(step // self._per_epoch + 1, self._epochs)
+        info = f"epoch {epoch}/{self._epochs} loss {loss:.3f} {examples_per_second:,.0f} ex/s"
+        self.bars.update(self._epoch_task, completed=step, info=info)
 
     def phase_done(self, record: dict) -> None:
         self.bars.update(self._phase_task, advance=1)
@@ -128,7 +141,8 @@ def print_summary(results: dict, workdir: str) -> None:
 
 
 def phase_label(results: dict, phase: int, most: int = 3) -> str:
-    """"phase 1: cat, dog" where the data names its classes (up to `most`), else "phase 1 classes"."""
+    """The legend's label of a phase: its class names where the data names them (up to `most`),
+    "phase 1: cat, dog", else "phase 1 classes"."""
     names = results.get("class_names")
     if names is None:
         return f"phase {phase} classes"

@@ -181,17 +181,18 @@ class Within:
             report.console.print(f"Resuming phase {phase} at step {saved['step']} (epoch {epoch}).")
         steps = fit.Steps.of(pr, saved)
         self.log.resume(phase, steps.step)
-        self.progress.start_epochs(phase, pr.epochs, start=steps.epoch)
+        self.progress.start_steps(phase, pr.epochs, pr.steps_per_epoch, done=steps.step)
         self._clock = time.perf_counter()
         return fit.fit(pr, state, method_state, steps=steps, on_call=self.after_call)
 
     def after_call(self, steps: fit.Steps, state, method_state, ended_epoch: bool) -> None:
         now, examples = time.perf_counter(), (steps.step - steps.call_start) * self.batch_size
-        self.log.train(steps.phase, steps.call_start, steps.call, examples / (now - self._clock))
+        rate = examples / max(now - self._clock, 1e-9)
+        self.log.train(steps.phase, steps.call_start, steps.call, rate)
+        self.progress.steps_done(steps.step, steps.call, rate)
         self._clock = now
         if ended_epoch:
             self.log.epoch(steps.phase, steps.epoch, steps.step, steps.last_epoch)
-            self.progress.epoch_done(steps.last_epoch)
         if steps.step == steps.total:
             return  # the phase-end checkpoint follows
         every_steps, every_epochs = (
