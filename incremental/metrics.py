@@ -51,6 +51,7 @@ class MetricsLog:
         self.enabled = enabled
         self.phase_start = 0  # global step at the start of the current phase
         self._writer = None
+        self._file = None  # metrics.jsonl, open for appending from the first `resume` on
         self._wandb = _wandb_run(wandb, workdir, config) if wandb and enabled else None
 
     def resume(self, phase: int, step: int) -> None:
@@ -60,7 +61,10 @@ class MetricsLog:
         kept = [line for line in _read(self.path) if _before(line, phase, step)]
         earlier = [line["global_step"] for line in kept if line["phase"] < phase]
         self.phase_start = max(earlier, default=0)
+        if self._file is not None:
+            self._file.close()
         _write(self.path, kept)
+        self._file = open(self.path, "a")  # noqa: SIM115 -- open for the run, closed by `close`
         if self.tensorboard_dir is not None and self._writer is None:  # a process's first phase
             self._writer = _summary_writer(self.tensorboard_dir, self.phase_start + step + 1)
 
@@ -79,9 +83,8 @@ class MetricsLog:
         lines[-1]["examples_per_second"] = rate
         self._append(lines)
         for line in lines:
-            for key, value in line.items():
-                if key not in ("kind", "phase", "step", "global_step"):
-                    self._scalar(f"train/{key}", value, line["global_step"])
+            values = {k: v for k, v in line.items() if k not in ("kind", "phase", "step")}
+            self._scalars("train", values, values.pop("global_step"))
 
     def epoch(self, phase: int, epoch: int, step: int, means: dict[str, float]) -> None:
         """The means of an epoch that ended at step `step` of `phase`."""
@@ -90,8 +93,7 @@ class MetricsLog:
         global_step = self.phase_start + step
         line = {"kind": "epoch", "phase": phase, "epoch": epoch, "step": step}
         self._append([{**line, "global_step": global_step, **means}])
-        for key, value in means.items():
-            self._scalar(f"epoch/{key}", value, global_step)
+        self._scalars("epoch", means, global_step)
 
     def evaluation(self, rec: dict) -> None:
         """A phase's record (results.json's `phases` entry), after its evaluation."""
@@ -100,29 +102,39 @@ class MetricsLog:
         global_step = max(self.phase_start, self._last_global_step())
         line = {"kind": "eval", "phase": rec["phase"], "global_step": global_step, **rec}
         self._append([line])
-        for key in EVAL_KEYS:
-            if isinstance(rec.get(key), float):
-                self._scalar(f"eval/{key}", rec[key], global_step)
+        self._scalars("eval", {k: rec.get(k) for k in EVAL_KEYS}, global_step)
         self.phase_start = global_step
 
     def close(self) -> None:
         self._close_writer()
+        if self._file is not None:
+            self._file.close()
+            self._file = None
 
     def _append(self, lines: list[dict]) -> None:
-        with open(self.path, "a") as f:
-            f.writelines(json.dumps(line, default=_plain) + "\n" for line in lines)
+        if self._file is None:  # an evaluation before any phase trained (resume was not called)
+            self._file = open(self.path, "a")  # noqa: SIM115 -- closed by `close`
+        self._file.writelines(json.dumps(line, default=_plain) + "\n" for line in lines)
+        self._file.flush()  # complete lines on disk after every call: a kill loses none
         self._last = lines[-1]["global_step"]
 
     def _last_global_step(self) -> int:
         return getattr(self, "_last", self.phase_start)
 
-    def _scalar(self, tag: str, value: Any, step: int) -> None:
-        if not isinstance(value, int | float):
+    def _scalars(self, group: str, values: dict[str, Any], step: int) -> None:
+        """`values`' numbers as `group/KEY` at `step`: one TensorBoard event, one W&B call."""
+        found = {f"{group}/{k}": float(v) for k, v in values.items() if isinstance(v, int | float)}
+        if not found:
             return
         if self._writer is not None:
-            self._writer.add_scalar(tag, value, step)
+            from tensorboardX.proto.summary_pb2 import Summary
+
+            summary = Summary(
+                value=[Summary.Value(tag=k, simple_value=v) for k, v in found.items()]
+            )
+            self._writer.file_writer.add_summary(summary, step)
         if self._wandb is not None:
-            self._wandb.log({tag: value}, step=step)
+            self._wandb.log(found, step=step)
 
     def _close_writer(self) -> None:
         if self._writer is not None:
