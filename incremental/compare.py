@@ -188,3 +188,18 @@ def report(directories: Sequence[str], prefix: str | None = None) -> tuple[str, 
         f.write(text + "\n")
     write_csv(rows, f"{prefix}.csv")
     return text, [f"{prefix}.md", f"{prefix}.csv", *figures(rows, prefix)]
+
+
+def main(argv: list[str], say=print) -> int:
+    """`incremental report DIR... [--out=PREFIX]`: prints the table, writes the files."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="incremental report", description=__doc__.splitlines()[0])
+    parser.add_argument("directories", nargs="+", help="directories holding finished runs")
+    parser.add_argument("--out", default=None, help="write PREFIX.md, PREFIX.csv, PREFIX-*.png")
+    args = parser.parse_args(argv)
+    text, written = report(args.directories, args.out)
+    say(text, markup=False, soft_wrap=True)
+    for path in written:
+        say(f"wrote {path}", markup=False)
+    return 0

@@ -81,6 +81,9 @@ def base_config() -> ml_collections.ConfigDict:
     # Keep the training data on the host and stream each batch to the device (data.stream), for
     # datasets that do not fit in device memory; the batches are those of the in-memory path.
     c.dataset.stream = False
+    # Sources brought to a finished run by `incremental learn`, in order: each is one more phase,
+    # its classes matched to the run's by name (new names are new classes), trained on its examples.
+    c.dataset.learned = ()
 
     c.protocol = ml_collections.ConfigDict()
     c.protocol.class_order = "seeded"  # seeded | natural | explicit "3,1,0,..."
@@ -163,3 +166,22 @@ def _add_training(c: ml_collections.ConfigDict) -> None:
 
     c.eval = ml_collections.ConfigDict()
     c.eval.batch_size = 500
+
+
+def with_defaults(saved: dict) -> dict:
+    """A saved config (as a dict) with the keys added to `base_config` since it was saved, at their
+    defaults: what the run did before they existed. The free-form sections (`method_args`,
+    `model.kwargs`) stay as saved."""
+    from incremental.schema import FREE_FORM
+
+    def merge(base: dict, values: dict, prefix: str) -> dict:
+        out = dict(base)
+        for key, value in values.items():
+            name = f"{prefix}{key}"
+            nested = isinstance(value, dict) and isinstance(base.get(key), dict)
+            out[key] = (
+                merge(base[key], value, f"{name}.") if nested and name not in FREE_FORM else value
+            )
+        return out
+
+    return merge(base_config().to_dict(), saved, "")

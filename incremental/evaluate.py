@@ -32,8 +32,13 @@ def evaluate_phase(scores: np.ndarray, y: np.ndarray, protocol: Protocol, phase:
     test_phase = protocol.phase_of(y)
     offsets = protocol.offsets
     row, task_row = [], []
+    counts = np.bincount(test_phase, minlength=phase + 1)
     for j in range(phase + 1):
         mine = test_phase == j
+        if not counts[j]:  # a phase that brought no new classes (`incremental learn`)
+            row.append(None)
+            task_row.append(None)
+            continue
         row.append(float(np.mean(pred[mine] == y[mine])))
         local = scores[mine, offsets[j] : offsets[j + 1]].argmax(axis=1) + offsets[j]
         task_row.append(float(np.mean(local == y[mine])))
@@ -42,15 +47,17 @@ def evaluate_phase(scores: np.ndarray, y: np.ndarray, protocol: Protocol, phase:
         for start in range(0, int(y.max()), PYCIL_BLOCK)
         if (block := (y >= start) & (y < start + PYCIL_BLOCK)).any()
     ]
-    counts = np.bincount(test_phase, minlength=phase + 1)
+    tested = np.flatnonzero(counts)
     old = test_phase < phase
     return {
         "row": row,
         "task_aware_row": task_row,
         "accuracy": float(np.mean(pred == y)),
-        "task_aware_accuracy": float(np.average(task_row, weights=counts)),
+        "task_aware_accuracy": float(
+            np.average([task_row[j] for j in tested], weights=counts[tested])
+        ),
         "old_accuracy": float(np.mean(pred[old] == y[old])) if old.any() else None,
-        "new_accuracy": float(np.mean(pred[~old] == y[~old])),
+        "new_accuracy": float(np.mean(pred[~old] == y[~old])) if (~old).any() else None,
         "grouped_row": grouped,
     }
 
@@ -64,12 +71,13 @@ def summarize(accuracy_matrix: list[list[float]], accuracy: list[float]) -> dict
         "forgetting": None,
         "backward_transfer": None,
     }
-    if last >= 1:
-        a = accuracy_matrix
+    a = accuracy_matrix
+    old = [j for j in range(last) if a[last][j] is not None]  # None: a phase of no new classes
+    if old:
         summary["forgetting"] = float(
-            np.mean([max(a[i][j] for i in range(j, last)) - a[last][j] for j in range(last)])
+            np.mean([max(a[i][j] for i in range(j, last)) - a[last][j] for j in old])
         )
-        summary["backward_transfer"] = float(np.mean([a[last][j] - a[j][j] for j in range(last)]))
+        summary["backward_transfer"] = float(np.mean([a[last][j] - a[j][j] for j in old]))
     return summary
 
 

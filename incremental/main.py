@@ -3,17 +3,23 @@
     incremental run [--config=configs/NAME.py[:ARG]] [--config.x.y=V] [--workdir=DIR]
     incremental evaluate WORKDIR [--phase=P]
     incremental surgery WORKDIR (--remove-classes=3,7 | --graft=REGEX:OTHER_WORKDIR) --out=NEWDIR
+    incremental predict WORKDIR INPUT... [--top-k=3] [--phase=P] [--classifier=NAME] [--format=table]
+    incremental export WORKDIR --out=DIR [--phase=P] [--classifier=NAME]
+    incremental learn WORKDIR --data=SOURCE --out=NEWDIR [--config.KEY=VALUE ...]
     incremental benchmark [--models=mlp,wide_mlp,resnet32] [--quick] [--json=PATH]
 
 Every user error (config, data, work directory, disk) ends with one message and exit status 2;
 `--debug` anywhere on the command line shows the traceback as well. `run` parses absl flags and calls `run.run`; re-running the same command with the same `--workdir`
-resumes. `evaluate` and `surgery` take their own flags and call `workdirs`.
+resumes. `evaluate` and `surgery` take their own flags and call `workdirs`; `predict` and `export`
+call `predict` and `export`.
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
 import difflib
+import json
 import logging as std_logging
 import os
 import re
@@ -29,8 +35,10 @@ from incremental import report, schema
 from incremental.preemption import Interruptible
 
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs", "digits.py")
-COMMANDS = ("run", "evaluate", "surgery", "benchmark")
-WORKDIR_COMMANDS = ("evaluate", "surgery")
+COMMANDS = (
+    "run", "evaluate", "surgery", "predict", "export", "learn", "sweep", "report", "benchmark"
+)  # fmt: skip
+WORKDIR_COMMANDS = ("evaluate", "surgery", "predict", "export", "learn")
 PREEMPTED_EXIT_CODE = 3  # stopped by SIGTERM/SIGINT after saving; the same command resumes
 DEBUG_FLAG = "--debug"  # anywhere on the command line: user errors show their traceback too
 debug = False
@@ -43,6 +51,18 @@ USAGE = f"""usage: incremental VERB [flags]
              incremental evaluate WORKDIR [--phase=P]
   surgery    write an edited copy of a work directory (classes removed, parameters grafted)
              incremental surgery WORKDIR (--remove-classes=3,7 | --graft=REGEX:OTHER) --out=NEWDIR
+  predict    the top classes of image files, folders of images or .npz arrays, by a saved model
+             incremental predict WORKDIR INPUT... [--top-k=3] [--phase=P] [--classifier=NAME]
+                                 [--format=table|json|csv]
+  export     write a saved model as a file that JAX alone runs (jax.export), with its classes
+             incremental export WORKDIR --out=DIR [--phase=P] [--classifier=NAME]
+  learn      train new data (new classes, more examples of known ones) as a finished run's next phase
+             incremental learn WORKDIR --data=SOURCE --out=NEWDIR [--config.KEY=VALUE ...]
+  sweep      run a grid of runs, each in its own work directory, several at a time
+             incremental sweep --config=FILE[:ARG] --sweep='KEY=[V1,V2];...' --workdir=DIR
+                               [--parallel=N] [--point=K]
+  report     one table (mean ± std over seeds) and figure of the finished runs under directories
+             incremental report DIR... [--out=PREFIX]
   benchmark  time the train step against the machine's matmul peak
              incremental benchmark [--models=mlp,wide_mlp,resnet32] [--quick] [--json=PATH]
 
@@ -245,7 +265,64 @@ def workdir_parser() -> argparse.ArgumentParser:
     what = edit.add_mutually_exclusive_group(required=True)
     what.add_argument("--remove-classes", metavar="IDS", help="class ids to remove, e.g. 3,7")
     what.add_argument("--graft", metavar="REGEX:OTHER_WORKDIR", help="params to copy from a run")
+    add_predict_parser(commands)
+    add_export_parser(commands)
+    add_learn_parser(commands)
     return parser
+
+
+def add_learn_parser(commands) -> None:
+    verb = commands.add_parser(
+        "learn",
+        help="train new data as a finished run's next phase",
+        epilog="--config.KEY=VALUE (repeatable) changes a training key for the new phase, e.g. "
+        "--config.train.epochs=5; the data, protocol, method and model stay the run's.",
+    )
+    verb.add_argument("workdir")
+    verb.add_argument("--data", required=True, help="the new data: npz:PATH, folder:PATH, ...")
+    verb.add_argument(
+        "--out",
+        required=True,
+        help="the new work directory (must not exist; the same learn resumes)",
+    )
+
+
+def parse_workdir_args(argv: list[str]) -> argparse.Namespace:
+    """The verb's arguments; `learn` also takes `--config.KEY=VALUE` overrides (`args.overrides`)."""
+    parser = workdir_parser()
+    args, extra = parser.parse_known_args(argv)
+    overrides = {}
+    for arg in extra:
+        key, sep, value = arg.removeprefix("--config.").partition("=")
+        if args.command != "learn" or not arg.startswith("--config.") or not sep or not key:
+            parser.error(f"unrecognized argument {arg!r} (overrides are --config.KEY=VALUE)")
+        overrides[key] = value
+    args.overrides = overrides
+    return args
+
+
+def add_predict_parser(commands) -> None:
+    verb = commands.add_parser("predict", help="the top classes of inputs, by a saved model")
+    verb.add_argument("workdir")
+    verb.add_argument("inputs", nargs="+", metavar="INPUT", help="image files, folders, .npz")
+    verb.add_argument("--top-k", type=int, default=3, help="classes per input (default 3)")
+    verb.add_argument("--phase", type=int, help="the phase whose model predicts (default: newest)")
+    verb.add_argument(
+        "--classifier", help="'head' (default: the one reported as accuracy) or e.g. 'nme'"
+    )
+    verb.add_argument("--format", choices=("table", "json", "csv"), default="table")
+
+
+def add_export_parser(commands) -> None:
+    verb = commands.add_parser("export", help="write a saved model as a jax.export artifact")
+    verb.add_argument("workdir")
+    verb.add_argument("--out", required=True, help="the artifact's directory (new or empty)")
+    verb.add_argument(
+        "--phase", type=int, help="export this phase (default: the last, which must exist)"
+    )
+    verb.add_argument(
+        "--classifier", help="'head' (default: the one reported as accuracy) or e.g. 'nme'"
+    )
 
 
 def class_ids(text: str) -> list[int]:
@@ -259,7 +336,7 @@ def class_ids(text: str) -> list[int]:
 
 def workdir_command(argv: list[str]) -> None:
     """`incremental evaluate|surgery ...`: bad input exits with code 2 and the message, as `run`."""
-    args = workdir_parser().parse_args(argv)
+    args = parse_workdir_args(argv)
     logging.set_verbosity(logging.WARNING)  # orbax logs every file operation at INFO
     flags.FLAGS.mark_as_parsed()  # absl flags are not used here; libraries may read their defaults
     try:
@@ -270,9 +347,18 @@ def workdir_command(argv: list[str]) -> None:
 
 
 def workdir_verb(args: argparse.Namespace) -> None:
-    """Runs `evaluate` or `surgery` and prints what it did."""
+    """Runs `evaluate`, `surgery`, `predict` or `export` and prints what it did."""
     from incremental import workdirs
 
+    if args.command == "predict":
+        predict_verb(args)
+        return
+    if args.command == "export":
+        export_verb(args)
+        return
+    if args.command == "learn":
+        learn_verb(args)
+        return
     if args.command == "evaluate":
         doc = workdirs.evaluate(args.workdir, args.phase)
         report.console.print(workdirs.evaluation_table(doc))
@@ -291,6 +377,68 @@ def workdir_verb(args: argparse.Namespace) -> None:
     config = os.path.join(args.out, workdirs.CONFIG_FILE)
     report.console.print(
         f"Resume or extend it: incremental run --config={config} --workdir={args.out}",
+        soft_wrap=True,
+        markup=False,
+    )
+
+
+def learn_verb(args: argparse.Namespace) -> None:
+    """`incremental learn`: the new phase's line as it trains, then the run's summary."""
+    from incremental import learn, workdirs
+    from incremental.preemption import Preempted
+
+    try:
+        results = learn.learn(args.workdir, args.data, args.out, args.overrides)
+    except Preempted as stopped:
+        command = " ".join(["incremental", *sys.argv[1:]])
+        report.console.print(f"{stopped} Re-run to resume: {command}", soft_wrap=True, markup=False)
+        sys.exit(PREEMPTED_EXIT_CODE)
+    report.print_summary(results, args.out)
+    config = os.path.join(args.out, workdirs.CONFIG_FILE)
+    report.console.print(
+        f"Resume or extend it: incremental run --config={config} --workdir={args.out}",
+        soft_wrap=True,
+        markup=False,
+    )
+
+
+def predict_verb(args: argparse.Namespace) -> None:
+    """`incremental predict`: a table, or JSON or CSV on stdout."""
+    from incremental import predict
+
+    predictions = predict.predict(
+        args.workdir,
+        args.inputs,
+        top_k=args.top_k,
+        phase=args.phase,
+        classifier=args.classifier,
+    )
+    if args.format == "json":
+        print(json.dumps(predictions, indent=1))
+    elif args.format == "csv":
+        rows = predict.rows(predictions)
+        writer = csv.DictWriter(sys.stdout, fieldnames=list(rows[0]), lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+    else:
+        first = predictions[0]
+        title = (
+            f"{args.workdir}, phase {first['phase']}, classifier {first['classifier']}: "
+            f"top {args.top_k} classes ({first['kind']})"
+        )
+        report.console.print(predict.prediction_table(predictions, title))
+
+
+def export_verb(args: argparse.Namespace) -> None:
+    from incremental import export
+
+    doc = export.export(args.workdir, args.out, phase=args.phase, classifier=args.classifier)
+    output = doc["output"]
+    report.console.print(
+        f"{args.out}: phase {doc['source']['phase']} of {args.workdir}, input "
+        f"{doc['input']['dtype']} {doc['input']['shape']}, output {output['kind']} of "
+        f"{output['shape'][1]} classes ({output['classifier']}); files {export.ARTIFACT_FILE}, "
+        f"{export.CLASSES_FILE}, {export.PREPROCESSING_FILE}",
         soft_wrap=True,
         markup=False,
     )
@@ -330,6 +478,14 @@ def dispatch() -> None:
         except ValueError as error:
             sys.exit(f"error: {error}")
         return
+    if args[0] in ("sweep", "report"):
+        from incremental import compare, sweep
+
+        try:
+            code = (sweep if args[0] == "sweep" else compare).main(args[1:], report.console.print)
+        except (ValueError, OSError) as error:
+            fail(error)
+        sys.exit(code)
     if sys.argv[1:2] and sys.argv[1] in WORKDIR_COMMANDS:
         workdir_command(sys.argv[1:])
         return

@@ -161,12 +161,18 @@ def plot(results: dict, path: str) -> None:
 
     fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
     seen = np.cumsum(results["phase_sizes"])[: len(results["accuracy"])]
+    # A phase of no new classes (`incremental learn`) would share its x with the one before.
+    by_phase = 0 in results["phase_sizes"]
+    if by_phase:
+        seen = np.arange(len(results["accuracy"]))
     ax.plot(seen, results["accuracy"], "o-", color="black", lw=2, label="all seen classes")
     ax.plot(seen, results["task_aware_accuracy"], "s--", color="gray", label="task-aware")
     for j in range(len(results["accuracy"])):
+        if not results["phase_sizes"][j]:  # a learned phase of known classes: no line of its own
+            continue
         values = [row[j] for row in results["accuracy_matrix"][j:]]
         ax.plot(seen[j : j + len(values)], values, ".-", alpha=0.5, label=phase_label(results, j))
-    ax.set_xlabel("number of classes seen")
+    ax.set_xlabel("phase" if by_phase else "number of classes seen")
     ax.set_ylabel("accuracy")
     ax.set_ylim(0, 1.02)
     ax.set_title(f"{results['method']} on {results['dataset']}")

@@ -136,6 +136,9 @@ KEYS: dict[str, Key] = {
         float, "folder without train/, test/: fraction of each class to test", above=0, below=1
     ),
     "dataset.skip_bad_files": Key(bool, "folder: skip image files that cannot be decoded"),
+    "dataset.learned": Key(
+        tuple, "sources brought by `incremental learn`, one more phase each", items=str
+    ),
     "protocol.class_order": Key(str, "seeded | natural | an explicit order 3,1,0,..."),
     "protocol.class_order_seed": Key(int, "the seed of the seeded class order", low=0),
     "protocol.init_classes": Key(int, "classes in phase 0 (0: as many as increment)", low=0),

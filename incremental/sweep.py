@@ -190,6 +190,36 @@ def _term_with_parent() -> None:
         pass  # elsewhere a killed sweep leaves its points to finish on their own
 
 
+def main(argv: list[str], say=print) -> int:
+    """`incremental sweep ...`; the exit status: 0 when every point is done, 3 when a signal
+    stopped the sweep (the same command resumes it), 1 when a point failed."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="incremental sweep", description=__doc__.splitlines()[0])
+    parser.add_argument("--config", required=True, help="config file, optionally with :ARG")
+    parser.add_argument("--sweep", default="", help="KEY=[V1,V2,...];KEY=[...]")
+    parser.add_argument("--workdir", required=True, help="the sweep's directory")
+    parser.add_argument("--parallel", type=int, default=1, help="points run at once")
+    parser.add_argument("--point", type=int, default=None, help="run only this point")
+    args = parser.parse_args(argv)
+    if not os.path.isfile(args.config.partition(":")[0]):
+        raise ValueError(f"--config: {args.config.partition(':')[0]} is not a file.")
+    entries = run_sweep(args.config, args.workdir, args.sweep, parallel=args.parallel,
+                        point=args.point, say=lambda line: say(line, markup=False, soft_wrap=True))  # fmt: skip
+    chosen = [e for e in entries if args.point is None or e["point"] == args.point]
+    for e in chosen:
+        accuracy = "-" if e["last_accuracy"] is None else f"{100 * e['last_accuracy']:.1f}%"
+        say(
+            f"{e['point']:>4} {e['status']:<8} {accuracy:>7}  {e['workdir']}",
+            markup=False,
+            soft_wrap=True,
+        )
+    if any(e["exit_code"] == 3 for e in chosen):
+        say("Stopped; run the same command again to resume.", markup=False)
+        return 3
+    return 0 if all(e["status"] == "done" for e in chosen) else 1
+
+
 def _write(path: str, entries: list[dict]) -> None:
     tmp = f"{path}.tmp"
     with open(tmp, "w") as f:

@@ -179,7 +179,8 @@ def restore(workdir: str, phase: int | None = None) -> tuple[RunSetup, Saved]:
 
 
 def _dataset_labels(config, num_classes: int) -> np.ndarray:
-    """The label in the dataset of each class id of the protocol (they differ after `dataset.classes`)."""
+    """The label in the dataset of each class id of the protocol (they differ after `dataset.classes`;
+    a class brought by `incremental learn` keeps its id)."""
     spec = config.dataset.classes
     if not spec:
         return np.arange(num_classes)
@@ -190,7 +191,7 @@ def _dataset_labels(config, num_classes: int) -> np.ndarray:
     ids = np.arange(total)
     fake = sources.Source(ids, ids, ids, ids, total, "labels", False)
     kept = sources.subset_classes(fake, spec)  # the run's own rule; x holds the dataset labels
-    labels = np.empty(kept.num_classes, np.int64)
+    labels = np.arange(num_classes)
     labels[kept.y_train] = kept.x_train
     return labels
 
@@ -539,7 +540,8 @@ def write_config_file(config: ml_collections.ConfigDict, path: str, workdir: str
         raise ValueError("The config holds values that cannot be written as Python literals.")
     with open(path, "w") as f:
         f.write(
-            '"""The config of a run edited by `incremental surgery` (see surgery.json). Resume it:\n\n'
+            '"""The config of a run edited by `incremental surgery` or `learn` (see surgery.json).\n'
+            "Resume it:\n\n"
             f"    incremental run --config={os.path.join(workdir, CONFIG_FILE)} --workdir={workdir}\n"
             '"""\n\nimport ml_collections\n\n'
             f"CONFIG = {literal}\n\n\n"
@@ -644,6 +646,11 @@ def remove_classes(workdir: str, classes: Sequence[int], out: str) -> dict:
     phases = saved_phases(workdir)
     with _checkpoints(workdir) as ckpts:
         old = setup(config_from_dict(ckpts.read_meta(phases[-1])["config"]))
+        if old.config.dataset.get("learned"):
+            raise ValueError(
+                f"{workdir} learned more data (dataset.learned); removing classes from such a run "
+                "is not supported yet. Remove them from the run it learned on, then learn again."
+            )
         width = capacity.width(old.config)  # a column for every class, or 0: the seen ones
         positions = _removed_positions(old.protocol, classes, old.protocol.num_seen(phases[-1]))
         new = setup(_config_without(old, positions))

@@ -156,3 +156,24 @@ def test_every_method_argument_of_the_wrong_type_is_refused_by_name(method, fiel
     default = next(f for f in dataclasses.fields(METHODS[method]) if f.name == field).default
     if default is not dataclasses.MISSING:
         methods.build(method, {field: default})  # the default is of the declared type
+
+
+def test_a_config_saved_before_keys_existed_compares_equal_at_their_defaults():
+    """A work directory saved before `dataset.learned`, `log.tensorboard`, ... existed resumes:
+    the keys it lacks are taken at their defaults (what it ran with) before the configs are
+    compared, while a real difference is still found."""
+    from incremental import checkpoint
+    from incremental.config import with_defaults
+
+    current = base_config().to_dict()
+    saved = base_config().to_dict()
+    del saved["dataset"]["learned"], saved["dataset"]["image_size"], saved["log"]
+    saved["method_args"] = {"strength": 1.0}  # free-form: kept as saved, not merged
+    assert checkpoint.config_diff(saved, current)  # without the defaults: refused
+    assert with_defaults(saved)["method_args"] == {"strength": 1.0}
+    saved["method_args"] = current["method_args"]
+    assert checkpoint.config_diff(with_defaults(saved), current) == []
+    saved["train"]["lr"] = 0.5
+    assert checkpoint.config_diff(with_defaults(saved), current) == [
+        f"train.lr: 0.5 -> {current['train']['lr']!r}"
+    ]

@@ -125,3 +125,23 @@ def test_the_report_groups_by_the_swept_keys_and_pools_the_seeds(tmp_path):
     ]
     with pytest.raises(ValueError, match="No finished run"):
         compare.report([str(tmp_path / "out")])
+
+
+def test_the_report_command_prints_and_writes_or_refuses_by_name(tmp_path):
+    import subprocess
+    import sys
+
+    os.makedirs(tmp_path / "runs" / "a")
+    doc = _results("replay", 0, 0.1, 0.5, [0.9, 0.5])
+    (tmp_path / "runs" / "a" / "results.json").write_text(json.dumps(doc))
+    cmd = [sys.executable, "-m", "incremental.main", "report", str(tmp_path / "runs")]
+    proc = subprocess.run(
+        [*cmd, f"--out={tmp_path / 'r'}"], capture_output=True, text=True, cwd=ROOT
+    )
+    assert proc.returncode == 0 and "| digits | 2+2 | replay | 1 | 50.0 ± 0.0 |" in proc.stdout
+    assert (tmp_path / "r.csv").exists()
+    proc = subprocess.run(
+        [*cmd[:-1], str(tmp_path / "none")], capture_output=True, text=True, cwd=ROOT
+    )
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 2 and "is not a directory" in out and "Traceback" not in out

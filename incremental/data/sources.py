@@ -520,3 +520,50 @@ def subset_classes(source: Source, spec: str, seed: int = 1993) -> Source:
         num_classes=len(keep),
         class_names=None if names is None else tuple(names[k] for k in keep.tolist()),
     )
+
+
+def names_of(source: Source) -> tuple[str, ...]:
+    """Each class's name: the source's, or for a source without names the class id as text."""
+    if source.class_names is not None:
+        return tuple(source.class_names)
+    return tuple(str(c) for c in range(source.num_classes))
+
+
+def merge(base: Source, other: Source) -> tuple[Source, tuple[int, ...]]:
+    """`base` with `other`'s examples appended, `other`'s classes matched to `base`'s by name.
+
+    A name `base` has is that class (more examples of it); a new name is a new class, appended after
+    `base`'s classes in `other`'s order. Returns the merged source (train and test sets each
+    `base`'s then `other`'s; named where either is) and the ids of the new classes.
+    """
+    if not len(other.y_train):
+        raise ValueError(f"{other.name} has no training examples; there is nothing to learn.")
+    shape, have = base.x_train.shape[1:], other.x_train.shape[1:]
+    if shape != have or base.x_train.dtype != other.x_train.dtype:
+        raise ValueError(
+            f"{other.name} has examples of shape {have} ({other.x_train.dtype}), but the run's "
+            f"examples have shape {shape} ({base.x_train.dtype}); bring examples of the run's "
+            "shape and type."
+        )
+    names, theirs = names_of(base), names_of(other)
+    for source, listed in ((base, names), (other, theirs)):
+        repeated = sorted({n for n in listed if listed.count(n) > 1})
+        if repeated:
+            raise ValueError(
+                f"{source.name} names several classes {repeated}; classes are matched by name, "
+                "so each name must be one class's."
+            )
+    index = {name: c for c, name in enumerate(names)}
+    new = [name for name in theirs if name not in index]
+    index.update({name: base.num_classes + k for k, name in enumerate(new)})
+    lookup = np.asarray([index[name] for name in theirs], np.int32)
+    unnamed = base.class_names is None and other.class_names is None
+    merged = base._replace(
+        x_train=np.concatenate([base.x_train, other.x_train]),
+        y_train=np.concatenate([base.y_train, lookup[other.y_train]]).astype(np.int32),
+        x_test=np.concatenate([base.x_test, other.x_test]),
+        y_test=np.concatenate([base.y_test, lookup[other.y_test]]).astype(np.int32),
+        num_classes=base.num_classes + len(new),
+        class_names=None if unnamed else names + tuple(new),
+    )
+    return merged, tuple(range(base.num_classes, merged.num_classes))

@@ -44,7 +44,7 @@ from incremental.methods.base import (
     PhaseInfo,
     PhaseSetup,
     PyTree,
-    data_of_classes,
+    phase_data,
 )
 
 BLOCK = 1024  # most examples per Woodbury update: K is BLOCK × BLOCK
@@ -146,7 +146,7 @@ class Analytic(Method):
 
     def end_phase(self, ctx: PhaseContext, variables: PyTree, method_state: dict) -> dict:
         info = ctx.info
-        idx = data_of_classes(ctx.y_train, info.num_old, info.num_seen)
+        idx = phase_data(ctx)  # the examples the phase brings
         feats = np.asarray(ctx.embed(variables, ctx.x_train[idx]), np.float32)
         blocks = _blocks(feats, ctx.y_train[idx], info.num_seen, min(BLOCK, len(idx)))
         width = variables["params"]["head"]["kernel"].shape[-1]

@@ -73,6 +73,9 @@ class PhaseContext(NamedTuple):
     # with another method's loss, for hooks that train on their own (a compression stage); built by
     # the loop (`phase.fit.make_fit`), so no method imports it.
     fit: Callable | None = None
+    # The phase in which each training example arrives (`RunData.arrival`): its class's phase, or
+    # the phase that brought it (`incremental learn`); None: its class's phase.
+    arrival: np.ndarray | None = None
 
 
 class Batch(NamedTuple):
@@ -162,9 +165,17 @@ class Method:
         return method_state
 
     def train_indices(self, ctx: PhaseContext, method_state: dict) -> np.ndarray:
-        """Indices into the training set: by default the examples of this phase's classes."""
+        """Indices into the training set: by default the examples this phase brings (`phase_data`)."""
         del method_state
-        return data_of_classes(ctx.y_train, ctx.info.num_old, ctx.info.num_seen)
+        return phase_data(ctx)
+
+    def learn_problem(self, num_new: int, known: bool) -> str | None:
+        """Why the method cannot train a phase that brings `num_new` new classes (0: none) and, with
+        `known`, more examples of classes learned before (`incremental learn`); None if it can.
+
+        Default: it can (the phase trains on what it brings, with the method's loss)."""
+        del num_new, known
+        return None
 
     def loss(
         self,
@@ -232,6 +243,33 @@ class Method:
 def select_state(method_state: dict, keys: tuple[str, ...] | None) -> dict:
     """The entries `keys` of `method_state` (a method's `train_keys` or `eval_keys`); None: all."""
     return method_state if keys is None else {k: method_state[k] for k in keys if k in method_state}
+
+
+def phase_data(ctx: PhaseContext, *, so_far: bool = False) -> np.ndarray:
+    """Indices of the training examples that arrive in this phase (`PhaseContext.arrival`): the
+    examples of its new classes, and in a learned phase every example its source brought, of known
+    classes too; with `so_far`, of every phase up to this one."""
+    info = ctx.info
+    if ctx.arrival is None:
+        return data_of_classes(ctx.y_train, 0 if so_far else info.num_old, info.num_seen)
+    return np.flatnonzero(ctx.arrival <= info.phase if so_far else ctx.arrival == info.phase)
+
+
+def new_logits_problem(num_new: int, key: str, value: str) -> str | None:
+    """`Method.learn_problem` of a method whose cross-entropy is over the new classes' logits only
+    when `method_args.<key>` is 'new'."""
+    if num_new or value != "new":
+        return None
+    return (
+        f"with method_args.{key}='new' its cross-entropy is over the new classes' logits only, and "
+        f"the phase has none; pass --config.method_args.{key}=seen."
+    )
+
+
+def needs_new_classes(num_new: int, why: str) -> str | None:
+    """`Method.learn_problem` of a method whose maths needs new classes in every phase: `why`
+    when the phase has none."""
+    return None if num_new else why
 
 
 def data_of_classes(y: np.ndarray, lo: int, hi: int) -> np.ndarray:

@@ -65,6 +65,7 @@ from incremental.methods.base import (
     PhaseContext,
     PhaseInfo,
     data_of_classes,
+    needs_new_classes,
 )
 from incremental.methods.distill import copy_tree, kd_loss, old_share, snapshot
 from incremental.methods.rehearsal import Rehearsal
@@ -219,6 +220,12 @@ class BiC(Rehearsal):
                 "method_args.bias_epochs must be >= 1 and bias_lr > 0, got "
                 f"{self.bias_epochs} and {self.bias_lr}."
             )
+
+    def learn_problem(self, num_new: int, known: bool) -> str | None:
+        del known
+        return needs_new_classes(
+            num_new, "its bias correction is fitted to the new classes' logits, and there are none."
+        )
 
     def init_state(self) -> dict:
         return {**super().init_state(), "bias": identity_bias(0)}

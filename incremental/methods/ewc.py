@@ -76,7 +76,8 @@ from incremental.methods.base import (
     PhaseInfo,
     check_choice,
     classified_logits,
-    data_of_classes,
+    new_logits_problem,
+    phase_data,
 )
 from incremental.methods.distill import copy_tree
 
@@ -108,7 +109,7 @@ def mean_over_phase_data(
     _check_context(ctx)
     if batch_size < 1:
         raise ValueError(f"The importance batch size must be >= 1, got {batch_size}.")
-    idx = data_of_classes(ctx.y_train, ctx.info.num_old, ctx.info.num_seen)
+    idx = phase_data(ctx)  # the examples the phase brings
     if len(idx) == 0:
         raise ValueError(
             f"Phase {ctx.info.phase} has no training examples to estimate importances."
@@ -180,7 +181,7 @@ def batch_fisher(
     statistics), is squared; the squares are averaged over the batches and clipped at `fisher_max`.
     """
     _check_context(ctx)
-    idx = data_of_classes(ctx.y_train, ctx.info.num_old, ctx.info.num_seen)
+    idx = phase_data(ctx)  # the examples the phase brings
     if len(idx) == 0:
         raise ValueError(f"Phase {ctx.info.phase} has no training examples to estimate a Fisher.")
     order = np.random.default_rng([ctx.seed, ctx.info.phase]).permutation(idx)
@@ -303,6 +304,10 @@ class QuadraticPenalty(Method):
             )
         check_choice("loss_classes", self.loss_classes, LOSS_CLASSES)
 
+    def learn_problem(self, num_new: int, known: bool) -> str | None:
+        del known
+        return new_logits_problem(num_new, "loss_classes", self.loss_classes)
+
     def importance(self, ctx: PhaseContext, variables: PyTree) -> PyTree:
         """The phase's per-parameter importance; EWC, online EWC and MAS each define theirs."""
         raise TypeError(f"{type(self).__name__} must define importance(ctx, variables).")
@@ -378,6 +383,14 @@ class EWC(QuadraticPenalty):
             raise ValueError(
                 f"method_args.fisher_max must be > 0 (inf for no clip), got {self.fisher_max}."
             )
+
+    def learn_problem(self, num_new: int, known: bool) -> str | None:
+        if num_new == 0 and self.accumulate == "average":
+            return (
+                "accumulate='average' weighs each phase's Fisher by its share of the classes, and "
+                "this phase's would weigh 0; pass --config.method_args.accumulate=sum."
+            )
+        return super().learn_problem(num_new, known)
 
     def importance(self, ctx: PhaseContext, variables: PyTree) -> PyTree:
         if self.fisher == "batch":

@@ -20,6 +20,7 @@ from incremental.methods.base import (
     PhaseInfo,
     check_choice,
     classified_logits,
+    new_logits_problem,
 )
 
 
@@ -32,6 +33,10 @@ class Finetune(Method):
 
     def __post_init__(self):
         check_choice("loss_classes", self.loss_classes, LOSS_CLASSES)
+
+    def learn_problem(self, num_new: int, known: bool) -> str | None:
+        del known
+        return new_logits_problem(num_new, "loss_classes", self.loss_classes)
 
     def loss(self, out: Outputs, batch: Batch, *, info: PhaseInfo, **kwargs):
         logits = classified_logits(out.logits, info.num_old, self.loss_classes)

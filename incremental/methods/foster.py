@@ -74,6 +74,7 @@ from incremental.methods.base import (
     PhaseContext,
     PhaseInfo,
     PhaseSetup,
+    needs_new_classes,
 )
 from incremental.methods.der import copy_last_branch
 from incremental.methods.distill import copy_tree, kd_loss
@@ -207,6 +208,14 @@ class FOSTER(Rehearsal):
                 "value for all."
             )
         return self.beta1[phase - 1]
+
+    def learn_problem(self, num_new: int, known: bool) -> str | None:
+        del known
+        return needs_new_classes(
+            num_new,
+            "it boosts with a second backbone whose logit adjustment weighs old against new "
+            "classes (num_old / num_new), and there are none.",
+        )
 
     def setup(self, info: PhaseInfo) -> PhaseSetup:
         if info.phase == 0:

@@ -6,7 +6,7 @@ import dataclasses
 
 import numpy as np
 
-from incremental.methods.base import Method, PhaseContext, PhaseInfo, PhaseSetup, data_of_classes
+from incremental.methods.base import Method, PhaseContext, PhaseInfo, PhaseSetup, phase_data
 
 
 @dataclasses.dataclass(frozen=True)
@@ -21,4 +21,4 @@ class FreezeBackbone(Method):
 
     def train_indices(self, ctx: PhaseContext, method_state: dict) -> np.ndarray:
         del method_state
-        return data_of_classes(ctx.y_train, 0, ctx.info.num_seen)
+        return phase_data(ctx, so_far=True)

@@ -92,6 +92,16 @@ class ICaRL(Rehearsal):
         if self.temperature <= 0:
             raise ValueError(f"method_args.temperature must be > 0, got {self.temperature}.")
 
+    def learn_problem(self, num_new: int, known: bool) -> str | None:
+        del known
+        if num_new or self.loss_type != "bce":
+            return None
+        return (
+            "its loss_type='bce' targets the old classes with the teacher's outputs and only new "
+            "classes with the labels, so examples of known classes would teach nothing new; pass "
+            "--config.method_args.loss_type=ce_kd."
+        )
+
     def loss(
         self,
         out: Outputs,

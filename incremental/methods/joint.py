@@ -8,7 +8,7 @@ import dataclasses
 
 import numpy as np
 
-from incremental.methods.base import Method, PhaseContext, data_of_classes
+from incremental.methods.base import Method, PhaseContext, phase_data
 
 
 @dataclasses.dataclass(frozen=True)
@@ -18,4 +18,4 @@ class Joint(Method):
 
     def train_indices(self, ctx: PhaseContext, method_state: dict) -> np.ndarray:
         del method_state
-        return data_of_classes(ctx.y_train, 0, ctx.info.num_seen)
+        return phase_data(ctx, so_far=True)

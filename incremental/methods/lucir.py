@@ -57,7 +57,14 @@ import numpy as np
 import optax
 
 from incremental import models, surgery
-from incremental.methods.base import Batch, Outputs, PhaseContext, PhaseInfo, PhaseSetup
+from incremental.methods.base import (
+    Batch,
+    Outputs,
+    PhaseContext,
+    PhaseInfo,
+    PhaseSetup,
+    needs_new_classes,
+)
 from incremental.methods.distill import copy_tree, snapshot
 from incremental.methods.rehearsal import Rehearsal
 
@@ -154,6 +161,14 @@ class LUCIR(Rehearsal):
             raise ValueError(f"method_args.top_k must be >= 1, got {self.top_k}.")
         if self.margin < 0:
             raise ValueError(f"method_args.margin must be >= 0, got {self.margin}.")
+
+    def learn_problem(self, num_new: int, known: bool) -> str | None:
+        del known
+        return needs_new_classes(
+            num_new,
+            "its distillation weight grows as sqrt(num_old / num_new) and its margin ranks new "
+            "classes against old ones; with no new classes neither is defined.",
+        )
 
     def head_init(self, configured: str) -> str:
         return "imprint" if self.imprint and configured == "default" else configured

@@ -30,7 +30,14 @@ from typing import Any
 import jax
 
 from incremental import models
-from incremental.methods.base import Batch, Method, Outputs, PhaseContext, PhaseInfo
+from incremental.methods.base import (
+    Batch,
+    Method,
+    Outputs,
+    PhaseContext,
+    PhaseInfo,
+    new_logits_problem,
+)
 from incremental.methods.distill import kd_loss, snapshot
 
 PyTree = Any
@@ -57,6 +64,10 @@ class LwF(Method):
             raise ValueError(f"method_args.temperature must be > 0, got {self.temperature}.")
         if self.strength < 0:
             raise ValueError(f"method_args.strength must be >= 0, got {self.strength}.")
+
+    def learn_problem(self, num_new: int, known: bool) -> str | None:
+        del known
+        return new_logits_problem(num_new, "ce_classes", self.ce_classes)
 
     def loss(
         self,

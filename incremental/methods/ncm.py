@@ -70,6 +70,16 @@ class NCM(Method):
 
     train_first_phase: bool = True  # False: phase 0 takes no step either (for a pre-trained model)
 
+    def learn_problem(self, num_new: int, known: bool) -> str | None:
+        del num_new
+        if not known:
+            return None
+        return (
+            "it keeps one normalised mean per class and no counts, so examples brought later "
+            "cannot be folded into a known class's mean without its old data; bring examples of "
+            "new classes only."
+        )
+
     def setup(self, info: PhaseInfo) -> PhaseSetup:
         if info.phase == 0 and self.train_first_phase:
             return PhaseSetup()

@@ -15,7 +15,7 @@ import numpy as np
 
 from incremental import memory as memory_lib
 from incremental import models
-from incremental.methods.base import Method, Outputs, PhaseContext, data_of_classes
+from incremental.methods.base import Method, Outputs, PhaseContext, data_of_classes, phase_data
 
 
 def class_means(feats_NxD: jax.Array, labels_N: np.ndarray, num_classes: int) -> jax.Array:
@@ -44,7 +44,7 @@ class Rehearsal(Method):
         return {"memory": memory_lib.empty()}
 
     def train_indices(self, ctx: PhaseContext, method_state: dict) -> np.ndarray:
-        new = data_of_classes(ctx.y_train, ctx.info.num_old, ctx.info.num_seen)
+        new = phase_data(ctx)  # the new classes' examples, and those a learned phase brings
         return np.concatenate([new, np.asarray(method_state["memory"]["indices"], np.int64)])
 
     def next_memory(self, ctx: PhaseContext, variables, method_state: dict) -> dict:

@@ -38,6 +38,7 @@ from incremental.methods.base import (
     PyTree,
     check_choice,
     classified_logits,
+    new_logits_problem,
     static_first_phase,
 )
 from incremental.methods.ewc import new_columns
@@ -66,6 +67,10 @@ class SI(Method):
             raise ValueError(
                 f"si: damping (ξ) must be > 0 to keep Ω finite, got {self.damping}; try 0.1."
             )
+
+    def learn_problem(self, num_new: int, known: bool) -> str | None:
+        del known
+        return new_logits_problem(num_new, "loss_classes", self.loss_classes)
 
     def begin_phase(self, ctx: PhaseContext, variables: PyTree, method_state: dict) -> dict:
         params = variables["params"]

@@ -217,7 +217,7 @@ def widen(config, method: Method, variables: PyTree, ctx: PhaseContext, key: jax
     info = ctx.info
     init = method.head_init(config.head.init)
     class_means = None
-    if init == "imprint":
+    if init == "imprint" and info.num_new:  # a learned phase may bring no new classes
         idx = methods.base.data_of_classes(ctx.y_train, info.num_old, info.num_seen)
         feats = ctx.embed(variables, ctx.x_train[idx])
         if method.head == "cosine":

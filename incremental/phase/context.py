@@ -35,4 +35,5 @@ def make_context(config, data: RunData, info: PhaseInfo, method: Method, *, fina
         seed=config.seed,
         config=config,
         fit=fit.make_fit(config, data, info, model_of),
+        arrival=data.arrival,
     )

@@ -28,6 +28,9 @@ class RunData(NamedTuple):
     norm: device.Normalizer
     is_image: bool
     fingerprint: str = ""  # `fingerprint` of the four arrays, kept with every checkpoint
+    # The phase in which each training example arrives: its class's phase, or for the examples of
+    # a learned source (`dataset.learned`, `incremental learn`) the phase that brought them.
+    arrival: np.ndarray | None = None
 
 
 FULL_HASH_BYTES = 1 << 30  # larger arrays are hashed on a sample of rows
@@ -69,16 +72,48 @@ def source_options(config) -> dict:
 
 
 def load_data(config) -> tuple[RunData, Protocol, sources.Source]:
-    """Loads the source, builds the protocol and remaps the labels."""
-    source = sources.load_source(config.dataset.name, **source_options(config))
+    """Loads the source, builds the protocol and remaps the labels.
+
+    Each source of `dataset.learned` (brought by `incremental learn`, in order) is merged into the
+    data (`sources.merge`: classes matched by name, new ones appended) as one more phase, which
+    introduces its new classes and trains on all of its examples. The inputs are normalised with
+    the statistics of the first source's training set, those the earlier phases trained with.
+    """
+    options = source_options(config)
+    source = sources.load_source(config.dataset.name, **options)
     source = sources.subset_classes(source, config.dataset.classes)
     protocol = make_protocol(source.num_classes, config.protocol)
-    protocol = protocol._replace(class_names=source.class_names)
     norm = device.fit_normalizer(source.x_train, source.is_image)
+    arrival = protocol.phase_of(protocol.remap(source.y_train))
+    for name in config.dataset.get("learned", ()):
+        source, new_ids = sources.merge(source, sources.load_source(name, **options))
+        protocol = Protocol(protocol.class_order + new_ids, (*protocol.phase_sizes, len(new_ids)))
+        brought = len(source.y_train) - len(arrival)
+        arrival = np.concatenate([arrival, np.full(brought, protocol.num_phases - 1)])
+    protocol = protocol._replace(class_names=source.class_names)
     y_train, y_test = protocol.remap(source.y_train), protocol.remap(source.y_test)
     arrays = (source.x_train, y_train, source.x_test, y_test)
-    data = RunData(*arrays, norm, source.is_image, fingerprint(*arrays, names=source.class_names))
+    names = source.class_names
+    data = RunData(*arrays, norm, source.is_image, fingerprint(*arrays, names=names), arrival)
     return data, protocol, source
+
+
+def check_learned_phases(method: Method, data: RunData, protocol: Protocol) -> None:
+    """Refuses a phase that the method cannot train: one that brings no new classes, or examples of
+    classes learned before (`dataset.learned`), where the method's maths needs otherwise."""
+    later = data.arrival != protocol.phase_of(data.y_train)  # arrived after its class's phase
+    with_known = set(np.unique(data.arrival[later]).tolist())
+    for phase in range(protocol.num_phases):
+        num_new, known = protocol.phase_sizes[phase], phase in with_known
+        if num_new and not known:
+            continue
+        problem = method.learn_problem(num_new, known)
+        if problem:
+            brings = f"{num_new} new classes" + (" and examples of known ones" if known else "")
+            raise ValueError(
+                f"Method {method.name!r} cannot train phase {phase}, which brings {brings}: "
+                f"{problem}"
+            )
 
 
 def validate(config, workdir: str) -> tuple[RunData, Protocol, Method]:
@@ -94,6 +129,7 @@ def validate(config, workdir: str) -> tuple[RunData, Protocol, Method]:
     if hasattr(method, "memory"):
         method.memory.per_class_count(protocol.num_classes)
     capacity.check(config, method, protocol.num_classes)
+    check_learned_phases(method, data, protocol)
     check_model_fits(config, method, data)
     check_writable(workdir)
     return data, protocol, method

@@ -9,6 +9,7 @@ from typing import Any
 import jax
 
 from incremental import capacity, checkpoint, parallel, report, train
+from incremental.config import with_defaults
 from incremental.methods import Method
 from incremental.phase.begin import Carried, make_tx, phase_info
 from incremental.phase.load import RunData
@@ -87,7 +88,8 @@ def resume(
     saved = ckpts.latest_meta()
     if saved is not None:
         workdir = os.path.dirname(ckpts.directory)
-        diffs = checkpoint.config_diff(saved["config"], config.to_dict())
+        # Keys added since the run was saved compare at their defaults: what it ran with.
+        diffs = checkpoint.config_diff(with_defaults(saved["config"]), config.to_dict())
         if diffs:
             raise ValueError(
                 f"The work directory {workdir} holds a run with a "
