@@ -68,22 +68,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.parallel.num_processes = 1
     c.parallel.process_id = 0
 
-    c.dataset = ml_collections.ConfigDict()
-    c.dataset.name = "digits"  # digits | mnist1d | tfds:NAME | npz:PATH | folder:PATH (image dirs)
-    c.dataset.data_dir = ""  # tfds data directory ("" = tfds default, ~/tensorflow_datasets)
-    c.dataset.classes = ""  # keep some classes: "" all | "seeded:K" | explicit "3,5,7"
-    c.dataset.download = False  # let tfds download and prepare (needs the network and TensorFlow)
-    # npz: renumber the class ids present (sorted) as 0..K-1; else ids must already be 0..K-1.
-    c.dataset.remap_labels = False
-    c.dataset.image_size = 0  # folder: resize images to this square side (0: native, all one size)
-    c.dataset.holdout = 0.2  # folder without train/, test/: each class's fraction held out to test
-    c.dataset.skip_bad_files = False  # folder: skip (and warn about) undecodable image files
-    # Keep the training data on the host and stream each batch to the device (data.stream), for
-    # datasets that do not fit in device memory; the batches are those of the in-memory path.
-    c.dataset.stream = False
-    # Sources brought to a finished run by `incremental learn`, in order: each is one more phase,
-    # its classes matched to the run's by name (new names are new classes), trained on its examples.
-    c.dataset.learned = ()
+    _add_data(c)
 
     c.protocol = ml_collections.ConfigDict()
     c.protocol.class_order = "seeded"  # seeded | natural | explicit "3,1,0,..."
@@ -127,6 +112,26 @@ def base_config() -> ml_collections.ConfigDict:
     )
     c.log.wandb = ""  # a Weights & Biases project to log to (needs the optional wandb package)
     return c
+
+
+def _add_data(c: ml_collections.ConfigDict) -> None:
+    """The `dataset` section of `base_config`: where the examples come from."""
+    c.dataset = ml_collections.ConfigDict()
+    c.dataset.name = "digits"  # digits | mnist1d | tfds:NAME | npz:PATH | folder:PATH (image dirs)
+    c.dataset.data_dir = ""  # tfds data directory ("" = tfds default, ~/tensorflow_datasets)
+    c.dataset.classes = ""  # keep some classes: "" all | "seeded:K" | explicit "3,5,7"
+    c.dataset.download = False  # let tfds download and prepare (needs the network and TensorFlow)
+    # npz: renumber the class ids present (sorted) as 0..K-1; else ids must already be 0..K-1.
+    c.dataset.remap_labels = False
+    c.dataset.image_size = 0  # folder: resize images to this square side (0: native, all one size)
+    c.dataset.holdout = 0.2  # folder without train/, test/: each class's fraction held out to test
+    c.dataset.skip_bad_files = False  # folder: skip (and warn about) undecodable image files
+    # Keep the training data on the host and stream each batch to the device (data.stream), for
+    # datasets that do not fit in device memory; the batches are those of the in-memory path.
+    c.dataset.stream = False
+    # Sources brought to a finished run by `incremental learn`, in order: each is one more phase,
+    # its classes matched to the run's by name (new names are new classes), trained on its examples.
+    c.dataset.learned = ()
 
 
 def _add_training(c: ml_collections.ConfigDict) -> None:

@@ -374,9 +374,16 @@ def workdir_verb(args: argparse.Namespace) -> None:
         done = f"grafted {len(record['paths'])} arrays from {other}"
     report.console.print(f"{args.out}: {done}", soft_wrap=True, markup=False)
     report.console.print(workdirs.evaluation_table(workdirs.evaluate(args.out)))
-    config = os.path.join(args.out, workdirs.CONFIG_FILE)
+    say_how_to_resume(args.out)
+
+
+def say_how_to_resume(workdir: str) -> None:
+    """The command that resumes or extends a work directory that surgery or learn wrote."""
+    from incremental import workdirs
+
+    config = os.path.join(workdir, workdirs.CONFIG_FILE)
     report.console.print(
-        f"Resume or extend it: incremental run --config={config} --workdir={args.out}",
+        f"Resume or extend it: incremental run --config={config} --workdir={workdir}",
         soft_wrap=True,
         markup=False,
     )
@@ -384,7 +391,7 @@ def workdir_verb(args: argparse.Namespace) -> None:
 
 def learn_verb(args: argparse.Namespace) -> None:
     """`incremental learn`: the new phase's line as it trains, then the run's summary."""
-    from incremental import learn, workdirs
+    from incremental import learn
     from incremental.preemption import Preempted
 
     try:
@@ -394,12 +401,7 @@ def learn_verb(args: argparse.Namespace) -> None:
         report.console.print(f"{stopped} Re-run to resume: {command}", soft_wrap=True, markup=False)
         sys.exit(PREEMPTED_EXIT_CODE)
     report.print_summary(results, args.out)
-    config = os.path.join(args.out, workdirs.CONFIG_FILE)
-    report.console.print(
-        f"Resume or extend it: incremental run --config={config} --workdir={args.out}",
-        soft_wrap=True,
-        markup=False,
-    )
+    say_how_to_resume(args.out)
 
 
 def predict_verb(args: argparse.Namespace) -> None:
