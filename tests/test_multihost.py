@@ -74,8 +74,13 @@ def test_two_processes_give_one_process_results(tmp_path):
     assert sorted(p.name for p in (tmp_path / "two").iterdir()) == [
         ".lock",
         "checkpoints",
+        "metrics.jsonl",
         "results.json",
+        "tensorboard",
     ]
+    logged = (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()
+    steps = [json.loads(line)["global_step"] for line in logged if '"kind": "train"' in line]
+    assert steps == list(range(1, len(steps) + 1))  # one writer: every step once
     assert sorted(p.name for p in (tmp_path / "two" / "checkpoints" / "phase").iterdir()) == [
         "0",
         "1",
