@@ -85,6 +85,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.model = ml_collections.ConfigDict()
     c.model.name = "mlp"  # mlp | convnet | resnet32 | resnet18
     c.model.kwargs = ml_collections.ConfigDict({"hidden": (256,)})  # passed to the backbone
+    # Phase 0 starts from a classifier you have (incremental/phase/pretrained.py: .msgpack or an
+    # orbax directory); with train_first.epochs=0 it is phase 0's model as it is.
+    c.model.init_from = ""
 
     c.head = ml_collections.ConfigDict()
     c.head.init = "default"  # new columns: default (the layer's initialiser) | zeros | imprint

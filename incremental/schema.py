@@ -150,6 +150,9 @@ KEYS: dict[str, Key] = {
         str, "how exemplars are chosen", choices=("herding", "random", "closest_to_mean")
     ),
     "model.name": Key(str, "the backbone (incremental/models; checked against the registry)"),
+    "model.init_from": Key(
+        str, "phase 0 from a classifier you have (.msgpack or orbax dir; '' none)"
+    ),
     "head.init": Key(str, "new head columns", choices=("default", "zeros", "imprint")),
     "head.capacity": Key(int, "head width: -1 auto, 0 widen each phase, C columns", low=-1),
     "train.batch_size": Key(int, "training batch size", low=1),

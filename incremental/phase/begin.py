@@ -12,6 +12,7 @@ import numpy as np
 from incremental import capacity, methods, parallel, surgery, train
 from incremental.data import device
 from incremental.methods import Method, PhaseContext, PhaseInfo, base
+from incremental.phase import pretrained
 from incremental.phase.context import make_context
 from incremental.phase.load import RunData
 from incremental.phase.model import (
@@ -128,6 +129,9 @@ def start_variables(config, method, data: RunData, ctx: PhaseContext, carried: C
     if carried is None:
         narrow = phase_model(config, method, info, num_classes=info.num_seen)
         variables = init_variables(narrow, data.x_train[0], named_key(key, "init"))
+        if config.model.init_from:  # the classifier the user already has
+            path = config.model.init_from
+            variables = pretrained.fit(pretrained.read(path), variables, path)
         return capacity.initial(variables, wide) if wide else variables
     base = method.grow_from(carried.variables, carried.method_state)
     variables = method.grow(ctx, base, named_key(key, "grow"))

@@ -131,8 +131,24 @@ def validate(config, workdir: str) -> tuple[RunData, Protocol, Method]:
     capacity.check(config, method, protocol.num_classes)
     check_learned_phases(method, data, protocol)
     check_model_fits(config, method, data)
+    if config.model.init_from:
+        check_given_model(config, method, data, protocol)
     check_writable(workdir)
     return data, protocol, method
+
+
+def check_given_model(config, method, data: RunData, protocol: Protocol) -> None:
+    """`model.init_from` fits the configured phase-0 model and names its classes (if it does)."""
+    from incremental.phase import pretrained
+
+    path = config.model.init_from
+    first = protocol.class_order[: protocol.phase_sizes[0]]
+    pretrained.check_names(path, [protocol.name(int(c)) for c in first])
+    model = phase_model(config, method, PhaseInfo(0, 0, protocol.phase_sizes[0]))
+    example = jnp.zeros((1, *data.x_train.shape[1:]))
+    target = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), example, train=False))
+    target = {"params": target["params"], "batch_stats": target.get("batch_stats", {})}
+    pretrained.fit(pretrained.read(path), target, path)
 
 
 def check_writable(workdir: str) -> None:

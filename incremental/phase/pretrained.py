@@ -1,0 +1,99 @@
+"""Phase 0 from a classifier you already have (`model.init_from=PATH`).
+
+The file holds the configured model's variables, trained on the protocol's phase-0 classes:
+
+- `PATH` ending in `.msgpack`: `flax.serialization.to_bytes({"params": ..., "batch_stats": ...})`
+  (or of the params alone, for a model without BatchNorm);
+- otherwise an orbax checkpoint directory written with
+  `orbax.checkpoint.StandardCheckpointer().save(PATH, {"params": ..., "batch_stats": ...})`.
+
+Its tree is the one `incremental.models.build_model(name, num_classes, **kwargs)` gives
+(`{"backbone": ..., "head": {"kernel": (D, K), "bias": (K,)}}` under `params`), with K the phase-0
+classes. Beside it, `classes.json` (in the same directory; for a directory, inside it) may list
+the name of each head column in order: they must be the protocol's phase-0 classes in its order.
+Phase 0 then starts from these variables; with `train_first.epochs=0` it does not train, and its
+evaluation is the given model's.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import jax
+import numpy as np
+
+PyTree = Any
+CLASSES_FILE = "classes.json"
+
+
+def read(path: str) -> dict:
+    """The variables in `path` as numpy trees `{"params": ..., "batch_stats": ...}`."""
+    if not os.path.exists(path):
+        raise ValueError(f"model.init_from: {path} does not exist.")
+    if path.endswith(".msgpack"):
+        from flax import serialization
+
+        with open(path, "rb") as f:
+            tree = serialization.msgpack_restore(f.read())
+    else:
+        import orbax.checkpoint as ocp
+
+        tree = ocp.StandardCheckpointer().restore(os.path.abspath(path))
+    if not isinstance(tree, dict):
+        raise ValueError(f"model.init_from: {path} holds a {type(tree).__name__}, not a dict.")
+    return dict(tree) if "params" in tree else {"params": tree, "batch_stats": {}}
+
+
+def fit(given: dict, target: dict, path: str) -> dict:
+    """`given` with the shapes and dtypes of `target` (the configured phase-0 variables), or a
+    ValueError naming the first path that is missing, unexpected or of another shape."""
+    out = {}
+    for collection in ("params", "batch_stats"):
+        want = _flat(target.get(collection, {}))
+        have = _flat(given.get(collection) or {})
+        for key in sorted(set(want) | set(have)):
+            where = f"model.init_from: {path}: {collection}/{key}"
+            if key not in have:
+                raise ValueError(f"{where} is missing; the configured model has it, shape "
+                                 f"{want[key].shape}. {_advice()}")  # fmt: skip
+            if key not in want:
+                raise ValueError(f"{where} is not in the configured model. {_advice()}")
+            if tuple(np.shape(have[key])) != tuple(want[key].shape):
+                raise ValueError(f"{where} has shape {tuple(np.shape(have[key]))}, the configured "
+                                 f"model's is {tuple(want[key].shape)}. {_advice()}")  # fmt: skip
+        treedef = jax.tree.structure(target.get(collection, {}))
+        leaves = [jax.numpy.asarray(np.asarray(have[k], want[k].dtype)) for k in want]
+        out[collection] = jax.tree.unflatten(treedef, leaves)
+    return out
+
+
+def check_names(path: str, expected: list[str]) -> None:
+    """The head's column names in `classes.json` beside `path`, if any, against the protocol's."""
+    folder = path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
+    names_file = os.path.join(folder, CLASSES_FILE)
+    if not os.path.exists(names_file):
+        return
+    with open(names_file) as f:
+        names = [str(n) for n in json.load(f)]
+    if names != expected:
+        raise ValueError(
+            f"model.init_from: {names_file} names the head's columns {names}, but phase 0 of the "
+            f"protocol has the classes {expected} in that order; set protocol.class_order (and "
+            "protocol.init_classes) so that phase 0 holds the given model's classes in its order."
+        )
+
+
+def _flat(tree) -> dict[str, Any]:
+    return {
+        "/".join(str(getattr(k, "key", k)) for k in path): leaf
+        for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]
+    }
+
+
+def _advice() -> str:
+    return (
+        "Save the variables of the model the config builds (model.name, model.kwargs, a head of "
+        "the phase-0 classes), as incremental/phase/pretrained.py describes."
+    )
