@@ -3,7 +3,8 @@
     incremental report runs/grid [more dirs...] [--out=PREFIX]
 
 Runs (their results.json, complete) are grouped by dataset and protocol (the phase sizes), then by
-method and every other config key that differs between the runs (`train.lr`, say) but the seed:
+method and every other config key that differs between one method's runs (`train.lr`, say) but the
+seed:
 each group's numbers are the mean ± std over its runs (seeds). The table (Markdown, printed and
 written to PREFIX.md, and PREFIX.csv) holds the last and average incremental accuracy, forgetting,
 the same for the nearest-mean classifier where the method has one, and the seconds of training and
@@ -63,24 +64,22 @@ def flat(tree: dict, prefix: str = "") -> dict:
     return out
 
 
-def swept_keys(runs: Sequence[dict], method_args: bool = False) -> list[str]:
-    """The config keys (but the seed and bookkeeping) whose values differ between `runs`; the
-    method's own arguments only with `method_args` (methods have different ones)."""
+def swept_keys(runs: Sequence[dict]) -> list[str]:
+    """The config keys (but the seed and bookkeeping) whose values differ between `runs` (of one
+    method: what differs between methods by their own defaults, e.g. memo's layers, is no sweep)."""
     configs = [flat(r["config"]) for r in runs]
     keys = sorted(set().union(*configs))
     keys = [k for k in keys if not k.startswith(IGNORED) and k != "method"]
-    keys = [k for k in keys if method_args == k.startswith("method_args.")]
     return [k for k in keys if len({json.dumps(c.get(k)) for c in configs}) > 1]
 
 
 def groups(runs: Sequence[dict]) -> dict[tuple, dict[str, list[dict]]]:
     """{(dataset, phase sizes): {label: runs}}, the label "method key=value ..." of the swept keys."""
-    swept = swept_keys(runs)
-    own = {m: swept_keys([r for r in runs if r["method"] == m], True) for m in _methods(runs)}
+    swept = {m: swept_keys([r for r in runs if r["method"] == m]) for m in _methods(runs)}
     out: dict[tuple, dict[str, list[dict]]] = {}
     for run in runs:
         config = flat(run["config"])
-        keys = swept + own[run["method"]]
+        keys = swept[run["method"]]
         label = " ".join([run["method"], *(f"{k}={config.get(k)}" for k in keys)])
         protocol = (run["dataset"], "+".join(str(s) for s in run["phase_sizes"]))
         out.setdefault(protocol, {}).setdefault(label, []).append(run)
@@ -157,17 +156,20 @@ def figures(rows: Sequence[dict], prefix: str) -> list[str]:
 
     paths = []
     for dataset, sizes in sorted({(r["dataset"], r["phases"]) for r in rows}):
-        fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=130)
+        fig, ax = plt.subplots(figsize=(8.0, 4.4), dpi=130)
         seen = np.cumsum([int(s) for s in sizes.split("+")])
-        for row in (r for r in rows if (r["dataset"], r["phases"]) == (dataset, sizes)):
+        mine = [r for r in rows if (r["dataset"], r["phases"]) == (dataset, sizes)]
+        colors = plt.get_cmap("tab20" if len(mine) > 10 else "tab10")
+        for i, row in enumerate(sorted(mine, key=lambda r: -r["curve"][0][-1])):  # best first
             mean, std = row["curve"]
-            ax.plot(seen, mean, "o-", lw=1.6, ms=3, label=row["group"])
-            ax.fill_between(seen, mean - std, mean + std, alpha=0.2)
+            style = dict(color=colors(i % colors.N), ls=("-", "--", ":")[i // colors.N % 3])
+            ax.plot(seen, mean, marker="o", lw=1.6, ms=3, label=row["group"], **style)
+            ax.fill_between(seen, mean - std, mean + std, alpha=0.15, color=style["color"])
         ax.set_xlabel("number of classes seen")
         ax.set_ylabel("accuracy (%)")
         ax.set_title(f"{dataset}, phases {sizes}")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7, frameon=False)
+        ax.legend(fontsize=7, frameon=False, loc="center left", bbox_to_anchor=(1.0, 0.5))
         fig.tight_layout()
         name = "".join(c if c.isalnum() or c in "-." else "_" for c in f"{dataset}-{sizes}")
         paths.append(f"{prefix}-{name}.png")

@@ -111,7 +111,7 @@ def test_the_report_groups_by_the_swept_keys_and_pools_the_seeds(tmp_path):
     text, written = compare.report([str(tmp_path)], str(tmp_path / "out" / "report"))
     rows = [line.split(" | ") for line in text.splitlines()[2:]]
     assert [r[2] for r in rows] == [
-        "icarl train.lr=0.1",
+        "icarl",  # its one finished run: nothing swept
         "replay train.lr=0.05",
         "replay train.lr=0.1",
     ]
