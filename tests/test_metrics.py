@@ -76,6 +76,11 @@ def test_every_step_is_logged_once_with_the_methods_terms_and_each_evaluation(un
     last = [[m["loss"] for m in epochs if m["phase"] == p][-1] for p in range(3)]
     assert last == [p["final_loss"] for p in results["phases"]]
     assert any("examples_per_second" in m for m in lines(workdir))
+    train = [m for m in lines(workdir) if m["kind"] == "train"]
+    assert all(m["grad_norm"] > 0 for m in train)
+    config = small_config()  # each phase starts at its configured learning rate
+    firsts = [next(m["lr"] for m in train if m["phase"] == p) for p in range(3)]
+    assert firsts == pytest.approx([config.train_first.lr, config.train.lr, config.train.lr])
     logged = scalars(os.path.join(workdir, metrics.TENSORBOARD_DIR), "train/loss")
     assert [(s[2], pytest.approx(s[3])) for s in steps] == logged
     accuracy = scalars(os.path.join(workdir, metrics.TENSORBOARD_DIR), "eval/accuracy")

@@ -112,6 +112,10 @@ def make_step(
             method_state, params_before=state.params, params_after=params, grads=grads
         )
         new = TrainState(params, batch_stats, opt_state, state.rng, state.step + 1)
-        return new, method_state, {"loss": loss, **metrics}
+        # For the metrics log: the step's learning rate and the gradient's global norm.
+        extra = {"grad_norm": optax.global_norm(grads)}
+        if "learning_rate" in getattr(opt_state, "hyperparams", {}):
+            extra["lr"] = opt_state.hyperparams["learning_rate"]
+        return new, method_state, {"loss": loss, **metrics, **extra}
 
     return step
