@@ -3,7 +3,7 @@
 Each line of `metrics.jsonl` is one JSON object:
 
 - a training step: `{"kind": "train", "phase", "step" (steps of the phase done), "global_step"
-  (steps of the run done), "loss", "accuracy", and the method's terms (`ce`, `kd`, ...)}`, and
+  (steps of the run done), "loss", "accuracy", the method's terms (`ce`, `kd`, ...), "lr", "grad_norm"}`, and
   `"examples_per_second"` on the last step of each call of the train epoch;
 - an epoch's end: `{"kind": "epoch", "phase", "epoch" (epochs of the phase done), "step",
   "global_step", ...}` with the epoch's mean of every train value (the last epoch's `loss` is
