@@ -1,6 +1,7 @@
 """Shared by the predict and export tests: a short digits run and the test examples as files."""
 
 import numpy as np
+from shared_runs import shared_run
 
 from configs import digits
 from incremental import run as run_lib
@@ -18,10 +19,11 @@ def small_config(method: str = "replay"):
 
 
 def trained(tmp_path_factory, method: str = "replay", *, stop_after: int | None = None) -> str:
-    """The work directory of a fresh short run of `method`."""
-    workdir = str(tmp_path_factory.mktemp(method) / "run")
-    run_lib.run(small_config(method), workdir, stop_after=stop_after)
-    return workdir
+    """The work directory of a short run of `method`, made once for the session (the predict and
+    export tests, on two workers, read the same one)."""
+    del tmp_path_factory
+    name = f"predict-{method}-{stop_after}"
+    return shared_run(name, lambda w: run_lib.run(small_config(method), w, stop_after=stop_after))
 
 
 def seen_test_examples(workdir: str, phase: int | None = None) -> np.ndarray:
