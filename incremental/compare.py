@@ -45,7 +45,7 @@ def find(directories: Sequence[str]) -> list[dict]:
                         doc = json.load(f)
                 except (OSError, ValueError):
                     continue
-                if doc.get("complete"):
+                if doc.get("complete") and "per_seed" not in doc:  # a seeds run: its seed_<s>/
                     found.append({**doc, "workdir": root})
     if not found:
         raise ValueError(

@@ -10,7 +10,9 @@ file's `get_sweep()` returns (big_vision's convention: a list of dicts of overri
 process of its own; `method` goes into the config file's argument (`FILE:method=replay`), where the
 configs choose a method's defaults. A point whose results.json is complete is skipped, an
 unfinished one resumes (the run's own resume), so a killed sweep continues where it stopped when
-the same command runs again. `--point=K` runs only point K (one task of a SLURM array, say).
+the same command runs again. `--point=K` runs only point K (one task of a SLURM array, say). With `--seeds_together` the grid's
+`seed` values become one point's `config.seeds`: its seeds train in one vmapped program
+(`incremental.seeds`), each in a `seed_<s>/` work directory of the point's.
 `DIR/sweep.json` lists the points, their directories, statuses and last accuracies.
 """
 
@@ -65,9 +67,17 @@ def file_points(config_file: str) -> list[dict[str, str]]:
     return [{str(k): _text(v) for k, v in p.items()} for p in points]
 
 
-def points(config_file: str, grid: str) -> list[dict[str, str]]:
-    """Every point of the sweep: the file's points times the command line's grid."""
-    found = [{**a, **b} for a in file_points(config_file) for b in parse_grid(grid)]
+def points(config_file: str, grid: str, seeds_together: bool = False) -> list[dict[str, str]]:
+    """Every point of the sweep: the file's points times the command line's grid. With
+    `seeds_together`, the grid's seeds are one point's `config.seeds` (trained vmapped)."""
+    grid_points = parse_grid(grid)
+    if seeds_together and all("seed" in p for p in grid_points):
+        seeds = list(dict.fromkeys(p["seed"] for p in grid_points))
+        rest = list(
+            {json.dumps({k: v for k, v in p.items() if k != "seed"}): 0 for p in grid_points}
+        )
+        grid_points = [{**json.loads(r), "seeds": f"({','.join(seeds)},)"} for r in rest]
+    found = [{**a, **b} for a in file_points(config_file) for b in grid_points]
     if found == [{}]:
         raise ValueError(
             "The sweep has no points: give --sweep='KEY=[V1,V2];...' or a get_sweep() in the "
@@ -103,21 +113,23 @@ def status(workdir: str) -> str:
 
 
 def last_accuracy(workdir: str) -> float | None:
+    """The run's last accuracy (its mean over seeds for a `config.seeds` point)."""
     try:
         with open(os.path.join(workdir, "results.json")) as f:
-            return json.load(f).get("last_accuracy")
+            doc = json.load(f)
     except (OSError, ValueError):
         return None
+    return doc.get("last_accuracy", doc.get("last_accuracy_mean"))
 
 
 def run_sweep(
     config: str, workdir: str, grid: str = "", *, parallel: int = 1, point: int | None = None,
-    say=print,
+    seeds_together: bool = False, say=print,
 ) -> list[dict]:  # fmt: skip
     """Runs the sweep's points that are not done; returns their entries (as in sweep.json)."""
     if parallel < 1:
         raise ValueError(f"--parallel must be >= 1, got {parallel}.")
-    found = points(config.partition(":")[0], grid)
+    found = points(config.partition(":")[0], grid, seeds_together)
     if point is not None and not 0 <= point < len(found):
         raise ValueError(f"--point={point}: the sweep has points 0..{len(found) - 1}.")
     entries = [
@@ -201,11 +213,15 @@ def main(argv: list[str], say=print) -> int:
     parser.add_argument("--workdir", required=True, help="the sweep's directory")
     parser.add_argument("--parallel", type=int, default=1, help="points run at once")
     parser.add_argument("--point", type=int, default=None, help="run only this point")
+    parser.add_argument(
+        "--seeds_together", action="store_true", help="the seeds of a point in one vmapped run"
+    )
     args = parser.parse_args(argv)
     if not os.path.isfile(args.config.partition(":")[0]):
         raise ValueError(f"--config: {args.config.partition(':')[0]} is not a file.")
     entries = run_sweep(args.config, args.workdir, args.sweep, parallel=args.parallel,
-                        point=args.point, say=lambda line: say(line, markup=False, soft_wrap=True))  # fmt: skip
+                        point=args.point, seeds_together=args.seeds_together,
+                        say=lambda line: say(line, markup=False, soft_wrap=True))  # fmt: skip
     chosen = [e for e in entries if args.point is None or e["point"] == args.point]
     for e in chosen:
         accuracy = "-" if e["last_accuracy"] is None else f"{100 * e['last_accuracy']:.1f}%"

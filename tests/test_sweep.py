@@ -145,3 +145,26 @@ def test_the_report_command_prints_and_writes_or_refuses_by_name(tmp_path):
     )
     out = proc.stdout + proc.stderr
     assert proc.returncode == 2 and "is not a directory" in out and "Traceback" not in out
+
+
+def test_seeds_together_make_one_point_of_a_grids_seeds(tmp_path):
+    """--seeds_together: the seeds of each other combination are one point's config.seeds."""
+    config_file = tmp_path / "c.py"
+    config_file.write_text("def get_config(arg=None):\n    return None\n")
+    found = sweep.points(str(config_file), "method=[replay,icarl];seed=[0,1,2]", True)
+    assert found == [
+        {"method": "replay", "seeds": "(0,1,2,)"},
+        {"method": "icarl", "seeds": "(0,1,2,)"},
+    ]
+    assert len(sweep.points(str(config_file), "method=[replay,icarl];seed=[0,1,2]")) == 6
+
+
+def test_the_report_reads_the_seeds_of_a_seeds_run_not_its_summary(tmp_path):
+    for seed, last in ((0, 0.5), (1, 0.7)):
+        os.makedirs(tmp_path / "point" / f"seed_{seed}")
+        doc = _results("replay", seed, 0.1, last, [0.9, last])
+        (tmp_path / "point" / f"seed_{seed}" / "results.json").write_text(json.dumps(doc))
+    summary = {**_results("replay", 0, 0.1, 0.6, [0.9, 0.6]), "per_seed": {}}
+    (tmp_path / "point" / "results.json").write_text(json.dumps(summary))
+    text, _ = compare.report([str(tmp_path)])
+    assert "| replay | 2 | 60.0 ± 10.0 |" in text
