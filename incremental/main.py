@@ -3,15 +3,18 @@
     incremental run [--config=configs/NAME.py[:ARG]] [--config.x.y=V] [--workdir=DIR]
     incremental evaluate WORKDIR [--phase=P]
     incremental surgery WORKDIR (--remove-classes=3,7 | --graft=REGEX:OTHER_WORKDIR) --out=NEWDIR
-    incremental predict WORKDIR INPUT... [--top-k=3] [--phase=P] [--classifier=NAME] [--format=table]
-    incremental export WORKDIR --out=DIR [--phase=P] [--classifier=NAME]
     incremental learn WORKDIR --data=SOURCE --out=NEWDIR [--config.KEY=VALUE ...]
+    incremental predict WORKDIR INPUT... [--top-k=3] [--format=table|json|csv]
+    incremental export WORKDIR --out=DIR
+    incremental sweep --config=FILE[:ARG] --sweep='KEY=[V1,V2];...' --workdir=DIR [--parallel=N]
+    incremental report DIR... [--out=PREFIX]
     incremental benchmark [--models=mlp,wide_mlp,resnet32] [--quick] [--json=PATH]
 
 Every user error (config, data, work directory, disk) ends with one message and exit status 2;
-`--debug` anywhere on the command line shows the traceback as well. `run` parses absl flags and calls `run.run`; re-running the same command with the same `--workdir`
-resumes. `evaluate` and `surgery` take their own flags and call `workdirs`; `predict` and `export`
-call `predict` and `export`.
+`--debug` anywhere on the command line shows the traceback as well. `run` parses absl flags and
+calls `run.run`; re-running the same command with the same `--workdir` resumes. `evaluate`,
+`surgery`, `learn`, `predict` and `export` take their own flags (argparse) and call `workdirs`,
+`learn`, `predict` and `export`; `sweep` and `report` are `sweep.main` and `compare.main`.
 """
 
 from __future__ import annotations
