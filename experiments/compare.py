@@ -3,130 +3,58 @@
     python experiments/compare.py --methods=finetune,joint,replay,icarl --datasets=digits \\
         --seeds=0,1,2 --out=experiments/rehearsal.md --title="Rehearsal methods on digits"
 
-Each run uses the dataset's config (configs/<dataset>.py) with the method's defaults; class order
-from seed 1993; `config.seed` (initialisation and batch order) varies. Accuracies in %.
+A thin use of the project's own tools: the runs are an `incremental sweep` of each dataset's config
+(configs/<dataset>.py with the method's defaults; class order from seed 1993; `config.seed`, the
+initialisation and batch order, varies), two at a time, and the table is `incremental report`'s
+(mean ± std over seeds, accuracies in %). `--workdir` keeps the runs (a second call reuses
+finished ones); by default they go to a temporary directory.
 """
 
+import argparse
 import os
 import sys
 import tempfile
-import time
-
-import numpy as np
-from absl import app, flags, logging
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from configs import digits, mnist1d  # noqa: E402
-from incremental import run as run_lib  # noqa: E402
-
-DATASETS = {"digits": digits.get_config, "mnist1d": mnist1d.get_config}
+from incremental import compare, sweep  # noqa: E402
 
 
-def define_flags() -> None:
-    flags.DEFINE_list("methods", ["finetune", "joint"], "Methods to compare.")
-    flags.DEFINE_list("datasets", ["digits"], "Datasets (configs) to run them on.")
-    flags.DEFINE_list("seeds", ["0", "1", "2"], "Training seeds.")
-    flags.DEFINE_string("out", None, "Markdown file to write.")
-    flags.DEFINE_string("title", "Comparison", "Title of the table.")
-    flags.DEFINE_string("note", "", "A paragraph written under the table.")
-
-
-def one_run(get_config, method: str, seed: int) -> dict:
-    """One complete run in a temporary work directory; adds `wall_seconds`."""
-    config = get_config(f"method={method}")
-    config.seed = seed
-    config.log.progress = config.log.plot = False
-    with tempfile.TemporaryDirectory() as workdir:
-        start = time.perf_counter()
-        try:
-            results = run_lib.run(config, workdir)
-        except FloatingPointError as error:  # reported in the table, not hidden
-            print(f"{method} seed {seed} diverged: {error}", flush=True)
-            return {"diverged": True, "wall_seconds": time.perf_counter() - start}
-        results["wall_seconds"] = time.perf_counter() - start
-    return results
-
-
-def cell(values, scale: float = 100.0) -> str:
-    values = [v for v in values if v is not None]
-    if not values:
-        return "–"
-    values = np.asarray(values, dtype=float) * scale
-    return f"{values.mean():.1f} ± {values.std():.1f}"
-
-
-def table(rows: list[tuple[str, str, list[dict]]]) -> list[str]:
-    """Markdown rows: last and average incremental accuracy (linear, and NME where reported)."""
-    lines = [
-        "| dataset | method | last acc | avg incremental acc | forgetting | NME last acc "
-        "| NME avg incremental acc | wall time (s) |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
-    for dataset, method, all_runs in rows:
-        runs = [r for r in all_runs if not r.get("diverged")]
-        if len(runs) < len(all_runs):
-            method += f" ({len(all_runs) - len(runs)} of {len(all_runs)} seeds diverged)"
-        if not runs:
-            lines.append(f"| {dataset} | {method} |" + " – |" * 6)
-            continue
-        lines.append(
-            f"| {dataset} | {method} | {cell([r['last_accuracy'] for r in runs])} "
-            f"| {cell([r['average_incremental_accuracy'] for r in runs])} "
-            f"| {cell([r['forgetting'] for r in runs])} "
-            f"| {cell([r.get('nme_last_accuracy') for r in runs])} "
-            f"| {cell([r.get('nme_average_incremental_accuracy') for r in runs])} "
-            f"| {cell([r['wall_seconds'] for r in runs], 1.0)} |"
-        )
-    return lines
-
-
-def main(argv):
-    del argv
-    logging.set_verbosity(logging.WARNING)
-    f = flags.FLAGS
-    seeds = [int(s) for s in f.seeds]
-    rows = []
-    for dataset in f.datasets:
-        for method in f.methods:
-            runs = [one_run(DATASETS[dataset], method, seed) for seed in seeds]
-            print(dataset, method, [r.get("last_accuracy") for r in runs], flush=True)
-            rows.append((dataset, method, runs))
-    lines = [
-        f"# {f.title}",
-        "",
-        f"`python experiments/compare.py --methods={','.join(f.methods)} "
-        f"--datasets={','.join(f.datasets)} --seeds={','.join(f.seeds)}` — 5 phases of 2 classes, "
-        f"class order from seed 1993, mean ± std over training seeds {seeds}; accuracies in %, "
-        "class-incremental (one head, no task label); NME only for methods with exemplars. Wall "
-        "time is the whole run on 2 CPU cores.",
-        "",
-        *table(rows),
-    ]
-    counts = [(d, m, runs[0]["phases"]) for d, m, runs in rows if "phases" in runs[0]]
-    if counts and all("num_params" in p for _, _, phases in counts for p in phases):
-        lines += [
-            "",
-            "Parameters of the model each phase ends with (all seeds alike):",
-            "",
-            "| dataset | method | "
-            + " | ".join(f"phase {i}" for i in range(len(counts[0][2])))
-            + " |",
-            "|---|---|" + "---|" * len(counts[0][2]),
-        ]
-        for dataset, method, phases in counts:
-            cells = " | ".join(f"{p['num_params']['']:,}" for p in phases)
-            lines.append(f"| {dataset} | {method} | {cells} |")
-    if f.note:
-        lines += ["", f.note]
-    text = "\n".join(lines) + "\n"
-    if f.out:
-        with open(f.out, "w") as out:
-            out.write(text)
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--methods", default="finetune,joint")
+    parser.add_argument("--datasets", default="digits")
+    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--out", default=None, help="the Markdown file to write")
+    parser.add_argument("--title", default="Comparison")
+    parser.add_argument("--note", default="", help="a paragraph under the table")
+    parser.add_argument("--workdir", default=None, help="where the runs go (kept)")
+    parser.add_argument("--parallel", type=int, default=2)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as scratch:
+        workdir = args.workdir or scratch
+        for dataset in args.datasets.split(","):
+            grid = f"method=[{args.methods}];seed=[{args.seeds}]"
+            config = os.path.join(ROOT, "configs", f"{dataset}.py")
+            sweep.run_sweep(config, os.path.join(workdir, dataset), grid, parallel=args.parallel)
+        table, _ = compare.report([workdir])
+    command = (
+        f"`python experiments/compare.py --methods={args.methods} --datasets={args.datasets} "
+        f"--seeds={args.seeds}`"
+    )
+    text = (
+        f"# {args.title}\n\n{command}: 5 phases of 2 classes, class order from seed 1993, mean ± std "
+        f"over training seeds {args.seeds}; accuracies in %, class-incremental (one head, no task "
+        "label); NME only for methods with exemplars; seconds of training and compiling summed "
+        f"over phases on 2 CPU cores. A run that diverged is left out of its row's count.\n\n"
+        f"{table}\n" + (f"\n{args.note}\n" if args.note else "")
+    )
     print(text)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(text)
 
 
 if __name__ == "__main__":
-    define_flags()
-    app.run(main)
+    main()

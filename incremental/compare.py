@@ -74,20 +74,21 @@ def swept_keys(runs: Sequence[dict]) -> list[str]:
 
 
 def groups(runs: Sequence[dict]) -> dict[tuple, dict[str, list[dict]]]:
-    """{(dataset, phase sizes): {label: runs}}, the label "method key=value ..." of the swept keys."""
-    swept = {m: swept_keys([r for r in runs if r["method"] == m]) for m in _methods(runs)}
-    out: dict[tuple, dict[str, list[dict]]] = {}
+    """{(dataset, phase sizes): {label: runs}}, the label "method key=value ..." of the keys that
+    differ between that method's runs on that protocol."""
+    by_protocol: dict[tuple, dict[str, list[dict]]] = {}
     for run in runs:
-        config = flat(run["config"])
-        keys = swept[run["method"]]
-        label = " ".join([run["method"], *(f"{k}={config.get(k)}" for k in keys)])
         protocol = (run["dataset"], "+".join(str(s) for s in run["phase_sizes"]))
-        out.setdefault(protocol, {}).setdefault(label, []).append(run)
+        by_protocol.setdefault(protocol, {}).setdefault(run["method"], []).append(run)
+    out: dict[tuple, dict[str, list[dict]]] = {}
+    for protocol, methods in by_protocol.items():
+        for method, mine in methods.items():
+            keys = swept_keys(mine)
+            for run in mine:
+                config = flat(run["config"])
+                label = " ".join([method, *(f"{k}={config.get(k)}" for k in keys)])
+                out.setdefault(protocol, {}).setdefault(label, []).append(run)
     return out
-
-
-def _methods(runs: Sequence[dict]) -> list[str]:
-    return sorted({r["method"] for r in runs})
 
 
 def summary(runs: Sequence[dict]) -> dict:
