@@ -19,7 +19,8 @@ class Preempted(Exception):
 
 
 class _Handlers:
-    """Installs `self._handle` for SIGTERM and SIGINT in the body (from the main thread only)."""
+    """Installs the subclass's `_handle(signum, frame)` for SIGTERM and SIGINT in the body (from
+    the main thread only)."""
 
     def __init__(self, console=None):
         self._previous = {}
@@ -30,9 +31,6 @@ class _Handlers:
             self._console.print(message, soft_wrap=True, markup=False)
         else:
             print(message, flush=True)
-
-    def _handle(self, signum, frame):
-        raise NotImplementedError
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():

@@ -95,6 +95,9 @@ class Method:
 
     name = "base"
     head = "linear"  # the model's head: linear | cosine (models.HEADS)
+    # Why the method's maths needs new classes in every phase ("" if it does not): `incremental
+    # learn` refuses a phase of known classes only with this reason (`learn_problem`).
+    needs_new_classes: ClassVar[str] = ""
     # The method-state entries the jitted hooks read: `loss` and `step_update` (train), `predict`
     # and `extra_predictions` (eval); None passes all of it. Every entry passed is part of the
     # jitted function's signature, so an entry only host-side hooks use whose shape changes every
@@ -173,8 +176,12 @@ class Method:
         """Why the method cannot train a phase that brings `num_new` new classes (0: none) and, with
         `known`, more examples of classes learned before (`incremental learn`); None if it can.
 
-        Default: it can (the phase trains on what it brings, with the method's loss)."""
-        del num_new, known
+        Default: it can (the phase trains on what it brings, with the method's loss), unless the
+        class attribute `needs_new_classes` says why its maths needs new classes in every phase
+        (`{name}` there is the method's name) and the phase has none."""
+        del known
+        if self.needs_new_classes and not num_new:
+            return self.needs_new_classes.format(name=self.name)
         return None
 
     def loss(
@@ -264,12 +271,6 @@ def new_logits_problem(num_new: int, key: str, value: str) -> str | None:
         f"with method_args.{key}='new' its cross-entropy is over the new classes' logits only, and "
         f"the phase has none; pass --config.method_args.{key}=seen."
     )
-
-
-def needs_new_classes(num_new: int, why: str) -> str | None:
-    """`Method.learn_problem` of a method whose maths needs new classes in every phase: `why`
-    when the phase has none."""
-    return None if num_new else why
 
 
 def data_of_classes(y: np.ndarray, lo: int, hi: int) -> np.ndarray:

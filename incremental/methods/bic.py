@@ -65,7 +65,6 @@ from incremental.methods.base import (
     PhaseContext,
     PhaseInfo,
     data_of_classes,
-    needs_new_classes,
 )
 from incremental.methods.distill import copy_tree, kd_loss, old_share, snapshot
 from incremental.methods.rehearsal import Rehearsal
@@ -221,11 +220,10 @@ class BiC(Rehearsal):
                 f"{self.bias_epochs} and {self.bias_lr}."
             )
 
-    def learn_problem(self, num_new: int, known: bool) -> str | None:
-        del known
-        return needs_new_classes(
-            num_new, "its bias correction is fitted to the new classes' logits, and there are none."
-        )
+    # Refused by `incremental learn` for a phase with no new classes:
+    needs_new_classes = (
+        "its bias correction is fitted to the new classes' logits, and there are none."
+    )
 
     def init_state(self) -> dict:
         return {**super().init_state(), "bias": identity_bias(0)}

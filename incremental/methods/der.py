@@ -39,7 +39,6 @@ from incremental.methods.base import (
     PhaseInfo,
     PhaseSetup,
     check_choice,
-    needs_new_classes,
 )
 from incremental.methods.rehearsal import Rehearsal
 from incremental.methods.wa import align_gamma
@@ -73,13 +72,11 @@ class DER(Rehearsal):
     def __post_init__(self):
         check_choice("old_rows", self.old_rows, OLD_ROWS)
 
-    def learn_problem(self, num_new: int, known: bool) -> str | None:
-        del known
-        return needs_new_classes(
-            num_new,
-            f"{self.name} adds a backbone branch and an auxiliary new-vs-old head for each phase's "
-            "new classes, and there are none.",
-        )
+    # Refused by `incremental learn` for a phase with no new classes:
+    needs_new_classes = (
+        "{name} adds a backbone branch and an auxiliary new-vs-old head for each phase's new "
+        "classes, and there are none."
+    )
 
     def branches(self, make, info: PhaseInfo) -> Branches:
         return Branches(make(), num_branches=info.phase + 1, frozen=info.phase)

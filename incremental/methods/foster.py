@@ -74,7 +74,6 @@ from incremental.methods.base import (
     PhaseContext,
     PhaseInfo,
     PhaseSetup,
-    needs_new_classes,
 )
 from incremental.methods.der import copy_last_branch
 from incremental.methods.distill import copy_tree, kd_loss
@@ -209,13 +208,11 @@ class FOSTER(Rehearsal):
             )
         return self.beta1[phase - 1]
 
-    def learn_problem(self, num_new: int, known: bool) -> str | None:
-        del known
-        return needs_new_classes(
-            num_new,
-            "it boosts with a second backbone whose logit adjustment weighs old against new "
-            "classes (num_old / num_new), and there are none.",
-        )
+    # Refused by `incremental learn` for a phase with no new classes:
+    needs_new_classes = (
+        "it boosts with a second backbone whose logit adjustment weighs old against new classes "
+        "(num_old / num_new), and there are none."
+    )
 
     def setup(self, info: PhaseInfo) -> PhaseSetup:
         if info.phase == 0:

@@ -63,7 +63,6 @@ from incremental.methods.base import (
     PhaseContext,
     PhaseInfo,
     PhaseSetup,
-    needs_new_classes,
 )
 from incremental.methods.distill import copy_tree, snapshot
 from incremental.methods.rehearsal import Rehearsal
@@ -162,13 +161,11 @@ class LUCIR(Rehearsal):
         if self.margin < 0:
             raise ValueError(f"method_args.margin must be >= 0, got {self.margin}.")
 
-    def learn_problem(self, num_new: int, known: bool) -> str | None:
-        del known
-        return needs_new_classes(
-            num_new,
-            "its distillation weight grows as sqrt(num_old / num_new) and its margin ranks new "
-            "classes against old ones; with no new classes neither is defined.",
-        )
+    # Refused by `incremental learn` for a phase with no new classes:
+    needs_new_classes = (
+        "its distillation weight grows as sqrt(num_old / num_new) and its margin ranks new classes "
+        "against old ones; with no new classes neither is defined."
+    )
 
     def head_init(self, configured: str) -> str:
         return "imprint" if self.imprint and configured == "default" else configured

@@ -8,7 +8,7 @@ against the old ones.
 
 import dataclasses
 
-from incremental.methods.base import Method, PhaseInfo, PhaseSetup, needs_new_classes
+from incremental.methods.base import Method, PhaseInfo, PhaseSetup
 
 
 @dataclasses.dataclass(frozen=True)
@@ -16,12 +16,10 @@ class NewHeadOnly(Method):
     name = "new_head_only"
     dynamic_phase = True  # under head.capacity: phase 0's program and the frozen one's
 
-    def learn_problem(self, num_new: int, known: bool) -> str | None:
-        del known
-        return needs_new_classes(
-            num_new,
-            "after phase 0 it trains only the new classes' head columns, and there are none.",
-        )
+    # Refused by `incremental learn` for a phase with no new classes:
+    needs_new_classes = (
+        "after phase 0 it trains only the new classes' head columns, and there are none."
+    )
 
     def setup(self, info: PhaseInfo) -> PhaseSetup:
         if info.phase == 0:

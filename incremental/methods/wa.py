@@ -51,7 +51,7 @@ import jax
 import jax.numpy as jnp
 
 from incremental import models
-from incremental.methods.base import Batch, Outputs, PhaseContext, PhaseInfo, needs_new_classes
+from incremental.methods.base import Batch, Outputs, PhaseContext, PhaseInfo
 from incremental.methods.distill import kd_loss, old_share, snapshot
 from incremental.methods.rehearsal import Rehearsal
 from incremental.models import head_logits
@@ -97,11 +97,10 @@ class WA(Rehearsal):
         if self.kd_strength < 0:
             raise ValueError(f"method_args.kd_strength must be >= 0, got {self.kd_strength}.")
 
-    def learn_problem(self, num_new: int, known: bool) -> str | None:
-        del known
-        return needs_new_classes(
-            num_new, "weight aligning rescales the new classes' head columns, and there are none."
-        )
+    # Refused by `incremental learn` for a phase with no new classes:
+    needs_new_classes = (
+        "weight aligning rescales the new classes' head columns, and there are none."
+    )
 
     def init_state(self) -> dict:
         return {**super().init_state(), "scale": jnp.zeros((0,), jnp.float32)}
