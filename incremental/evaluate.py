@@ -62,6 +62,18 @@ def evaluate_phase(scores: np.ndarray, y: np.ndarray, protocol: Protocol, phase:
     }
 
 
+def confusion(scores: np.ndarray, y: np.ndarray, num_seen: int) -> np.ndarray:
+    """The (num_seen, num_seen) counts of test examples by true class (rows) and prediction."""
+    pred = scores.argmax(axis=1)
+    return np.bincount(y * num_seen + pred, minlength=num_seen * num_seen).reshape(num_seen, -1)
+
+
+def per_class_accuracy(counts: np.ndarray) -> list[float | None]:
+    """Each class's accuracy from a confusion matrix; None for a class with no test example."""
+    totals = counts.sum(axis=1)
+    return [float(c / t) if t else None for c, t in zip(np.diag(counts), totals, strict=True)]
+
+
 def summarize(accuracy_matrix: list[list[float]], accuracy: list[float]) -> dict:
     """The headline metrics of a (possibly unfinished) run from its matrix rows so far."""
     last = len(accuracy_matrix) - 1

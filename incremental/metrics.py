@@ -9,11 +9,14 @@ Each line of `metrics.jsonl` is one JSON object:
   "global_step", ...}` with the epoch's mean of every train value (the last epoch's `loss` is
   results.json's `final_loss` of the phase);
 - a phase's evaluation: `{"kind": "eval", "phase", "global_step", ...}` with the phase's record of
-  results.json (accuracies, old/new, the accuracy-matrix row, timings).
+  results.json (accuracies, old/new, the accuracy-matrix row, timings), and `per_class_accuracy`
+  and `confusion` (counts by true class, rows, and prediction, columns, over the seen classes in
+  the protocol's class order) when the run gives its confusion matrix.
 
 The values come back from the device once per call of the jitted epoch, as they already do for the
 progress bar, so writing them costs the training nothing. With `log.tensorboard` the same values
-go to `WORKDIR/tensorboard/` as scalars (`train/loss`, `eval/accuracy`, ...) through tensorboardX,
+go to `WORKDIR/tensorboard/` as scalars (`train/loss`, `eval/accuracy`, ...) and the confusion
+matrix as an image (`eval/confusion`, each row scaled by its class's count) through tensorboardX,
 which needs neither TensorFlow nor torch, and with `log.wandb=PROJECT` to Weights & Biases (the
 optional `wandb` package; its own settings apply, `WANDB_MODE=offline` included; the run's id is
 derived from the work directory, so a resumed run continues the same W&B run). A resumed run first drops what the killed process wrote
@@ -28,6 +31,10 @@ import json
 import os
 import time
 from typing import Any
+
+import numpy as np
+
+from incremental import evaluate
 
 METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"
@@ -95,14 +102,20 @@ class MetricsLog:
         self._append([{**line, "global_step": global_step, **means}])
         self._scalars("epoch", means, global_step)
 
-    def evaluation(self, rec: dict) -> None:
-        """A phase's record (results.json's `phases` entry), after its evaluation."""
+    def evaluation(self, rec: dict, confusion: np.ndarray | None = None) -> None:
+        """A phase's record (results.json's `phases` entry), after its evaluation, and the
+        confusion matrix of the evaluation if there is one."""
         if not self.enabled:
             return
         global_step = max(self.phase_start, self._last_global_step())
         line = {"kind": "eval", "phase": rec["phase"], "global_step": global_step, **rec}
+        if confusion is not None:
+            line["per_class_accuracy"] = evaluate.per_class_accuracy(confusion)
+            line["confusion"] = confusion.tolist()
         self._append([line])
         self._scalars("eval", {k: rec.get(k) for k in EVAL_KEYS}, global_step)
+        if confusion is not None:
+            self._image("eval/confusion", confusion_image(confusion), global_step)
         self.phase_start = global_step
 
     def close(self) -> None:
@@ -135,6 +148,17 @@ class MetricsLog:
             self._writer.file_writer.add_summary(summary, step)
         if self._wandb is not None:
             self._wandb.log(found, step=step)
+
+    def _image(self, tag: str, image: np.ndarray, step: int) -> None:
+        """An (H, W, 3) uint8 image as `tag` at `step`."""
+        if self._writer is not None:
+            from tensorboardX import summary
+
+            self._writer.file_writer.add_summary(summary.image(tag, image, dataformats="HWC"), step)
+        if self._wandb is not None:
+            import wandb
+
+            self._wandb.log({tag: wandb.Image(image)}, step=step)
 
     def _close_writer(self) -> None:
         if self._writer is not None:
@@ -203,6 +227,19 @@ def _wandb_run(project: str, workdir: str, config: dict | None):
     return wandb.init(
         project=project, id=key, name=name, dir=workdir, config=config, resume="allow"
     )
+
+
+def confusion_image(counts: np.ndarray, min_size: int = 256) -> np.ndarray:
+    """A confusion matrix as an (H, W, 3) uint8 image: each row (a true class) divided by its count,
+    coloured by matplotlib's viridis, every cell a square of pixels so the image is at least
+    `min_size` wide."""
+    from matplotlib import colormaps
+
+    totals = counts.sum(axis=1, keepdims=True)
+    rates = np.divide(counts, totals, out=np.zeros(counts.shape), where=totals > 0)
+    cell = max(1, -(-min_size // len(counts)))
+    rgb = np.round(colormaps["viridis"](rates)[..., :3] * 255).astype(np.uint8)
+    return rgb.repeat(cell, axis=0).repeat(cell, axis=1)
 
 
 def _plain(value):

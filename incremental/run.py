@@ -82,7 +82,7 @@ def run(
                     within = Within(
                         config, ckpts, preempt, progress, protocol, records, data.fingerprint, log
                     )
-                    carried, rng, rec = run_phase(
+                    carried, rng, rec, confusion = run_phase(
                         config, method, data, protocol, phase, carried, method_state, programs,
                         within, startup=process_seconds() if phase == first else None,
                     )  # fmt: skip
@@ -95,7 +95,7 @@ def run(
                         ckpts, config, protocol, phase, carried, rng, records, mesh,
                         data.fingerprint,
                     )  # fmt: skip
-                    log.evaluation(rec)
+                    log.evaluation(rec, confusion)
                     progress.phase_done(records[-1])
                     if preempt.requested and phase < last:
                         raise Preempted(f"Stopped after phase {phase}, saved.")
@@ -129,8 +129,9 @@ def run_phase(
 ):  # fmt: skip
     """One phase of a run: begin, fit (checkpointed by `within`), end and evaluate, timed.
 
-    Returns the carried state, the phase's training key (saved with it) and the phase's record,
-    which holds `startup_seconds` (the process's seconds before it) for its first phase.
+    Returns the carried state, the phase's training key (saved with it), the phase's record, which
+    holds `startup_seconds` (the process's seconds before it) for its first phase, and the
+    confusion matrix of its evaluation (for the metrics log, not results.json).
     """
     start = time.perf_counter()
     with compilation.CompileTimer() as compiled:
@@ -143,8 +144,9 @@ def run_phase(
         start = time.perf_counter()
         row = evaluate.evaluate_phase(
             config, model, method, data, protocol, phase, carried.variables,
-            carried.method_state, programs,
+            carried.method_state, programs, confusion=True,
         )  # fmt: skip
+        confusion = row.pop("confusion")
         seconds["eval_seconds"] = time.perf_counter() - start
     seconds["compile_seconds"] = compiled.seconds  # inside train + eval seconds
     seconds["compile_cache_hits"] = compiled.cache_hits
@@ -153,7 +155,7 @@ def run_phase(
     rec = record.record(
         protocol, pr, carried.variables, row, steps.last_epoch, seconds, data.fingerprint
     )
-    return carried, state.rng, rec
+    return carried, state.rng, rec, confusion
 
 
 class Within:

@@ -1,9 +1,11 @@
 """metrics.jsonl and the TensorBoard event files: every step once, in order, across a crash and resume."""
 
+import io
 import json
 import os
 import struct
 
+import numpy as np
 import pytest
 
 from configs import digits
@@ -35,8 +37,13 @@ def train_steps(workdir):
 
 
 def scalars(directory, tag):
-    """The (step, value) pairs of `tag` in the event files under `directory` (TFRecord framing:
-    length, its CRC, the Event proto, its CRC)."""
+    """The (step, value) pairs of `tag` in the event files under `directory`."""
+    return [(step, v.simple_value) for step, v in summary_values(directory, tag)]
+
+
+def summary_values(directory, tag):
+    """The (step, Summary.Value) pairs of `tag` in the event files under `directory` (TFRecord
+    framing: length, its CRC, the Event proto, its CRC)."""
     from tensorboardX.proto import event_pb2
 
     found = []
@@ -48,7 +55,7 @@ def scalars(directory, tag):
             (length,) = struct.unpack("<Q", data[at : at + 8])
             event = event_pb2.Event.FromString(data[at + 12 : at + 12 + length])
             at += 16 + length
-            found += [(event.step, v.simple_value) for v in event.summary.value if v.tag == tag]
+            found += [(event.step, v) for v in event.summary.value if v.tag == tag]
     return found
 
 
@@ -85,6 +92,33 @@ def test_every_step_is_logged_once_with_the_methods_terms_and_each_evaluation(un
     assert [(s[2], pytest.approx(s[3])) for s in steps] == logged
     accuracy = scalars(os.path.join(workdir, metrics.TENSORBOARD_DIR), "eval/accuracy")
     assert [v for _, v in accuracy] == pytest.approx(results["accuracy"])
+
+
+def test_each_evaluation_logs_its_confusion_matrix_per_class_accuracy_and_an_image(uninterrupted):
+    from PIL import Image
+
+    workdir, results = uninterrupted
+    evals = [m for m in lines(workdir) if m["kind"] == "eval"]
+    for m, phase in zip(evals, results["phases"], strict=True):
+        counts = np.array(m["confusion"])
+        assert counts.shape == (phase["num_seen"],) * 2
+        assert np.trace(counts) / counts.sum() == pytest.approx(phase["accuracy"])
+        per_class = np.diag(counts) / counts.sum(axis=1)
+        assert m["per_class_accuracy"] == pytest.approx(per_class.tolist())
+        old = phase["num_seen"] - len(phase["classes"])  # rows in class order: old classes first
+        assert np.trace(counts[:old]) / counts[:old].sum() == pytest.approx(
+            phase["old_accuracy"] if old else np.nan, nan_ok=True
+        )
+    images = summary_values(os.path.join(workdir, metrics.TENSORBOARD_DIR), "eval/confusion")
+    assert [step for step, _ in images] == [m["global_step"] for m in evals]
+    last = np.array(Image.open(io.BytesIO(images[-1][1].image.encoded_image_string)))
+    num_seen = results["phases"][-1]["num_seen"]
+    assert last.shape[0] == last.shape[1] >= 256 and last.shape[0] % num_seen == 0
+    cell = last.shape[0] // num_seen  # each cell one colour: the row-normalised count
+    expected = metrics.confusion_image(np.array(evals[-1]["confusion"]))
+    assert np.array_equal(last[..., :3], expected) and np.array_equal(
+        last[::cell, ::cell, :3], metrics.confusion_image(np.array(evals[-1]["confusion"]), 1)
+    )
 
 
 def test_a_crash_and_resume_log_each_step_once(uninterrupted, tmp_path, monkeypatch):
@@ -147,7 +181,8 @@ def test_weights_and_biases_gets_the_same_scalars_and_resumes_one_run(tmp_path, 
         calls.append(("init", kwargs))
         return Run()
 
-    monkeypatch.setitem(sys.modules, "wandb", types.SimpleNamespace(init=init))
+    image = lambda array: ("image", array.shape)  # noqa: E731
+    monkeypatch.setitem(sys.modules, "wandb", types.SimpleNamespace(init=init, Image=image))
     config = small_config()
     config.log.wandb, config.log.tensorboard = "my-project", False
     workdir = str(tmp_path / "run")
@@ -158,5 +193,7 @@ def test_weights_and_biases_gets_the_same_scalars_and_resumes_one_run(tmp_path, 
     assert inits[0]["project"] == "my-project" and inits[0]["config"]["method"] == "lwf"
     logged = [(c[2], c[1]["train/loss"]) for c in calls if c[0] == "log" and "train/loss" in c[1]]
     assert logged == [(s[2], s[3]) for s in train_steps(workdir)]
+    images = [c[1]["eval/confusion"] for c in calls if c[0] == "log" and "eval/confusion" in c[1]]
+    assert [shape[0] for _, shape in images] == [-(-256 // n) * n for n in (4, 7, 10)]
     assert [c[0] for c in calls].count("finish") == 2
     assert not os.path.exists(os.path.join(workdir, metrics.TENSORBOARD_DIR))

@@ -12,14 +12,15 @@ from incremental.protocol import Protocol
 
 def evaluate_phase(
     config, model, method, data: RunData, protocol: Protocol, phase, variables, method_state,
-    programs: capacity.Programs | None = None,
+    programs: capacity.Programs | None = None, *, confusion: bool = False,
 ) -> dict:  # fmt: skip
     """Scores the test data of every seen class and returns the phase's rows of the matrices.
 
     The method's extra classifiers (e.g. nearest-mean) and companion models (`Method.companions`)
     are evaluated the same way, under `extra`. Under `head.capacity` the whole test set is scored,
     a shape that does not change with the phase, with the classes not seen yet masked, by
-    functions kept in `programs` for later phases.
+    functions kept in `programs` for later phases. With `confusion`, the row also holds the
+    method's confusion matrix over the seen classes (`evaluate.confusion`) under "confusion".
     """
     config = capacity.resolved(config, method, protocol.num_classes)
     num_seen = protocol.num_seen(phase)
@@ -32,7 +33,7 @@ def evaluate_phase(
         eval_state = parallel.replicate(eval_state, mesh)
     dtype = dtype_of(config)
 
-    def rows(name, predict_fn, model=model, variables=variables):
+    def rows(name, predict_fn, model=model, variables=variables, counts=False):
         build = lambda: train.make_apply_batches(model, data.norm, predict_fn, dtype, mask=wide)  # noqa: E731
         apply = programs.get(("eval", name), build) if wide else build()
         x = data.x_test if wide else data.x_test[seen]
@@ -40,9 +41,12 @@ def evaluate_phase(
         bs = config.eval.batch_size
         scores = train.run_batched(apply, variables, eval_state, x, bs, *extra)
         scores = scores[seen] if wide else scores
-        return evaluate.evaluate_phase(scores, data.y_test[seen], protocol, phase)
+        row = evaluate.evaluate_phase(scores, data.y_test[seen], protocol, phase)
+        if counts:
+            row["confusion"] = evaluate.confusion(scores, data.y_test[seen], num_seen)
+        return row
 
-    row = rows("predict", method.predict)
+    row = rows("predict", method.predict, counts=confusion)
     extra = {name: rows(name, fn) for name, fn in method.extra_predictions().items()}
     info = phase_info(protocol, phase)
     for name, (backbone, companion) in method.companions(info, variables, method_state).items():
