@@ -487,7 +487,10 @@ def dispatch() -> None:
         from incremental import compare, sweep
 
         try:
-            code = (sweep if args[0] == "sweep" else compare).main(args[1:], report.console.print)
+            if args[0] == "sweep":
+                code = sweep.main(args[1:], report.console.print, report.console)
+            else:
+                code = compare.main(args[1:], report.console.print)
         except (ValueError, OSError) as error:
             fail(error)
         sys.exit(code)

@@ -13,11 +13,14 @@ unfinished one resumes (the run's own resume), so a killed sweep continues where
 the same command runs again. `--point=K` runs only point K (one task of a SLURM array, say). With `--seeds_together` the grid's
 `seed` values become one point's `config.seeds`: its seeds train in one vmapped program
 (`incremental.seeds`), each in a `seed_<s>/` work directory of the point's.
-`DIR/sweep.json` lists the points, their directories, statuses and last accuracies.
+`DIR/sweep.json` lists the points, their directories, statuses and last accuracies. On a terminal
+the sweep shows one live line per running point (`point_line`: its phase, step, loss and speed,
+read from the tail of the point's metrics.jsonl).
 """
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import os
@@ -122,11 +125,65 @@ def last_accuracy(workdir: str) -> float | None:
     return doc.get("last_accuracy", doc.get("last_accuracy_mean"))
 
 
+def point_line(entry: dict) -> str:
+    """A running point's progress: its overrides, then its latest phase, step, loss, examples/s
+    and the accuracy of its last evaluation, from the tail of its metrics.jsonl."""
+    name = ",".join(f"{k}={v}" for k, v in entry["overrides"].items())
+    lines = _tail_lines(_metrics_path(entry["workdir"]))
+    train = next((m for m in reversed(lines) if m.get("kind") == "train"), None)
+    if train is None:
+        return f"point {entry['point']} {name}: starting"
+    text = f"point {entry['point']} {name}: phase {train['phase']} step {train['step']}"
+    text += f" loss {train['loss']:.3f}"
+    rate = next(
+        (m["examples_per_second"] for m in reversed(lines) if "examples_per_second" in m), 0
+    )
+    evals = [m for m in lines if m.get("kind") == "eval" and m.get("accuracy") is not None]
+    text += f" {rate:,.0f} ex/s" if rate else ""
+    return text + (
+        f" (phase {evals[-1]['phase']}: {100 * evals[-1]['accuracy']:.1f}%)" if evals else ""
+    )
+
+
+def _metrics_path(workdir: str) -> str:
+    """The point's metrics.jsonl (of its first seed for a `--seeds_together` point)."""
+    path = os.path.join(workdir, "metrics.jsonl")
+    seeds = sorted(d for d in _listdir(workdir) if d.startswith("seed_"))
+    return os.path.join(workdir, seeds[0], "metrics.jsonl") if seeds else path
+
+
+def _listdir(path: str) -> list[str]:
+    try:
+        return os.listdir(path)
+    except OSError:
+        return []
+
+
+def _tail_lines(path: str, size: int = 16384) -> list[dict]:
+    """The complete JSON lines in the last `size` bytes of `path` (none if it cannot be read)."""
+    try:
+        with open(path, "rb") as f:
+            start = max(0, f.seek(0, os.SEEK_END) - size)
+            f.seek(start)
+            lines = f.read().decode(errors="replace").split("\n")
+    except OSError:
+        return []
+    found = []
+    for line in lines[1 if start else 0 : -1]:  # a cut first line, and the unfinished last
+        try:
+            found.append(json.loads(line))
+        except ValueError:
+            continue
+    return found
+
+
 def run_sweep(
     config: str, workdir: str, grid: str = "", *, parallel: int = 1, point: int | None = None,
-    seeds_together: bool = False, say=print,
+    seeds_together: bool = False, say=print, watch=None,
 ) -> list[dict]:  # fmt: skip
-    """Runs the sweep's points that are not done; returns their entries (as in sweep.json)."""
+    """Runs the sweep's points that are not done; returns their entries (as in sweep.json).
+
+    `watch(entries)`, if given, is called about once a second with the running points' entries."""
     if parallel < 1:
         raise ValueError(f"--parallel must be >= 1, got {parallel}.")
     found = points(config.partition(":")[0], grid, seeds_together)
@@ -144,7 +201,7 @@ def run_sweep(
         if entry["before"] != "done":
             todo.append(entry)
     say(f"{len(found)} points; {len(chosen) - len(todo)} done, {len(todo)} to run in {workdir}")
-    codes = _run_all(config, todo, parallel, say)
+    codes = _run_all(config, todo, parallel, say, watch)
     for entry in entries:
         entry["status"] = status(entry["workdir"])
         entry["exit_code"] = codes.get(entry["point"])
@@ -153,11 +210,13 @@ def run_sweep(
     return entries
 
 
-def _run_all(config: str, todo: Sequence[dict], parallel: int, say) -> dict[int, int]:
+def _run_all(config: str, todo: Sequence[dict], parallel: int, say, watch) -> dict[int, int]:
     """Runs the points `parallel` at a time; SIGTERM/SIGINT reach every running point, which saves
     and stops (the same sweep command resumes them)."""
     running: dict[int, subprocess.Popen] = {}
+    entries: dict[int, dict] = {}
     codes: dict[int, int] = {}
+    watched = 0.0
     queue = list(todo)
     stop = []
 
@@ -177,6 +236,7 @@ def _run_all(config: str, todo: Sequence[dict], parallel: int, say) -> dict[int,
                 running[entry["point"]] = subprocess.Popen(
                     cmd, stdout=log, stderr=log, preexec_fn=_term_with_parent
                 )
+                entries[entry["point"]] = entry
                 say(f"point {entry['point']} {entry['before']}: {' '.join(cmd[3:])}")
             for k, proc in list(running.items()):
                 if proc.poll() is not None:
@@ -184,6 +244,9 @@ def _run_all(config: str, todo: Sequence[dict], parallel: int, say) -> dict[int,
                     say(f"point {k} ended with exit status {codes[k]}")
             if stop and not running:
                 break
+            if watch is not None and time.monotonic() - watched >= 1:
+                watched = time.monotonic()
+                watch([entries[k] for k in running])
             time.sleep(0.2)
     finally:
         for s, handler in previous.items():
@@ -202,9 +265,10 @@ def _term_with_parent() -> None:
         pass  # elsewhere a killed sweep leaves its points to finish on their own
 
 
-def main(argv: list[str], say=print) -> int:
+def main(argv: list[str], say=print, console=None) -> int:
     """`incremental sweep ...`; the exit status: 0 when every point is done, 3 when a signal
-    stopped the sweep (the same command resumes it), 1 when a point failed."""
+    stopped the sweep (the same command resumes it), 1 when a point failed. With a rich `console`
+    that is a terminal, the running points' lines are shown live."""
     import argparse
 
     parser = argparse.ArgumentParser(prog="incremental sweep", description=__doc__.splitlines()[0])
@@ -219,9 +283,11 @@ def main(argv: list[str], say=print) -> int:
     args = parser.parse_args(argv)
     if not os.path.isfile(args.config.partition(":")[0]):
         raise ValueError(f"--config: {args.config.partition(':')[0]} is not a file.")
-    entries = run_sweep(args.config, args.workdir, args.sweep, parallel=args.parallel,
-                        point=args.point, seeds_together=args.seeds_together,
-                        say=lambda line: say(line, markup=False, soft_wrap=True))  # fmt: skip
+    with _live(console) as watch:
+        entries = run_sweep(args.config, args.workdir, args.sweep, parallel=args.parallel,
+                            point=args.point, seeds_together=args.seeds_together,
+                            say=lambda line: say(line, markup=False, soft_wrap=True),
+                            watch=watch)  # fmt: skip
     chosen = [e for e in entries if args.point is None or e["point"] == args.point]
     for e in chosen:
         accuracy = "-" if e["last_accuracy"] is None else f"{100 * e['last_accuracy']:.1f}%"
@@ -234,6 +300,21 @@ def main(argv: list[str], say=print) -> int:
         say("Stopped; run the same command again to resume.", markup=False)
         return 3
     return 0 if all(e["status"] == "done" for e in chosen) else 1
+
+
+@contextlib.contextmanager
+def _live(console):
+    """A `watch` that shows the running points' lines under the sweep's output on a terminal."""
+    if console is None or not console.is_terminal:
+        yield None
+        return
+    from rich.live import Live
+    from rich.text import Text
+
+    with Live(Text(""), console=console, transient=True, auto_refresh=False) as live:
+        yield lambda running: live.update(
+            Text("\n".join(point_line(e) for e in running)), refresh=True
+        )
 
 
 def _write(path: str, entries: list[dict]) -> None:

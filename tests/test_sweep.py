@@ -68,8 +68,12 @@ def test_a_sweep_runs_its_points_skips_finished_ones_and_resumes_unfinished_ones
     run_lib.run(config, started, stop_after=0)
 
     monkeypatch.chdir(ROOT)  # the points import `configs` from the repository
-    said = []
-    entries = sweep.run_sweep(str(config_file), workdir, grid, parallel=2, say=said.append)
+    said, watched = [], []
+    entries = sweep.run_sweep(
+        str(config_file), workdir, grid, parallel=2, say=said.append, watch=watched.append
+    )
+    assert watched and all(0 < len(running) <= 2 for running in watched)  # about once a second
+    assert {e["point"] for running in watched for e in running} <= {0, 1, 2, 3}
     assert [e["before"] for e in entries] == ["new", "new", "new", "partial"]
     assert [e["status"] for e in entries] == ["done"] * 4
     assert [e["exit_code"] for e in entries] == [0] * 4
@@ -85,6 +89,21 @@ def test_a_sweep_runs_its_points_skips_finished_ones_and_resumes_unfinished_ones
         last = [100 * entries[k]["last_accuracy"] for k in (first, first + 1)]
         assert f"{np.mean(last):.1f} ± {np.std(last):.1f}" in rows[method]
     assert len(written) == 3 and all(os.path.getsize(p) for p in written)
+
+
+def test_a_running_points_line_reads_the_tail_of_its_metrics(tmp_path):
+    entry = {"point": 2, "overrides": {"method": "lwf", "seed": "1"}, "workdir": str(tmp_path)}
+    assert sweep.point_line(entry) == "point 2 method=lwf,seed=1: starting"
+    records = [
+        {"kind": "train", "phase": 0, "step": 9, "loss": 2.0, "examples_per_second": 1234.5},
+        {"kind": "eval", "phase": 0, "accuracy": 0.875},
+        {"kind": "train", "phase": 1, "step": 3, "loss": 0.4567},
+    ]
+    text = "".join(json.dumps(r) + "\n" for r in records) + '{"kind": "train", "pha'
+    (tmp_path / "metrics.jsonl").write_text("x" * 20000 + "\n" + text)  # a cut, then a torn line
+    assert sweep.point_line(entry) == (
+        "point 2 method=lwf,seed=1: phase 1 step 3 loss 0.457 1,234 ex/s (phase 0: 87.5%)"
+    )
 
 
 def _results(method, seed, lr, last, curve):
