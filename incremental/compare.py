@@ -2,7 +2,8 @@
 
     incremental report runs/grid [more dirs...] [--out=PREFIX]
 
-Runs (their results.json, complete) are grouped by dataset and protocol (the phase sizes), then by
+Runs (their results.json, complete) are grouped by dataset and protocol (the phase sizes; runs
+evaluated on a validation split, `dataset.validation`, apart from those on the test set), then by
 method and every other config key that differs between one method's runs (`train.lr`, say) but the
 seed:
 each group's numbers are the mean ± std over its runs (seeds). The table (Markdown, printed and
@@ -78,7 +79,10 @@ def groups(runs: Sequence[dict]) -> dict[tuple, dict[str, list[dict]]]:
     differ between that method's runs on that protocol."""
     by_protocol: dict[tuple, dict[str, list[dict]]] = {}
     for run in runs:
-        protocol = (run["dataset"], "+".join(str(s) for s in run["phase_sizes"]))
+        dataset = run["dataset"] + (
+            " (validation)" if run.get("evaluated_on") == "validation" else ""
+        )
+        protocol = (dataset, "+".join(str(s) for s in run["phase_sizes"]))
         by_protocol.setdefault(protocol, {}).setdefault(run["method"], []).append(run)
     out: dict[tuple, dict[str, list[dict]]] = {}
     for protocol, methods in by_protocol.items():

@@ -129,6 +129,9 @@ def _add_data(c: ml_collections.ConfigDict) -> None:
     c.dataset.image_size = 0  # folder: resize images to this square side (0: native, all one size)
     c.dataset.holdout = 0.2  # folder without train/, test/: each class's fraction held out to test
     c.dataset.skip_bad_files = False  # folder: skip (and warn about) undecodable image files
+    # > 0: that fraction of each class's training data is held out and evaluated instead of the
+    # test set (hyper-parameter selection, `incremental sweep --select`); results say "validation".
+    c.dataset.validation = 0.0
     # Keep the training data on the host and stream each batch to the device (data.stream), for
     # datasets that do not fit in device memory; the batches are those of the in-memory path.
     c.dataset.stream = False

@@ -136,6 +136,10 @@ KEYS: dict[str, Key] = {
         float, "folder without train/, test/: fraction of each class to test", above=0, below=1
     ),
     "dataset.skip_bad_files": Key(bool, "folder: skip image files that cannot be decoded"),
+    "dataset.validation": Key(
+        float, "fraction of each class's training data evaluated instead of the test set", low=0,
+        below=1,
+    ),  # fmt: skip
     "dataset.learned": Key(
         tuple, "sources brought by `incremental learn`, one more phase each", items=str
     ),

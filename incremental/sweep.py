@@ -13,7 +13,14 @@ unfinished one resumes (the run's own resume), so a killed sweep continues where
 the same command runs again. `--point=K` runs only point K (one task of a SLURM array, say). With `--seeds_together` the grid's
 `seed` values become one point's `config.seeds`: its seeds train in one vmapped program
 (`incremental.seeds`), each in a `seed_<s>/` work directory of the point's.
-`DIR/sweep.json` lists the points, their directories, statuses and last accuracies. On a terminal
+`DIR/sweep.json` lists the points, their directories, statuses and last accuracies.
+
+Hyper-parameter selection without the test set: `--select=train.lr` runs every point first with
+`--config.dataset.validation=0.1` (`--validation`: each class's held-out fraction of the training
+data is evaluated instead of the test set) in DIR/validation/, chooses for each combination of the
+other swept keys the `train.lr` whose mean `--select_metric` over seeds (average incremental
+accuracy by default) is best, records the candidates' scores and the choice in DIR/selection.json,
+and runs only the chosen points on the test set. On a terminal
 the sweep shows one live line per running point (`point_line`: its phase, step, loss and speed,
 read from the tail of the point's metrics.jsonl).
 """
@@ -32,6 +39,7 @@ import time
 from collections.abc import Sequence
 
 SWEEP_FILE = "sweep.json"
+SELECTION_FILE = "selection.json"
 _GRID_ITEM = re.compile(r"^\s*([A-Za-z_][\w.]*)\s*=\s*\[(.*)\]\s*$")
 
 
@@ -117,12 +125,17 @@ def status(workdir: str) -> str:
 
 def last_accuracy(workdir: str) -> float | None:
     """The run's last accuracy (its mean over seeds for a `config.seeds` point)."""
+    return result(workdir, "last_accuracy")
+
+
+def result(workdir: str, key: str) -> float | None:
+    """results.json's `key` (its mean over seeds, `KEY_mean`, for a `config.seeds` point)."""
     try:
         with open(os.path.join(workdir, "results.json")) as f:
             doc = json.load(f)
     except (OSError, ValueError):
         return None
-    return doc.get("last_accuracy", doc.get("last_accuracy_mean"))
+    return doc.get(key, doc.get(f"{key}_mean"))
 
 
 def point_line(entry: dict) -> str:
@@ -179,11 +192,17 @@ def _tail_lines(path: str, size: int = 16384) -> list[dict]:
 
 def run_sweep(
     config: str, workdir: str, grid: str = "", *, parallel: int = 1, point: int | None = None,
-    seeds_together: bool = False, say=print, watch=None,
+    seeds_together: bool = False, say=print, watch=None, select: Sequence[str] = (),
+    validation: float = 0.1, metric: str = "average_incremental_accuracy",
 ) -> list[dict]:  # fmt: skip
     """Runs the sweep's points that are not done; returns their entries (as in sweep.json).
 
-    `watch(entries)`, if given, is called about once a second with the running points' entries."""
+    `watch(entries)`, if given, is called about once a second with the running points' entries.
+    With `select` (swept keys), the points first run on a validation split (`validation` of each
+    class's training data, in DIR/validation/), the values of `select` with the best mean `metric`
+    over seeds are chosen for each combination of the other keys (`choose`, written to
+    DIR/selection.json), and only the chosen points then run on the test set; the entries of the
+    others are marked `"selected": False`."""
     if parallel < 1:
         raise ValueError(f"--parallel must be >= 1, got {parallel}.")
     found = points(config.partition(":")[0], grid, seeds_together)
@@ -195,19 +214,88 @@ def run_sweep(
     ]
     os.makedirs(workdir, exist_ok=True)
     chosen = [e for e in entries if point is None or e["point"] == point]
+    if select:
+        check_selection(found, select, validation, point)
+        os.makedirs(os.path.join(workdir, "validation"), exist_ok=True)
+        held_out = [
+            {**e, "overrides": {**e["overrides"], "dataset.validation": str(validation)},
+             "workdir": point_dir(os.path.join(workdir, "validation"), e["point"], e["overrides"])}
+            for e in entries
+        ]  # fmt: skip
+        _run_points(config, held_out, held_out, parallel, say, watch, "validation points")
+        if any(e["status"] != "done" for e in held_out):
+            return held_out  # stopped or failed: the same command continues
+        choice = choose(held_out, select, metric)
+        _write(os.path.join(workdir, SELECTION_FILE), choice)
+        picked = {k for c in choice for k in c["points"]}
+        chosen = [e for e in entries if e["point"] in picked]
+        for e in entries:
+            e["selected"] = e["point"] in picked
+            say(f"point {e['point']} {'chosen' if e['selected'] else 'not chosen'}")
+    _run_points(config, entries, chosen, parallel, say, watch, "points")
+    _write(os.path.join(workdir, SWEEP_FILE), entries)
+    return entries
+
+
+def check_selection(found: list[dict], select: Sequence[str], fraction: float, point) -> None:
+    """Refuses a selection that cannot be made: keys not swept, a fraction outside (0, 1)."""
+    if point is not None:
+        raise ValueError(
+            "--select runs a validation sweep and then the chosen points; it cannot run one "
+            "--point. On a cluster, sweep with --config.dataset.validation=F, then run the "
+            "points that `incremental report` shows best."
+        )
+    missing = [k for k in select if len({p.get(k) for p in found}) < 2]
+    if missing:
+        raise ValueError(f"--select={','.join(select)}: {', '.join(missing)} not swept (give "
+                         "each selected key two or more values in --sweep or get_sweep()).")  # fmt: skip
+    if not 0 < fraction < 1:
+        raise ValueError(f"--validation must be in (0, 1), got {fraction}.")
+
+
+def choose(entries: Sequence[dict], select: Sequence[str], metric: str) -> list[dict]:
+    """For each combination of the keys not in `select` (the seeds pooled), every candidate's
+    mean `metric` over its finished points and the candidate chosen: the best (the first in
+    sweep order on a tie). Returns `[{"group", "candidates": [{"values", metric, "points"}],
+    "chosen", "points"}]` in sweep order."""
+    groups: dict[str, dict[str, list[dict]]] = {}
+    for e in entries:
+        o = e["overrides"]
+        rest = {
+            k: v for k, v in o.items() if k not in (*select, "seed", "seeds", "dataset.validation")
+        }
+        values = {k: o[k] for k in select if k in o}
+        groups.setdefault(json.dumps(rest), {}).setdefault(json.dumps(values), []).append(e)
+    out = []
+    for rest, candidates in groups.items():
+        scored = []
+        for values, mine in candidates.items():
+            scores = [result(e["workdir"], metric) for e in mine]
+            if any(v is None for v in scores):
+                raise ValueError(f"The validation runs of points {[e['point'] for e in mine]} "
+                                 f"have no {metric!r} in their results.json.")  # fmt: skip
+            scored.append({"values": json.loads(values), metric: sum(scores) / len(scores),
+                           "points": [e["point"] for e in mine]})  # fmt: skip
+        best = max(scored, key=lambda c: c[metric])
+        out.append({"group": json.loads(rest), "candidates": scored, "chosen": best["values"],
+                    "points": best["points"]})  # fmt: skip
+    return out
+
+
+def _run_points(config, entries, chosen, parallel: int, say, watch, what: str) -> None:
+    """Runs the entries of `chosen` that are not done, then records every entry's status."""
     todo = []
     for entry in chosen:
         entry["before"] = status(entry["workdir"])
         if entry["before"] != "done":
             todo.append(entry)
-    say(f"{len(found)} points; {len(chosen) - len(todo)} done, {len(todo)} to run in {workdir}")
+    where = os.path.dirname(entries[0]["workdir"])
+    say(f"{len(entries)} {what}; {len(chosen) - len(todo)} done, {len(todo)} to run in {where}")
     codes = _run_all(config, todo, parallel, say, watch)
     for entry in entries:
         entry["status"] = status(entry["workdir"])
         entry["exit_code"] = codes.get(entry["point"])
         entry["last_accuracy"] = last_accuracy(entry["workdir"])
-    _write(os.path.join(workdir, SWEEP_FILE), entries)
-    return entries
 
 
 def _run_all(config: str, todo: Sequence[dict], parallel: int, say, watch) -> dict[int, int]:
@@ -280,6 +368,11 @@ def main(argv: list[str], say=print, console=None) -> int:
     parser.add_argument(
         "--seeds_together", action="store_true", help="the seeds of a point in one vmapped run"
     )
+    parser.add_argument("--select", default="", help="KEY,KEY: swept keys chosen on validation")
+    parser.add_argument("--validation", type=float, default=0.1, help="held-out fraction")
+    parser.add_argument(
+        "--select_metric", default="average_incremental_accuracy", help="results.json key"
+    )
     args = parser.parse_args(argv)
     if not os.path.isfile(args.config.partition(":")[0]):
         raise ValueError(f"--config: {args.config.partition(':')[0]} is not a file.")
@@ -287,8 +380,13 @@ def main(argv: list[str], say=print, console=None) -> int:
         entries = run_sweep(args.config, args.workdir, args.sweep, parallel=args.parallel,
                             point=args.point, seeds_together=args.seeds_together,
                             say=lambda line: say(line, markup=False, soft_wrap=True),
-                            watch=watch)  # fmt: skip
-    chosen = [e for e in entries if args.point is None or e["point"] == args.point]
+                            watch=watch, select=[k for k in args.select.split(",") if k],
+                            validation=args.validation, metric=args.select_metric)  # fmt: skip
+    chosen = [
+        e
+        for e in entries
+        if (args.point is None or e["point"] == args.point) and e.get("selected", True)
+    ]
     for e in chosen:
         accuracy = "-" if e["last_accuracy"] is None else f"{100 * e['last_accuracy']:.1f}%"
         say(

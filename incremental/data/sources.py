@@ -477,6 +477,25 @@ def _check_labels(y: np.ndarray, key: str) -> np.ndarray:
     return y.astype(np.int32)
 
 
+def validation_split(source: Source, fraction: float, seed: int = 0) -> Source:
+    """The source with a validation split in place of its test split: `fraction` of each class's
+    training examples (at least one where the class has two), drawn with a seed from (seed, class),
+    become the test examples, and training keeps the rest in its order. A run on it never sees the
+    real test set, so hyper-parameters chosen on its numbers (`incremental sweep --select`) are
+    chosen without it (FACIL's protocol: a validation part of each phase's training data)."""
+    held = []
+    for c in np.unique(source.y_train):
+        mine = np.flatnonzero(source.y_train == c)
+        count = min(len(mine) - 1, max(1, round(fraction * len(mine))))
+        held.append(np.random.default_rng((seed, int(c))).permutation(mine)[:count])
+    held = np.sort(np.concatenate(held))
+    kept = np.setdiff1d(np.arange(len(source.y_train)), held)
+    return source._replace(
+        x_train=source.x_train[kept], y_train=source.y_train[kept],
+        x_test=source.x_train[held], y_test=source.y_train[held],
+    )  # fmt: skip
+
+
 def subset_classes(source: Source, spec: str, seed: int = 1993) -> Source:
     """Keeps only some classes and relabels them 0..K-1 in the order given (`class_names` too).
 

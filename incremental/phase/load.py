@@ -78,15 +78,22 @@ def load_data(config) -> tuple[RunData, Protocol, sources.Source]:
     data (`sources.merge`: classes matched by name, new ones appended) as one more phase, which
     introduces its new classes and trains on all of its examples. The inputs are normalised with
     the statistics of the first source's training set, those the earlier phases trained with.
+    With `dataset.validation`, every source's test split is replaced by a validation split of its
+    training data (`sources.validation_split`).
     """
     options = source_options(config)
-    source = sources.load_source(config.dataset.name, **options)
-    source = sources.subset_classes(source, config.dataset.classes)
+    validation = config.dataset.get("validation", 0.0)
+
+    def load(name: str) -> sources.Source:
+        source = sources.load_source(name, **options)
+        return sources.validation_split(source, validation) if validation else source
+
+    source = sources.subset_classes(load(config.dataset.name), config.dataset.classes)
     protocol = make_protocol(source.num_classes, config.protocol)
     norm = device.fit_normalizer(source.x_train, source.is_image)
     arrival = protocol.phase_of(protocol.remap(source.y_train))
     for name in config.dataset.get("learned", ()):
-        source, new_ids = sources.merge(source, sources.load_source(name, **options))
+        source, new_ids = sources.merge(source, load(name))
         protocol = Protocol(protocol.class_order + new_ids, (*protocol.phase_sizes, len(new_ids)))
         brought = len(source.y_train) - len(arrival)
         arrival = np.concatenate([arrival, np.full(brought, protocol.num_phases - 1)])

@@ -82,6 +82,9 @@ def results_from_records(config, protocol: Protocol, records: list[dict]) -> dic
         "phase_sizes": list(protocol.phase_sizes),
         "num_phases": protocol.num_phases,
         "complete": len(records) == protocol.num_phases,
+        # What the accuracies are measured on: the test set, or (`dataset.validation`) a
+        # validation split of the training data.
+        "evaluated_on": "validation" if config.dataset.get("validation", 0.0) else "test",
         **evaluate.summarize(matrix, accuracy),
         "forgetting_pycil": pycil_forgetting(records),
         "accuracy": accuracy,
