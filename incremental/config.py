@@ -43,6 +43,9 @@ def set_method(config: ml_collections.ConfigDict, name: str) -> None:
 
     config.method = name
     config.method_args = ml_collections.ConfigDict(methods.default_args(name))
+    memory = methods.default_memory(name)
+    if memory is not None and memory.selection in ("reservoir", "balanced"):
+        config.memory.selection = memory.selection  # the method's own rule for its stream memory
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -70,24 +73,22 @@ def base_config() -> ml_collections.ConfigDict:
 
     _add_data(c)
 
-    c.protocol = ml_collections.ConfigDict()
-    c.protocol.class_order = "seeded"  # seeded | natural | explicit "3,1,0,..."
-    c.protocol.class_order_seed = 1993  # iCaRL / PyCIL / FACIL
-    c.protocol.init_classes = 2  # classes in phase 0 (0: same as increment, the B0 protocols)
-    c.protocol.increment = 2  # new classes in each later phase
-    c.protocol.phase_sizes = ""  # explicit phase sizes "5,1,1,1,1,1"; overrides the two above
+    _add_protocol(c)
 
     c.memory = ml_collections.ConfigDict()  # exemplar memory of rehearsal methods
     c.memory.budget = 200  # total exemplars split evenly over seen classes (CIFAR-100: 2000)
     c.memory.per_class = 0  # > 0: this many per class instead (FACIL's 20)
-    c.memory.selection = "herding"  # herding | random | closest_to_mean
+    # herding | random | closest_to_mean (at phase ends); reservoir | balanced (as the stream
+    # arrives: der_pp, er_ace, agem | gdumb, which set it)
+    c.memory.selection = "herding"
 
     c.model = ml_collections.ConfigDict()
-    c.model.name = "mlp"  # mlp | convnet | resnet32 | resnet18
+    c.model.name = "mlp"  # mlp | convnet | resnet32 | resnet18 | vit
     c.model.kwargs = ml_collections.ConfigDict({"hidden": (256,)})  # passed to the backbone
     # Phase 0 starts from a classifier you have (incremental/phase/pretrained.py: .msgpack or an
     # orbax directory); with train_first.epochs=0 it is phase 0's model as it is.
     c.model.init_from = ""
+    c.model.pretrained = ""  # a ViT checkpoint (.npz, timm .safetensors) as the backbone at init
 
     c.head = ml_collections.ConfigDict()
     c.head.init = "default"  # new columns: default (the layer's initialiser) | zeros | imprint
@@ -115,6 +116,29 @@ def base_config() -> ml_collections.ConfigDict:
     )
     c.log.wandb = ""  # a Weights & Biases project to log to (needs the optional wandb package)
     return c
+
+
+def _add_protocol(c: ml_collections.ConfigDict) -> None:
+    """The protocol section: class order, phases, scenario and online stream."""
+    c.protocol = ml_collections.ConfigDict()
+    c.protocol.class_order = "seeded"  # seeded | natural | explicit "3,1,0,..."
+    c.protocol.class_order_seed = 1993  # iCaRL / PyCIL / FACIL
+    c.protocol.init_classes = 2  # classes in phase 0 (0: same as increment, the B0 protocols)
+    c.protocol.increment = 2  # new classes in each later phase
+    c.protocol.phase_sizes = ""  # explicit phase sizes "5,1,1,1,1,1"; overrides the two above
+    # What a phase brings (van de Ven et al. 2022): class (new classes, no task label at test),
+    # task (new classes, the task label given: one head block per phase) or domain (every class in
+    # every phase, the inputs transformed per phase; incremental/data/domains.py).
+    c.protocol.scenario = "class"
+    c.protocol.domains = "permute"  # domain: permute | rotate | split (incremental/data/domains.py)
+    c.protocol.num_domains = 5  # domain: the number of phases (phase 0 is the data as it is)
+    c.protocol.domain_seed = 0  # domain: the seed of the permutations (not the run's seed)
+    # Online (incremental/online.py): one pass over each phase's stream in batches of
+    # train.batch_size (10 in the online configs), each example seen once; the online accuracy
+    # (each batch's, before its update) is reported. Needs train.epochs = train_first.epochs = 1.
+    c.protocol.online = False
+    c.protocol.eval_every_steps = 0  # also evaluate every this many steps of a phase (0: off)
+    c.protocol.blurry = 0.0  # this fraction of each later phase's stream from earlier classes
 
 
 def _add_data(c: ml_collections.ConfigDict) -> None:

@@ -9,6 +9,13 @@ Budget rules (`config.memory`):
   per_class > 0: that many exemplars for every seen class (FACIL's "20 per class").
   otherwise: a fixed total `budget` split evenly, `budget // num_seen` per class, shrinking as classes
   arrive (iCaRL; PyCIL's `fixed_memory: false`, 2000 for CIFAR-100).
+
+The selections above choose a class's exemplars at its phase's end. The stream selections fill the
+memory while the phase's examples arrive, one batch at a time, so that online learning (each example
+seen once) can keep some: `reservoir` (Vitter's algorithm R, inside the jitted train step:
+`stream_memory`, `reservoir_add`, `draw`) and `balanced` (GDumb's class-balanced greedy sampler, on
+the host: `balanced_add`). A stream memory keeps the stored inputs themselves (the train step sees
+the phase's arrays, not the whole training set), their labels and, for DER++, their logits.
 """
 
 from __future__ import annotations
@@ -20,14 +27,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-SELECTIONS = ("herding", "random", "closest_to_mean")
+SELECTIONS = ("herding", "random", "closest_to_mean", "reservoir", "balanced")
+STREAM_SELECTIONS = ("reservoir", "balanced")  # filled as the stream arrives, not at phase ends
 
 
 @dataclasses.dataclass(frozen=True)
 class MemoryConfig:
     budget: int = 2000  # total exemplars, split evenly over seen classes (iCaRL / PyCIL)
     per_class: int = 0  # > 0: a fixed number per class instead of the total budget
-    selection: str = "herding"  # herding | random | closest_to_mean
+    selection: str = "herding"  # herding | random | closest_to_mean | reservoir | balanced
 
     def __post_init__(self):
         if self.selection not in SELECTIONS:
@@ -155,6 +163,11 @@ def update(
       num_seen: classes learned including this phase.
       seed: seed for `random` selection (the run seed and phase).
     """
+    if cfg.selection in STREAM_SELECTIONS:
+        raise ValueError(
+            f"memory.selection={cfg.selection!r} fills a memory while the stream arrives; this "
+            "method picks its exemplars at phase ends: use herding, random or closest_to_mean."
+        )
     m = cfg.per_class_count(num_seen)
     memory = reduce(memory, m)
     rng = np.random.default_rng(seed)
@@ -166,3 +179,117 @@ def update(
         chosen = idx[select(cfg.selection, feats, m, rng)]
         memory = add(memory, chosen, np.full(len(chosen), c))
     return memory
+
+
+def stream_memory(size: int, example: np.ndarray, num_logits: int = 0) -> dict:
+    """An empty stream memory of `size` slots for stored inputs shaped and typed like `example`.
+
+    `labels` is -1 in empty slots; `logits` (size, num_logits) are the logits each example had when
+    it was stored (DER++) and `logit_cols` how many classes the head had then; `seen` counts the
+    examples offered so far (algorithm R's t).
+    """
+    example = np.asarray(example)
+    return {
+        "x": jnp.zeros((size, *example.shape), jnp.asarray(example).dtype),
+        "labels": jnp.full((size,), -1, jnp.int32),
+        "logits": jnp.zeros((size, num_logits), jnp.float32),
+        "logit_cols": jnp.zeros((size,), jnp.int32),
+        "seen": jnp.zeros((), jnp.int32),
+    }
+
+
+def widen_logits(memory: dict, width: int) -> dict:
+    """The memory with room for `width` logits per example (the head widened); new columns zero."""
+    extra = width - memory["logits"].shape[1]
+    if extra <= 0 or memory["logits"].shape[1] == 0:
+        return memory
+    return {**memory, "logits": jnp.pad(memory["logits"], ((0, 0), (0, extra)))}
+
+
+def reservoir_add(
+    memory: dict,
+    x: jax.Array,
+    y: jax.Array,
+    weight: jax.Array,
+    key: jax.Array,
+    logits: jax.Array | None = None,
+) -> dict:
+    """Algorithm R (Vitter 1985) over one batch: each example of weight > 0, in order, is offered.
+
+    The t-th example offered goes to slot t - 1 while the memory has room, else to a slot drawn
+    uniformly from [0, t) when that slot exists (< size): after T offers, each of them is in the
+    memory with probability size / T. When two examples of a batch draw the same slot the later one
+    wins, as in the sequential algorithm. Traceable; `key` makes it deterministic. `logits` (the
+    batch's, from the forward pass before the update) are kept where finite: a `head.capacity`
+    head's classes not seen yet are -inf, and `logit_cols` counts the others.
+    """
+    size = memory["labels"].shape[0]
+    real = weight > 0
+    t = memory["seen"] + jnp.cumsum(real.astype(jnp.int32))  # each example's 1-based offer number
+    drawn = jax.random.randint(key, t.shape, 0, jnp.maximum(t, 1))
+    slot = jnp.where(t <= size, t - 1, drawn)
+    keep = real & (slot < size)
+    order = jnp.arange(t.shape[0], dtype=jnp.int32)
+    target = jnp.where(keep, slot, size)  # `size`: no slot
+    last = jnp.full((size + 1,), -1, jnp.int32).at[target].max(order)
+    slot = jnp.where(keep & (last[target] == order), slot, size)  # out of range: dropped
+
+    def put(stored, values):
+        return stored.at[slot].set(values.astype(stored.dtype), mode="drop")
+
+    new = {
+        **memory,
+        "x": put(memory["x"], x),
+        "labels": put(memory["labels"], y),
+        "seen": memory["seen"] + real.sum(dtype=jnp.int32),
+    }
+    width = memory["logits"].shape[1]
+    if width and logits is not None:
+        valid = jnp.isfinite(logits)
+        new["logits"] = put(memory["logits"], jnp.where(valid, logits, 0.0))
+        new["logit_cols"] = put(memory["logit_cols"], valid.sum(-1, dtype=jnp.int32))
+    return new
+
+
+def draw(memory: dict, key: jax.Array, size: int) -> dict:
+    """`min(size, slots)` slots of a stream memory drawn uniformly without replacement among the
+    filled ones (Mammoth's `Buffer.get_data`); with fewer filled, the rest have weight 0.
+
+    Returns the memory's per-slot fields at the drawn slots and their `weight`.
+    """
+    slots = memory["labels"].shape[0]
+    filled = jnp.arange(slots) < jnp.minimum(memory["seen"], slots)  # algorithm R fills in order
+    score = jnp.where(filled, jax.random.uniform(key, (slots,)), -1.0)
+    top, picked = jax.lax.top_k(score, min(size, slots))
+    drawn = {k: v[picked] for k, v in memory.items() if k != "seen"}
+    return {**drawn, "weight": (top >= 0).astype(jnp.float32)}
+
+
+def balanced_add(
+    memory: dict, new_indices: np.ndarray, new_labels: np.ndarray, rng: np.random.Generator
+) -> dict:
+    """GDumb's greedy class-balanced sampler (Prabhu et al. 2020, section 3) over a stream, on the host.
+
+    `memory` holds `indices` and `labels` (-1 in empty slots). Each example of the stream, in order,
+    is stored while there is room; once the memory is full it is stored only if its class holds
+    fewer than size / (classes seen so far) examples, in place of a random example of the largest
+    class (the lowest label among equally large ones).
+    """
+    indices, labels = np.array(memory["indices"]), np.array(memory["labels"])
+    size = len(labels)
+    classes, held = np.unique(labels[labels >= 0], return_counts=True)
+    counts = dict(zip(classes.tolist(), held.tolist(), strict=True))
+    filled = int(held.sum())
+    for index, label in zip(new_indices.tolist(), new_labels.tolist(), strict=True):
+        counts.setdefault(label, 0)
+        if filled < size:
+            slot, filled = filled, filled + 1
+        elif counts[label] < size / len(counts):
+            largest = max(sorted(counts), key=lambda c: counts[c])
+            slot = int(rng.choice(np.flatnonzero(labels == largest)))
+            counts[largest] -= 1
+        else:
+            continue
+        indices[slot], labels[slot] = index, label
+        counts[label] += 1
+    return {"indices": jnp.asarray(indices, jnp.int32), "labels": jnp.asarray(labels, jnp.int32)}

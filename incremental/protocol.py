@@ -2,6 +2,12 @@
 
 Labels are remapped to positions in the class order, so phase `p` always owns the contiguous label range
 `[offsets[p], offsets[p + 1])` and the head's columns grow in that order.
+
+The scenario (`config.protocol.scenario`; van de Ven, Tuytelaars & Tolias 2022, "Three types of
+incremental learning") says what a phase brings. `class` and `task` share this schedule: in `task` the
+phase's label range is its head block, and the task label (the phase) picks it in training and at
+test. In `domain` phase 0 brings every class and each later phase none (sizes `(C, 0, 0, ...)`): the
+head never grows, and a phase's examples are the domain it brings (`incremental.data.domains`).
 """
 
 from __future__ import annotations
@@ -12,6 +18,12 @@ from typing import NamedTuple
 import numpy as np
 
 ICARL_SEED = 1993  # the class-order seed of iCaRL, PyCIL and FACIL
+SCENARIOS = ("class", "task", "domain")
+
+
+def scenario_of(config) -> str:
+    """`config.protocol.scenario`; 'class' for a config saved before scenarios existed."""
+    return config.protocol.get("scenario", "class")
 
 
 class Protocol(NamedTuple):
@@ -145,5 +157,7 @@ def _parse_ints(value: str | Sequence[int], name: str) -> list[int]:
 def make_protocol(num_classes: int, cfg) -> Protocol:
     """Builds the protocol from `config.protocol` for a dataset with `num_classes` classes."""
     order = make_class_order(num_classes, cfg.class_order, cfg.class_order_seed)
+    if cfg.get("scenario", "class") == "domain":  # every class in phase 0, none after it
+        return Protocol(order, (num_classes,) + (0,) * (cfg.num_domains - 1))
     sizes = make_phase_sizes(num_classes, cfg.init_classes, cfg.increment, cfg.phase_sizes)
     return Protocol(order, sizes)

@@ -8,7 +8,7 @@ import os
 import time
 from typing import Any, NamedTuple
 
-from incremental import capacity, checkpoint, compilation, lock, parallel, report, seeds
+from incremental import capacity, checkpoint, compilation, lock, online, parallel, report, seeds
 from incremental.metrics import MetricsLog
 from incremental.phase import begin, end, evaluate, fit, load, record, save
 from incremental.phase.begin import Carried
@@ -138,7 +138,8 @@ def run_phase(
         pr, state, method_state = begin.begin(
             config, method, data, protocol, phase, carried, method_state, programs
         )
-        state, method_state, steps = within.fit(pr, state, method_state)
+        evaluations = step_evaluations(config, method, data, protocol, pr, programs)
+        state, method_state, steps = within.fit(pr, state, method_state, evaluations)
         model, carried = end.end(config, method, data, pr, state, method_state)
         seconds = {"train_seconds": time.perf_counter() - start}
         start = time.perf_counter()
@@ -155,7 +156,24 @@ def run_phase(
     rec = record.record(
         protocol, pr, carried.variables, row, steps.last_epoch, seconds, data.fingerprint
     )
+    if steps.evaluations:
+        rec["step_evaluations"] = steps.evaluations
     return carried, state.rng, rec, confusion
+
+
+def step_evaluations(config, method, data, protocol, pr, programs=None):
+    """The fit stage's evaluations within the phase (`protocol.eval_every_steps`), or None."""
+    every = online.eval_every(config)
+    if not every:
+        return None
+
+    def score(variables, method_state):
+        return evaluate.evaluate_phase(
+            config, pr.model, method, data, protocol, pr.info.phase, variables, method_state,
+            programs, extras=False,
+        )  # fmt: skip
+
+    return online.StepEvaluations(every, score)
 
 
 class Within:
@@ -174,7 +192,9 @@ class Within:
     def batch_size(self) -> int:
         return self.config.train.batch_size
 
-    def fit(self, pr: begin.PhaseRun, state, method_state):
+    def fit(self, pr: begin.PhaseRun, state, method_state, evaluations=None):
+        """The phase's steps; `evaluations` (an `on_call`, `online.StepEvaluations`) runs after
+        each call, before its checkpoint."""
         phase, saved = pr.info.phase, None
         restored = save.restore_within(self.ckpts, phase, state) if pr.epochs else None
         if restored is not None:
@@ -185,7 +205,14 @@ class Within:
         self.log.resume(phase, steps.step)
         self.progress.start_steps(phase, pr.epochs, pr.steps_per_epoch, done=steps.step)
         self._clock = time.perf_counter()
-        return fit.fit(pr, state, method_state, steps=steps, on_call=self.after_call)
+        on_call = self.after_call
+        if evaluations is not None:
+
+            def on_call(*args):
+                evaluations(*args)
+                self.after_call(*args)
+
+        return fit.fit(pr, state, method_state, steps=steps, on_call=on_call)
 
     def after_call(self, steps: fit.Steps, state, method_state, ended_epoch: bool) -> None:
         now, examples = time.perf_counter(), (steps.step - steps.call_start) * self.batch_size
@@ -197,14 +224,11 @@ class Within:
             self.log.epoch(steps.phase, steps.epoch, steps.step, steps.last_epoch)
         if steps.step == steps.total:
             return  # the phase-end checkpoint follows
-        every_steps, every_epochs = (
-            self.config.checkpoint.every_steps,
-            self.config.checkpoint.every_epochs,
-        )
+        every_epochs = self.config.checkpoint.every_epochs
         epoch_end = steps.step % steps.per_epoch == 0
         if (
             self.preempt.requested
-            or every_steps
+            or online.checkpoint_due(self.config, steps.step)
             or (epoch_end and every_epochs and steps.epoch % every_epochs == 0)
         ):
             meta = save.meta(
@@ -234,7 +258,8 @@ def train_phase(
     pr, state, method_state = begin.begin(
         config, method, data, protocol, phase, carried, method_state
     )
-    state, method_state, steps = fit.fit(pr, state, method_state)
+    evaluations = step_evaluations(config, method, data, protocol, pr)
+    state, method_state, steps = fit.fit(pr, state, method_state, on_call=evaluations)
     model, carried = end.end(config, method, data, pr, state, method_state)
     seconds = {"train_seconds": time.perf_counter() - start}
     row = evaluate.evaluate_phase(
@@ -243,4 +268,6 @@ def train_phase(
     rec = record.record(
         protocol, pr, carried.variables, row, steps.last_epoch, seconds, data.fingerprint
     )
+    if steps.evaluations:
+        rec["step_evaluations"] = steps.evaluations
     return PhaseResult(carried.variables, carried.opt_state, carried.method_state, rec)

@@ -137,9 +137,11 @@ KEYS: dict[str, Key] = {
     ),
     "dataset.skip_bad_files": Key(bool, "folder: skip image files that cannot be decoded"),
     "dataset.validation": Key(
-        float, "fraction of each class's training data evaluated instead of the test set", low=0,
+        float,
+        "fraction of each class's training data evaluated instead of the test set",
+        low=0,
         below=1,
-    ),  # fmt: skip
+    ),
     "dataset.learned": Key(
         tuple, "sources brought by `incremental learn`, one more phase each", items=str
     ),
@@ -148,14 +150,34 @@ KEYS: dict[str, Key] = {
     "protocol.init_classes": Key(int, "classes in phase 0 (0: as many as increment)", low=0),
     "protocol.increment": Key(int, "new classes in each later phase", low=0),
     "protocol.phase_sizes": Key(str, "explicit phase sizes 5,1,1,...; overrides the two above"),
+    "protocol.scenario": Key(
+        str,
+        "what a phase brings: new classes, with the task label, or a domain",
+        choices=("class", "task", "domain"),
+    ),
+    "protocol.domains": Key(
+        str, "domain scenario: what each phase's inputs are", choices=("permute", "rotate", "split")
+    ),
+    "protocol.num_domains": Key(int, "domain scenario: phases (the first unchanged)", low=1),
+    "protocol.domain_seed": Key(int, "domain scenario: the seed of the permutations", low=0),
+    "protocol.online": Key(bool, "one pass over each phase's stream, each example seen once"),
+    "protocol.eval_every_steps": Key(int, "also evaluate every this many steps (0: off)", low=0),
+    "protocol.blurry": Key(
+        float, "fraction of each later phase's stream from earlier phases' classes", low=0, below=1
+    ),
     "memory.budget": Key(int, "total exemplars, split evenly over the seen classes", low=0),
     "memory.per_class": Key(int, "exemplars per class instead (0: use budget)", low=0),
     "memory.selection": Key(
-        str, "how exemplars are chosen", choices=("herding", "random", "closest_to_mean")
+        str,
+        "how exemplars are chosen",
+        choices=("herding", "random", "closest_to_mean", "reservoir", "balanced"),
     ),
     "model.name": Key(str, "the backbone (incremental/models; checked against the registry)"),
     "model.init_from": Key(
         str, "phase 0 from a classifier you have (.msgpack or orbax dir; '' none)"
+    ),
+    "model.pretrained": Key(
+        str, "a ViT checkpoint as the backbone: .npz or timm .safetensors ('' none)"
     ),
     "head.init": Key(str, "new head columns", choices=("default", "zeros", "imprint")),
     "head.capacity": Key(int, "head width: -1 auto, 0 widen each phase, C columns", low=-1),

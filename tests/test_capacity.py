@@ -86,7 +86,7 @@ def test_capacity_run_resumes_with_the_same_numbers(tmp_path):
             "der",
             None,
             None,
-            r"Method 'der' does not support head.capacity.*analytic, bic, ewc, finetune",
+            r"Method 'der' does not support head.capacity.*analytic, bic, der_pp, er_ace, ewc, finetune",
         ),
         ("finetune", "capacity", 8, r"head.capacity=8 is smaller than the protocol's 10 classes"),
     ],

@@ -101,3 +101,29 @@ def test_cifar100_reference_settings():
     assert config.augment.brightness == pytest.approx(63 / 255)
     assert config.model.kwargs.to_dict() == {}  # resnet32 with its default, option-A shortcuts
     assert cifar100.get_config("method=memo").method_args.train_shared  # exps/memo.json train_base
+
+
+def test_the_vit_cifar100_config_runs_a_prompt_method_from_a_checkpoint(tmp_path):
+    """configs/vit_cifar100.py's keys work together: L2P on mock CIFAR-100 from a ViT checkpoint
+    (shrunk: 10 classes, a 1-block ViT at 32 px, float32 on CPU)."""
+    import jax
+    import jax.numpy as jnp
+
+    from configs import vit_cifar100
+    from incremental.models import build_backbone, vit_weights
+
+    config = shrink(vit_cifar100.get_config("method=l2p,weights=w.npz"), "5,5")
+    assert config.model.kwargs.resize == 224 and config.train.optimizer == "adam"
+    tiny = {"width": 32, "depth": 1, "heads": 2, "mlp_dim": 64, "patch": 8, "resize": 32}
+    config.model.kwargs = {**tiny, "gelu": "tanh"}
+    config.dataset.classes = "seeded:10"
+    config.dtype = "float32"
+    config.method_args.update({"pool_size": 4, "length": 2, "top_n": 2})
+    weights = build_backbone("vit", **tiny).init(
+        jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)), train=False
+    )["params"]
+    config.model.pretrained = str(tmp_path / "w.npz")
+    vit_weights.save_npz(config.model.pretrained, weights)
+    with tfds.testing.mock_data(num_examples=200, policy=tfds.testing.MockPolicy.USE_CODE):
+        results = run_lib.run(config, str(tmp_path / "run"))
+    assert results["complete"] and results["method"] == "l2p"

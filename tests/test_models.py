@@ -294,7 +294,7 @@ def test_build_model_bad_num_classes(num_classes):
 
 
 def test_registry_names():
-    assert set(MODELS) == {"mlp", "convnet", "resnet32", "resnet18"}
+    assert set(MODELS) == {"mlp", "convnet", "resnet32", "resnet18", "vit"}
 
 
 @pytest.mark.parametrize("name", sorted(TINY))

@@ -322,7 +322,7 @@ def write_npz(path, **overrides):
 BAD_INPUTS = {
     "unknown method": (["--config.method=icarll"], "Unknown method 'icarll'"),
     "unknown dataset": (["--config.dataset.name=imagenet"], "imagenet"),
-    "unknown model": (["--config.model.name=vit"], "Unknown model.name 'vit'"),
+    "unknown model": (["--config.model.name=vgg16"], "Unknown model.name 'vgg16'"),
     "unknown optimizer": (["--config.train.optimizer=lion"], "config.train.optimizer must be one"),
     "negative lr": (["--config.train.lr=-0.1"], "config.train.lr must be > 0, got -0.1"),
     "mistyped key": (["--config.train.lrr=0.1"], "Did you mean config.train.lr"),

@@ -13,7 +13,7 @@ from incremental import methods, schema
 from incremental.config import base_config
 from incremental.methods import METHODS
 
-CONFIGS = ("digits", "mnist1d", "cifar100", "imagenet100")
+CONFIGS = ("digits", "mnist1d", "cifar100", "imagenet100", "digits_task", "permuted_digits")
 
 
 @pytest.mark.parametrize("name", CONFIGS)
@@ -24,8 +24,8 @@ def test_every_key_of_every_config_is_in_the_schema_and_valid(name):
 
 
 def test_the_schemas_choices_are_the_registries():
-    from incremental import memory, surgery, train
-    from incremental.data import autoaugment
+    from incremental import memory, protocol, surgery, train
+    from incremental.data import autoaugment, domains
     from incremental.phase.model import DTYPES
 
     choices = {k: set(spec.choices) for k, spec in schema.KEYS.items() if spec.choices}
@@ -37,6 +37,8 @@ def test_the_schemas_choices_are_the_registries():
         "train.schedule": set(train.SCHEDULES),
         "train.loop": {"auto", *train.LOOPS},
         "augment.autoaugment": {"", *autoaugment.POLICIES},
+        "protocol.scenario": set(protocol.SCENARIOS),
+        "protocol.domains": set(domains.DOMAINS),
     }
 
 

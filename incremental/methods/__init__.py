@@ -7,6 +7,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from incremental.memory import MemoryConfig
+from incremental.methods.agem import AGEM
 from incremental.methods.analytic import Analytic
 from incremental.methods.base import (
     Batch,
@@ -17,21 +18,29 @@ from incremental.methods.base import (
     PhaseSetup,
 )
 from incremental.methods.bic import BiC
+from incremental.methods.coda_prompt import CodaPrompt
 from incremental.methods.der import DER
+from incremental.methods.der_pp import DERpp
+from incremental.methods.dualprompt import DualPrompt
+from incremental.methods.er_ace import ERACE
 from incremental.methods.ewc import EWC, OnlineEWC
 from incremental.methods.finetune import Finetune
 from incremental.methods.foster import FOSTER
 from incremental.methods.freeze_backbone import FreezeBackbone
+from incremental.methods.gdumb import GDumb
 from incremental.methods.icarl import ICaRL
 from incremental.methods.joint import Joint
+from incremental.methods.l2p import L2P
 from incremental.methods.lucir import LUCIR
 from incremental.methods.lwf import LwF
 from incremental.methods.mas import MAS
 from incremental.methods.memo import MEMO
 from incremental.methods.ncm import NCM
 from incremental.methods.new_head_only import NewHeadOnly
+from incremental.methods.ranpac import RanPAC
 from incremental.methods.replay import Replay
 from incremental.methods.si import SI
+from incremental.methods.simplecil import SimpleCIL
 from incremental.methods.wa import WA
 
 METHODS: dict[str, type[Method]] = {
@@ -56,6 +65,15 @@ METHODS: dict[str, type[Method]] = {
         DER,
         MEMO,
         FOSTER,
+        DERpp,
+        ERACE,
+        AGEM,
+        GDumb,
+        SimpleCIL,
+        RanPAC,
+        L2P,
+        DualPrompt,
+        CodaPrompt,
     )
 }
 
@@ -69,6 +87,7 @@ __all__ = [
     "PhaseSetup",
     "build",
     "default_args",
+    "default_memory",
     "register",
 ]
 
@@ -88,6 +107,15 @@ def default_args(name: str) -> dict[str, Any]:
         for f in dataclasses.fields(METHODS[name])
         if f.default is not dataclasses.MISSING and f.name != "memory"  # set by config.memory
     }
+
+
+def default_memory(name: str) -> MemoryConfig | None:
+    """The default memory of method `name` (None for methods without one): the stream-memory
+    methods' defaults name their selection rule."""
+    if name not in METHODS:
+        raise ValueError(f"Unknown method {name!r}; valid methods: {', '.join(sorted(METHODS))}.")
+    field = {f.name: f for f in dataclasses.fields(METHODS[name])}.get("memory")
+    return None if field is None else field.default
 
 
 def build(

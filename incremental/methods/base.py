@@ -7,8 +7,11 @@ A method states only what differs from plain training. The phase loop calls, for
     setup(info)                               -> PhaseSetup: what is frozen, BatchNorm mode
     begin_phase(ctx, variables, method_state) -> method_state   (snapshot a teacher, ...)
     train_indices(ctx, method_state)          -> which training examples this phase trains on
+    draw_memory(...) inside the jitted step   -> minibatches of a stream memory  (DER++, ER-ACE)
     loss(...)  inside the jitted step         -> per-example loss and metrics
+    project_grads(...) inside the jitted step -> the gradient the optimizer gets  (A-GEM)
     step_update(...) inside the jitted step   -> method_state   (per-step bookkeeping, e.g. SI)
+    observe(...) inside the jitted step       -> method_state   (a stream memory takes the batch)
     compress(ctx, variables, method_state)    -> (variables, method_state) of the final model
     end_phase(ctx, variables, method_state)   -> method_state   (select exemplars, calibrate, ...)
     predict(...) inside the jitted eval step  -> class scores
@@ -53,6 +56,9 @@ class PhaseSetup:
     freeze_old_columns: bool = False  # keep the head columns of old classes fixed
     train_batch_norm: bool = True  # False: BatchNorm uses and keeps its running statistics
     train: bool = True  # False: no gradient steps this phase (closed-form methods)
+    # The task scenario's class offsets (the protocol's): the loss sees each example's logits in its
+    # phase's block [offsets[p], offsets[p + 1]) only, -inf elsewhere. (): one head for all classes.
+    task_offsets: tuple[int, ...] = ()
 
 
 class PhaseContext(NamedTuple):
@@ -82,11 +88,25 @@ class Batch(NamedTuple):
     x: jax.Array  # preprocessed inputs
     y: jax.Array  # remapped labels
     weight: jax.Array  # 1 for real examples, 0 for the padding of the last batch
+    # Minibatches the step drew from a stream memory (`Method.draw_memory`), by name, each with the
+    # model's outputs on it from the batch's own forward pass; None for methods that draw none.
+    memory: dict[str, MemoryBatch] | None = None
 
 
 class Outputs(NamedTuple):
     features: jax.Array  # (B, D)
     logits: jax.Array  # (B, num_seen), or (B, head.capacity) with -inf from num_seen on
+
+
+class MemoryBatch(NamedTuple):
+    """A minibatch of a stream memory (`memory.draw`), drawn by `Method.draw_memory` in the step."""
+
+    x: jax.Array  # stored inputs; the step augments and normalises them like the batch's
+    y: jax.Array
+    weight: jax.Array  # 1 for examples drawn, 0 where the memory held too few
+    logits: jax.Array  # (B, W) the logits each example had when stored (DER++), 0 past logit_cols
+    logit_cols: jax.Array  # (B,) how many classes the head had then
+    out: Outputs | None = None  # the model's outputs on `x`, from the step's forward pass
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,7 +116,8 @@ class Method:
     name = "base"
     head = "linear"  # the model's head: linear | cosine (models.HEADS)
     # Why the method's maths needs new classes in every phase ("" if it does not): `incremental
-    # learn` refuses a phase of known classes only with this reason (`learn_problem`).
+    # learn` refuses a phase of known classes only with this reason (`learn_problem`), and the
+    # validation the domain scenario, whose later phases are such phases (`scenario_problem`).
     needs_new_classes: ClassVar[str] = ""
     # The method-state entries the jitted hooks read: `loss` and `step_update` (train), `predict`
     # and `extra_predictions` (eval); None passes all of it. Every entry passed is part of the
@@ -108,6 +129,19 @@ class Method:
     # class, those not seen yet at -inf (as `loss` and `predict` here do): `head.capacity` may then
     # compile the train and eval steps once for the whole run.
     dynamic_phase: ClassVar[bool] = False
+    # Why the method cannot learn online, one pass over each phase's stream (`protocol.online`),
+    # "" if it can: the validation refuses the run with it (`{name}` is the method's name).
+    not_online: ClassVar[str] = ""
+    # Why the method cannot run the task scenario (`protocol.scenario='task'`: one head block per
+    # phase, the task label given in training and at test), "" if it can (`scenario_problem`).
+    not_task_incremental: ClassVar[str] = ""
+    # In the task scenario the step masks each example's logits to its phase's block before `loss`
+    # (`PhaseSetup.task_offsets`). False hands `loss` every seen class's logits, for a method whose
+    # loss reads other blocks and masks its own classification term (LwF distils the old blocks).
+    task_masked_loss: ClassVar[bool] = True
+    # Whether the step forwards the `draw_memory` minibatches with the batch (their outputs in
+    # `batch.memory`); False: they are only prepared, for `project_grads` (A-GEM).
+    forward_memory: ClassVar[bool] = True
 
     def init_state(self) -> dict:
         """The method state before phase 0."""
@@ -184,6 +218,33 @@ class Method:
             return self.needs_new_classes.format(name=self.name)
         return None
 
+    def scenario_problem(self, scenario: str) -> str | None:
+        """Why the method cannot run `scenario` (`protocol.SCENARIOS`); None if it can.
+
+        The one rule the validation applies: 'class' always runs; 'task' unless
+        `not_task_incremental` says why; 'domain', whose later phases bring examples of known
+        classes only, where the method can train such a phase (`learn_problem(0, known=True)`:
+        `needs_new_classes` and the hyper-parameters decide)."""
+        if scenario == "task":
+            return self.not_task_incremental.format(name=self.name) or None
+        if scenario == "domain":
+            return self.learn_problem(0, True)
+        return None
+
+    def online_problem(self) -> str | None:
+        """Why the method, with its hyper-parameters, cannot learn online; None if it can."""
+        return self.not_online.format(name=self.name) or None
+
+    def draw_memory(
+        self, method_state: dict, key: jax.Array, batch_size: int
+    ) -> dict[str, MemoryBatch]:
+        """Inside the jitted step, before the loss: minibatches of a stream memory kept in the
+        method state, by name (`memory.draw` with `key`); `batch_size` is the step's. The step
+        augments, normalises and forwards them with the batch, and `loss` finds them, with their
+        outputs, in `batch.memory`. Default: none."""
+        del method_state, key, batch_size
+        return {}
+
     def loss(
         self,
         out: Outputs,
@@ -203,6 +264,15 @@ class Method:
         ce = models.cross_entropy(out.logits, batch.y)  # blocked, so head.capacity is exact
         return ce, {"ce": ce}
 
+    def project_grads(
+        self, grads: PyTree, *, grad_of: Callable[[Batch], PyTree], batch: Batch
+    ) -> PyTree:
+        """Inside the jitted step: the gradient the optimizer gets, from the loss's `grads` (A-GEM's
+        projection). `grad_of(other)` is the gradient of the method's loss on another batch at the
+        same parameters (computed only if called). Default: `grads`."""
+        del grad_of, batch
+        return grads
+
     def post_update(self, params: PyTree) -> PyTree:
         """A projection applied to the params after every optimizer step (e.g. WA's clipping)."""
         return params
@@ -215,6 +285,16 @@ class Method:
         `grads` are the gradients of the total loss (with the method's terms) before the optimizer.
         """
         del params_before, params_after, grads
+        return method_state
+
+    def observe(
+        self, method_state: dict, batch: Batch, *, logits: jax.Array, key: jax.Array
+    ) -> dict:
+        """Inside the jitted step, after the update: what the method keeps of the batch (a stream
+        memory's reservoir update). `batch.x` are the stored inputs, before augmentation;
+        `logits` the batch's from the forward pass before the update, -inf for classes not seen
+        yet (`head.capacity`). Default: nothing."""
+        del batch, logits, key
         return method_state
 
     def end_phase(self, ctx: PhaseContext, variables: PyTree, method_state: dict) -> dict:
@@ -271,6 +351,15 @@ def new_logits_problem(num_new: int, key: str, value: str) -> str | None:
         f"with method_args.{key}='new' its cross-entropy is over the new classes' logits only, and "
         f"the phase has none; pass --config.method_args.{key}=seen."
     )
+
+
+def task_block_start(ctx: PhaseContext) -> int:
+    """Where the phase's head block starts in the task scenario (`ctx.info.num_old`: the phase's
+    examples' likelihood is over their block, for importances estimated on it), else 0."""
+    config = ctx.config
+    if config is None or config.protocol.get("scenario", "class") != "task":
+        return 0
+    return ctx.info.num_old
 
 
 def data_of_classes(y: np.ndarray, lo: int, hi: int) -> np.ndarray:

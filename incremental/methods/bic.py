@@ -186,6 +186,10 @@ class BiC(Rehearsal):
     """Exemplars, lambda-weighted distillation, and a bias-correction layer per phase."""
 
     name = "bic"
+    not_online = (
+        "{name}'s bias correction trains on a held-out part of the phase's data for bias_epochs "
+        "after the phase; online, each example is seen once."
+    )
     dynamic_phase = True
     train_keys = ("bias", "teacher")
     eval_keys = ("bias", "class_means")
@@ -223,6 +227,10 @@ class BiC(Rehearsal):
     # Refused by `incremental learn` for a phase with no new classes:
     needs_new_classes = (
         "its bias correction is fitted to the new classes' logits, and there are none."
+    )
+    not_task_incremental = (
+        "its bias correction corrects the new classes' logits against the old ones' in one head; "
+        "with the task label they never compete, so there is nothing to correct."
     )
 
     def init_state(self) -> dict:

@@ -35,6 +35,9 @@ averages over examples, so it counts once per step.
   of the sum and the value differs by a constant, so the state holds one `fisher` and one `anchor`.
 - `loss_classes='new'` (PyCIL lines 172-176): cross-entropy over the new classes' logits only (FACIL
   too); `'seen'`: over all seen classes, as the paper trains its single network on the new task.
+- In the task scenario (`protocol.scenario='task'`) both estimators take the log-likelihood over
+  the phase's own head block, the task's head, as the task-aware model predicts (MAS's output norm
+  too, through `mean_over_phase_data`).
 - `strength` = 1000 (PyCIL `lamda`, line 31; the penalty's 1/2 is PyCIL's, line 220). FACIL uses
   lamb = 5000 with the same form.
 
@@ -78,6 +81,7 @@ from incremental.methods.base import (
     classified_logits,
     new_logits_problem,
     phase_data,
+    task_block_start,
 )
 from incremental.methods.distill import copy_tree
 
@@ -120,7 +124,8 @@ def mean_over_phase_data(
     x = ctx.x_train[padded].reshape(num_batches, batch_size, *ctx.x_train.shape[1:])
     y = ctx.y_train[padded].reshape(num_batches, batch_size)
     weight = weight.reshape(num_batches, batch_size)
-    mean_fn = _mean_fn(ctx.apply_fn, ctx.normalize, example_fn, ctx.info.num_seen)
+    first = task_block_start(ctx)
+    mean_fn = _mean_fn(ctx.apply_fn, ctx.normalize, example_fn, ctx.info.num_seen, first)
     return mean_fn(variables, x, y, weight)
 
 
@@ -134,10 +139,11 @@ def _check_context(ctx: PhaseContext) -> None:
 
 @functools.lru_cache(maxsize=16)  # the same model and rule again reuse the compiled function
 def _mean_fn(
-    apply_fn: Callable, normalize: Callable, example_fn: ExampleFn, num_seen: int
+    apply_fn: Callable, normalize: Callable, example_fn: ExampleFn, num_seen: int, first: int = 0
 ) -> Callable:
     """Jitted `(variables, x_NxB, y_NxB, weight_NxB) -> weighted mean of example_fn`, over the
-    logits of the `num_seen` classes (a `head.capacity` head has more columns)."""
+    logits of classes `first..num_seen - 1` (a `head.capacity` head has more columns; the task
+    scenario's block starts at `first`), the labels shifted to match."""
 
     @jax.jit
     def mean(variables, x_NxB, y_NxB, weight_NxB):
@@ -147,9 +153,9 @@ def _mean_fn(
             def logits_fn(p):
                 variables_p = {"params": p, "batch_stats": batch_stats}
                 _, logits_1xC = apply_fn(variables_p, normalize(x[None]), train=False)
-                return logits_1xC[0, :num_seen]
+                return logits_1xC[0, first:num_seen]
 
-            return example_fn(logits_fn, params, y)
+            return example_fn(logits_fn, params, y - first if first else y)
 
         def step(acc, batch):
             x_B, y_B, w_B = batch
@@ -185,7 +191,8 @@ def batch_fisher(
     if len(idx) == 0:
         raise ValueError(f"Phase {ctx.info.phase} has no training examples to estimate a Fisher.")
     order = np.random.default_rng([ctx.seed, ctx.info.phase]).permutation(idx)
-    squared_grad = _squared_batch_grad(ctx.apply_fn, ctx.normalize, ctx.info.num_seen)
+    first = task_block_start(ctx)
+    squared_grad = _squared_batch_grad(ctx.apply_fn, ctx.normalize, ctx.info.num_seen, first)
     total, num_batches = None, 0
     for start in range(0, len(order), batch_size):  # at most two shapes: full batches, the rest
         rows = order[start : start + batch_size]
@@ -196,7 +203,9 @@ def batch_fisher(
 
 
 @functools.lru_cache(maxsize=16)
-def _squared_batch_grad(apply_fn: Callable, normalize: Callable, num_seen: int) -> Callable:
+def _squared_batch_grad(
+    apply_fn: Callable, normalize: Callable, num_seen: int, first: int = 0
+) -> Callable:
     @jax.jit
     def squared_grad(variables, x_B, y_B):
         def loss(params):
@@ -205,7 +214,7 @@ def _squared_batch_grad(apply_fn: Callable, normalize: Callable, num_seen: int) 
                 variables_p, normalize(x_B), train=True, mutable=["batch_stats"]
             )
             return optax.softmax_cross_entropy_with_integer_labels(
-                logits[:, :num_seen].astype(jnp.float32), y_B
+                logits[:, first:num_seen].astype(jnp.float32), y_B - first if first else y_B
             ).mean()
 
         return jax.tree.map(jnp.square, jax.grad(loss)(variables["params"]))

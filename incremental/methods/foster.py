@@ -129,6 +129,10 @@ class FOSTER(Rehearsal):
     """Two-branch feature boosting, then distillation back into one backbone, every phase > 0."""
 
     name = "foster"
+    not_online = (
+        "{name}'s compression stage distils the phase's data into a student for "
+        "compression_epochs more epochs; online, each example is seen once."
+    )
     # Only what the jitted steps read: not the memory, nor the student kept for the next phase.
     train_keys = ("old_head", "boost_weights")
     eval_keys = ("class_means",)
@@ -212,6 +216,10 @@ class FOSTER(Rehearsal):
     needs_new_classes = (
         "it boosts with a second backbone whose logit adjustment weighs old against new classes "
         "(num_old / num_new), and there are none."
+    )
+    not_task_incremental = (
+        "its logit adjustment and balanced distillation weigh old against new classes in one "
+        "head; with the task label they never compete."
     )
 
     def setup(self, info: PhaseInfo) -> PhaseSetup:

@@ -79,6 +79,10 @@ class ICaRL(Rehearsal):
     dynamic_phase = True
     train_keys = ("teacher",)
     eval_keys = ("class_means",)
+    not_task_incremental = (
+        "its loss distils every old class's sigmoid output on the new data, which the task "
+        "scenario's head blocks hide from an example of another phase; it is built for one head."
+    )
 
     # Named loss_type, not loss: a field `loss` would hide the `loss` hook of the method interface.
     loss_type: str = "bce"  # 'bce': the paper's sigmoid BCE | 'ce_kd': PyCIL's CE + KD

@@ -15,6 +15,10 @@ from incremental.methods.base import Method, PhaseContext, phase_data
 class Joint(Method):
     name = "joint"
     dynamic_phase = True
+    not_online = (
+        "{name} trains every phase on the data of all phases so far; online, each example is "
+        "seen once."
+    )
 
     def train_indices(self, ctx: PhaseContext, method_state: dict) -> np.ndarray:
         del method_state

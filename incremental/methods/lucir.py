@@ -166,6 +166,18 @@ class LUCIR(Rehearsal):
         "its distillation weight grows as sqrt(num_old / num_new) and its margin ranks new classes "
         "against old ones; with no new classes neither is defined."
     )
+    not_task_incremental = (
+        "its margin ranking and its cosine head balance new classes against old ones in one "
+        "head; with the task label they never compete."
+    )
+
+    def online_problem(self) -> str | None:
+        if not self.class_balanced_finetune:
+            return None
+        return (
+            "with class_balanced_finetune its head trains cbf_epochs more epochs on the exemplars "
+            "after the phase; online, each example is seen once (set it to False)."
+        )
 
     def head_init(self, configured: str) -> str:
         return "imprint" if self.imprint and configured == "default" else configured

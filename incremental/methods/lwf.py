@@ -17,6 +17,9 @@ Choices where implementations differ:
 - Distillation: one softmax over all old classes (FACIL and PyCIL concatenate old heads the same way);
   the paper, with one head per task, distils each old task's head separately.
 - Strength: the paper's lambda_o = 1, also FACIL's lamb; PyCIL uses 3. Temperature T = 2 (paper).
+- Task scenario (`protocol.scenario='task'`): the loss sees every seen class's logits
+  (`task_masked_loss = False`), since the distillation reads the old blocks on the new data; with
+  `ce_classes='new'` its classification term is over the phase's own block, the task's head.
 - Omitted: the paper's optional warm-up step (training only the new head first), which the paper
   reports matters little for LwF; FACIL and PyCIL also omit it by default.
 """
@@ -50,6 +53,9 @@ class LwF(Method):
     dynamic_phase = True
     train_keys = ("teacher",)
     eval_keys = ()
+    # The task scenario: its distillation reads the old blocks on the new data, and its
+    # classification term with ce_classes='new' is over the phase's own block already.
+    task_masked_loss = False
 
     strength: float = 1.0  # lambda_o of the paper (and FACIL's lamb); PyCIL uses 3
     temperature: float = 2.0  # T of the paper, FACIL and PyCIL
@@ -68,6 +74,15 @@ class LwF(Method):
     def learn_problem(self, num_new: int, known: bool) -> str | None:
         del known
         return new_logits_problem(num_new, "ce_classes", self.ce_classes)
+
+    def scenario_problem(self, scenario: str) -> str | None:
+        if scenario == "task" and self.ce_classes != "new":
+            return (
+                "in the task scenario its classification loss must be over the phase's own head "
+                "block (it masks its own loss, to distil the old blocks); pass "
+                "--config.method_args.ce_classes=new."
+            )
+        return super().scenario_problem(scenario)
 
     def loss(
         self,

@@ -16,6 +16,7 @@ import numpy as np
 from incremental import memory as memory_lib
 from incremental import models
 from incremental.methods.base import Method, Outputs, PhaseContext, data_of_classes, phase_data
+from incremental.protocol import scenario_of
 
 
 def class_means(feats_NxD: jax.Array, labels_N: np.ndarray, num_classes: int) -> jax.Array:
@@ -31,6 +32,35 @@ def nme_scores(out: Outputs, method_state: dict) -> jax.Array:
     means = method_state["class_means"]
     sq = (feats**2).sum(1, keepdims=True) - 2 * feats @ means.T + (means**2).sum(1)[None, :]
     return -jnp.sqrt(jnp.maximum(sq, 0.0))
+
+
+def domain_memory(ctx: PhaseContext, variables, memory: dict, cfg: memory_lib.MemoryConfig):
+    """The memory after a phase of the domain scenario, where every phase brings every class: each
+    class's exemplars split evenly over the phases so far, `per_class // (phase + 1)` from each
+    (its domain); the earlier phases' cut to their first ones (their priority order), this phase's
+    selected from its own examples by the features of `variables`."""
+    info = ctx.info
+    share = max(1, cfg.per_class_count(info.num_seen) // (info.phase + 1))
+    idx, labels = np.asarray(memory["indices"]), np.asarray(memory["labels"])
+    group = ctx.arrival[idx] * info.num_seen + labels  # (phase, class)
+    keep = np.zeros(len(idx), bool)
+    for g in np.unique(group):
+        keep[np.flatnonzero(group == g)[:share]] = True
+    new = phase_data(ctx)
+    fresh = memory_lib.update(
+        memory_lib.empty(),
+        dataclasses.replace(cfg, per_class=share),
+        new_indices=new,
+        new_labels=ctx.y_train[new],
+        feats_fn=lambda rows: ctx.embed(variables, ctx.x_train[rows]),
+        num_seen=info.num_seen,
+        seed=ctx.seed * 1000 + info.phase,
+    )
+    kept = {
+        "indices": jnp.asarray(idx[keep], jnp.int32),
+        "labels": jnp.asarray(labels[keep], jnp.int32),
+    }
+    return memory_lib.add(kept, np.asarray(fresh["indices"]), np.asarray(fresh["labels"]))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,8 +79,10 @@ class Rehearsal(Method):
 
     def next_memory(self, ctx: PhaseContext, variables, method_state: dict) -> dict:
         """The memory after this phase: old classes cut to the new per-class count, the new classes'
-        exemplars selected by the features of `variables`."""
+        exemplars selected by the features of `variables` (in the domain scenario, `domain_memory`)."""
         info = ctx.info
+        if ctx.config is not None and scenario_of(ctx.config) == "domain":
+            return domain_memory(ctx, variables, method_state["memory"], self.memory)
         new = data_of_classes(ctx.y_train, info.num_old, info.num_seen)
         return memory_lib.update(
             method_state["memory"],

@@ -101,6 +101,10 @@ class WA(Rehearsal):
     needs_new_classes = (
         "weight aligning rescales the new classes' head columns, and there are none."
     )
+    not_task_incremental = (
+        "weight aligning corrects the new classes' bias over the old ones in one head; with the "
+        "task label they never compete, so there is nothing to correct."
+    )
 
     def init_state(self) -> dict:
         return {**super().init_state(), "scale": jnp.zeros((0,), jnp.float32)}

@@ -19,6 +19,7 @@ from incremental.models.classifier import (
     head_logits,
     log_softmax,
     mask_old,
+    mask_other_phases,
     mask_unseen,
     soft_cross_entropy,
     sum_classes,
@@ -28,12 +29,14 @@ from incremental.models.convnet import ConvNet
 from incremental.models.layers import PARTS
 from incremental.models.mlp import MLP
 from incremental.models.resnet import BasicBlock, CifarResNet, ResNet18
+from incremental.models.vit import ViT
 
 MODELS: dict[str, type[nn.Module]] = {
     "mlp": MLP,
     "convnet": ConvNet,
     "resnet32": CifarResNet,
     "resnet18": ResNet18,
+    "vit": ViT,  # ViT-Ti/S/B (model.kwargs.size); loads checkpoints (models/vit_weights.py)
 }
 
 __all__ = [
@@ -54,12 +57,14 @@ __all__ = [
     "MLP",
     "PARTS",
     "ResNet18",
+    "ViT",
     "backbone_fields",
     "build_backbone",
     "build_model",
     "head_logits",
     "log_softmax",
     "mask_old",
+    "mask_other_phases",
     "mask_unseen",
     "soft_cross_entropy",
     "sum_classes",
@@ -99,7 +104,7 @@ def build_model(name: str, num_classes: int, head: str = "linear", **kwargs: Any
     """Builds `Classifier(backbone=MODELS[name](**kwargs), num_classes=num_classes)`.
 
     Args:
-      name: a key of MODELS ('mlp', 'convnet', 'resnet32', 'resnet18').
+      name: a key of MODELS ('mlp', 'convnet', 'resnet32', 'resnet18', 'vit').
       num_classes: width of the head.
       head: 'linear' (nn.Dense's params) or 'cosine' (LUCIR's cosine-normalised head, learnable scale).
       **kwargs: backbone fields, e.g. hidden=(64,), depth=32, small_input=True, dtype='bfloat16'.

@@ -183,6 +183,23 @@ def mask_old(scores_BxC: jax.Array, num_old: int | jax.Array) -> jax.Array:
     return jnp.where(columns_below(scores_BxC, num_old), -jnp.inf, scores_BxC)
 
 
+def mask_other_phases(
+    scores_BxC: jax.Array, labels_B: jax.Array, offsets: tuple[int, ...]
+) -> jax.Array:
+    """`scores` with every column outside the head block of the phase that owns each example's
+    label set to -inf: phase p's block is `[offsets[p], offsets[p + 1])` (the task scenario, where
+    the task label picks the block). Columns past `offsets[-1]` belong to no phase.
+
+    >>> scores = jnp.zeros((2, 4))
+    >>> mask_other_phases(scores, jnp.array([0, 3]), (0, 2, 4)).tolist()
+    [[0.0, 0.0, -inf, -inf], [-inf, -inf, 0.0, 0.0]]
+    """
+    bounds = jnp.asarray(offsets[1:])
+    phase_C = jnp.searchsorted(bounds, jnp.arange(scores_BxC.shape[-1]), side="right")
+    own_B = phase_C[labels_B]
+    return jnp.where(phase_C[None, :] == own_B[:, None], scores_BxC, -jnp.inf)
+
+
 HEADS = {"linear": Head, "cosine": CosineHead}
 
 

@@ -3,13 +3,14 @@ the phase's optimizer, train state and jitted epoch."""
 
 from __future__ import annotations
 
+import dataclasses
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from incremental import capacity, methods, parallel, surgery, train
+from incremental import capacity, evaluate, methods, online, parallel, surgery, train
 from incremental.data import device
 from incremental.methods import Method, PhaseContext, PhaseInfo, base
 from incremental.phase import pretrained
@@ -23,7 +24,7 @@ from incremental.phase.model import (
     phase_model,
     train_loop,
 )
-from incremental.protocol import Protocol
+from incremental.protocol import Protocol, scenario_of
 
 if TYPE_CHECKING:  # grain, which streaming needs, is imported only when a run streams
     from incremental.data.stream import StreamingBatches
@@ -52,6 +53,8 @@ class PhaseRun(NamedTuple):
     num_train: int
     steps_per_epoch: int
     args: train.PhaseArgs | None = None  # head.capacity: the phase's rows and counts
+    # Phase 0 of the domain scenario: the initial model's accuracy on each phase's test data.
+    init_row: list | None = None
 
 
 def phase_info(protocol: Protocol, phase: int) -> PhaseInfo:
@@ -79,6 +82,7 @@ def begin(
     model = phase_model(config, method, info)
     ctx = make_context(config, data, info, method)
     variables = start_variables(config, method, data, ctx, carried)
+    init_row = random_init_row(config, data, protocol, model, variables) if not carried else None
     method_state = method.begin_phase(ctx, variables, method_state)
 
     idx = method.train_indices(ctx, method_state)
@@ -86,7 +90,7 @@ def begin(
         raise ValueError(f"Phase {phase} has no training examples; check the dataset and protocol.")
     steps_per_epoch = -(-len(idx) // config.train.batch_size)
     hp = train.phase_hparams(config, phase)
-    setup = method.setup(info)
+    setup = phase_setup(config, method, protocol, info)
     tx = make_tx(config, method, info, steps_per_epoch, variables["params"])
     state = train_state(
         config, tx, variables, carried, info, named_key(phase_key(config, phase), "train")
@@ -98,7 +102,9 @@ def begin(
             (state.params, state.opt_state), mesh, config.parallel.shard_min_size
         )
         state = state._replace(params=large[0], opt_state=large[1])
-    build = lambda stream=None: make_epoch(config, method, data, info, model, tx, mesh, stream)  # noqa: E731
+    build = lambda stream=None: make_epoch(  # noqa: E731
+        config, method, data, info, model, tx, mesh, stream, setup=setup
+    )
     if capacity.width(config):  # the phase as PhaseArgs: rows of the whole set, the class counts
         # One program per distinct setup (a method may freeze the backbone after phase 0, say).
         epoch_fn = programs.get(("train", setup), build)
@@ -117,9 +123,22 @@ def begin(
     epochs = hp.epochs if setup.train else 0
     train_epoch = bind_epoch(epoch_fn, method, args)
     pr = PhaseRun(
-        info, ctx, model, train_epoch, x_dev, y_dev, epochs, len(idx), steps_per_epoch, args
-    )
+        info, ctx, model, train_epoch, x_dev, y_dev, epochs, len(idx), steps_per_epoch, args,
+        init_row,
+    )  # fmt: skip
     return pr, state, method_state
+
+
+def random_init_row(config, data: RunData, protocol: Protocol, model, variables) -> list | None:
+    """The accuracy of phase 0's initial model (the argmax of its logits) on each phase's test
+    data, the baseline of forward transfer; None unless every phase can be scored before it is
+    learned (the domain scenario's `RunData.test_arrival`)."""
+    if data.test_arrival is None:
+        return None
+    fn = train.make_apply_batches(model, data.norm, lambda out, _: out.logits, dtype_of(config))
+    scores = train.run_batched(fn, variables, {}, data.x_test, config.eval.batch_size)
+    correct = scores.argmax(axis=1) == data.y_test
+    return evaluate.by_phase(correct, data.test_arrival, range(protocol.num_phases))
 
 
 def start_variables(config, method, data: RunData, ctx: PhaseContext, carried: Carried | None):
@@ -129,6 +148,8 @@ def start_variables(config, method, data: RunData, ctx: PhaseContext, carried: C
     if carried is None:
         narrow = phase_model(config, method, info, num_classes=info.num_seen)
         variables = init_variables(narrow, data.x_train[0], named_key(key, "init"))
+        if config.model.get("pretrained"):  # a pre-trained backbone under the new head
+            variables = pretrained.with_backbone(config, variables)
         if config.model.init_from:  # the classifier the user already has
             path = config.model.init_from
             variables = pretrained.fit(pretrained.read(path), variables, path)
@@ -177,20 +198,30 @@ def stream_of(config, data: RunData, idx: np.ndarray, mesh) -> StreamingBatches:
     )
 
 
-def make_epoch(config, method, data: RunData, info, model, tx, mesh, stream=None):
-    """The phase's jitted epoch (`train.make_train_epoch`) as the config asks for it."""
+def phase_setup(config, method: Method, protocol: Protocol, info: PhaseInfo) -> base.PhaseSetup:
+    """The method's `setup` of the phase; in the task scenario with the protocol's class offsets,
+    so that the loss sees each example's head block only (unless the method masks its own)."""
+    setup = method.setup(info)
+    if scenario_of(config) == "task" and method.task_masked_loss:
+        setup = dataclasses.replace(setup, task_offsets=protocol.offsets)
+    return setup
+
+
+def make_epoch(config, method, data: RunData, info, model, tx, mesh, stream=None, *, setup=None):
+    """The phase's jitted epoch (`train.make_train_epoch`) as the config asks for it, with `setup`
+    (`phase_setup`; by default the method's)."""
     wide = capacity.width(config) > 0
     return train.make_train_epoch(
         model=model,
         tx=tx,
         method=method,
         info=None if wide else info,
-        setup=method.setup(info),
+        setup=setup or method.setup(info),
         norm=data.norm,
         batch_size=config.train.batch_size,
         augment=device.Augment.from_config(config.augment, data.is_image),
         dtype=dtype_of(config),
-        steps_per_call=config.checkpoint.every_steps or None,
+        steps_per_call=online.steps_per_call(config),
         loop="stream" if config.dataset.stream else train_loop(config),
         batch_sharding=parallel.batch_sharding(mesh) if mesh.size > 1 else None,
         stream=stream,

@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
+import numpy as np
+
 from incremental import capacity, evaluate, parallel, train
 from incremental.methods import base
 from incremental.phase.begin import phase_info
 from incremental.phase.load import RunData
 from incremental.phase.model import dtype_of, phase_model
-from incremental.protocol import Protocol
+from incremental.protocol import Protocol, scenario_of
 
 
 def evaluate_phase(
     config, model, method, data: RunData, protocol: Protocol, phase, variables, method_state,
-    programs: capacity.Programs | None = None, *, confusion: bool = False,
+    programs: capacity.Programs | None = None, *, confusion: bool = False, extras: bool = True,
 ) -> dict:  # fmt: skip
     """Scores the test data of every seen class and returns the phase's rows of the matrices.
 
@@ -21,10 +23,16 @@ def evaluate_phase(
     a shape that does not change with the phase, with the classes not seen yet masked, by
     functions kept in `programs` for later phases. With `confusion`, the row also holds the
     method's confusion matrix over the seen classes (`evaluate.confusion`) under "confusion".
+    `extras=False` scores the method's `predict` alone (an evaluation within the phase).
+    In the domain scenario every domain's test data is scored, the later ones for `ahead_row`; in
+    the task scenario the task-aware numbers are the headline (`evaluate.evaluate_phase`).
     """
     config = capacity.resolved(config, method, protocol.num_classes)
     num_seen = protocol.num_seen(phase)
-    seen = data.y_test < num_seen
+    domains = data.test_arrival  # the domain scenario scores every domain: later ones too
+    seen = data.y_test < num_seen if domains is None else np.ones(len(data.y_test), bool)
+    test_phase = None if domains is None else domains[seen]
+    task = scenario_of(config) == "task"
     wide = capacity.width(config) > 0
     programs = programs or capacity.Programs()
     eval_state = base.select_state(method_state, method.eval_keys)
@@ -41,12 +49,18 @@ def evaluate_phase(
         bs = config.eval.batch_size
         scores = train.run_batched(apply, variables, eval_state, x, bs, *extra)
         scores = scores[seen] if wide else scores
-        row = evaluate.evaluate_phase(scores, data.y_test[seen], protocol, phase)
+        y = data.y_test[seen]
+        row = evaluate.evaluate_phase(
+            scores, y, protocol, phase, test_phase=test_phase, task_labels=task
+        )
         if counts:
-            row["confusion"] = evaluate.confusion(scores, data.y_test[seen], num_seen)
+            now = slice(None) if test_phase is None else test_phase <= phase
+            row["confusion"] = evaluate.confusion(scores[now], y[now], num_seen)
         return row
 
     row = rows("predict", method.predict, counts=confusion)
+    if not extras:
+        return row
     extra = {name: rows(name, fn) for name, fn in method.extra_predictions().items()}
     info = phase_info(protocol, phase)
     for name, (backbone, companion) in method.companions(info, variables, method_state).items():

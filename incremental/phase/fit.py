@@ -39,6 +39,8 @@ class Steps:
         self.step = int(saved.get("step", 0))
         self.values = {k: list(v) for k, v in saved.get("values", {}).items()}
         self.last_epoch = dict(saved.get("last_epoch", {}))  # the last finished epoch's means
+        # Evaluations within the phase (`online.StepEvaluations`): {"step", "accuracy", "row"}.
+        self.evaluations = list(saved.get("evaluations", []))
         self.call_start, self.call = self.step, {}  # the last call's steps and their values
 
     def remaining(self, state: train.TrainState) -> bool:
@@ -83,7 +85,8 @@ class Steps:
         return self.step // self.per_epoch
 
     def state_dict(self) -> dict:
-        return {"step": self.step, "values": self.values, "last_epoch": self.last_epoch}
+        state = {"step": self.step, "values": self.values, "last_epoch": self.last_epoch}
+        return {**state, "evaluations": self.evaluations} if self.evaluations else state
 
 
 def fit(pr, state, method_state, *, steps: Steps | None = None, on_call=None):

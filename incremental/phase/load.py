@@ -10,12 +10,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from incremental import capacity, methods, parallel, schema
-from incremental.data import device, sources
+from incremental import capacity, methods, online, parallel, schema
+from incremental.data import device, domains, sources
 from incremental.methods import Method, PhaseInfo
 from incremental.models import MODELS
+from incremental.phase import pretrained
 from incremental.phase.model import phase_model
-from incremental.protocol import Protocol, make_protocol
+from incremental.protocol import Protocol, make_class_order, make_protocol, scenario_of
 
 
 class RunData(NamedTuple):
@@ -31,6 +32,8 @@ class RunData(NamedTuple):
     # The phase in which each training example arrives: its class's phase, or for the examples of
     # a learned source (`dataset.learned`, `incremental learn`) the phase that brought them.
     arrival: np.ndarray | None = None
+    # The phase of each test example where it is not its class's: its domain (`scenario='domain'`).
+    test_arrival: np.ndarray | None = None
 
 
 FULL_HASH_BYTES = 1 << 30  # larger arrays are hashed on a sample of rows
@@ -89,9 +92,16 @@ def load_data(config) -> tuple[RunData, Protocol, sources.Source]:
         return sources.validation_split(source, validation) if validation else source
 
     source = sources.subset_classes(load(config.dataset.name), config.dataset.classes)
+    domain = domain_data(config, source) if scenario_of(config) == "domain" else None
+    source = source if domain is None else domain.source  # every phase's domain, in turn
     protocol = make_protocol(source.num_classes, config.protocol)
-    norm = device.fit_normalizer(source.x_train, source.is_image)
+    # The data's statistics, or the constants a pre-trained backbone was trained with.
+    norm = pretrained.normalizer(config, source.x_train, source.is_image)
     arrival = protocol.phase_of(protocol.remap(source.y_train))
+    if config.protocol.get("blurry", 0.0):  # earlier phases' classes in later phases' streams
+        arrival = online.blurry_arrival(arrival, config.protocol.blurry, config.seed)
+    if domain is not None:  # a phase brings its domain: the same classes, other inputs
+        arrival = domain.train_domain
     for name in config.dataset.get("learned", ()):
         source, new_ids = sources.merge(source, load(name))
         protocol = Protocol(protocol.class_order + new_ids, (*protocol.phase_sizes, len(new_ids)))
@@ -101,8 +111,24 @@ def load_data(config) -> tuple[RunData, Protocol, sources.Source]:
     y_train, y_test = protocol.remap(source.y_train), protocol.remap(source.y_test)
     arrays = (source.x_train, y_train, source.x_test, y_test)
     names = source.class_names
-    data = RunData(*arrays, norm, source.is_image, fingerprint(*arrays, names=names), arrival)
+    test_arrival = None if domain is None else domain.test_domain
+    data = RunData(
+        *arrays, norm, source.is_image, fingerprint(*arrays, names=names), arrival, test_arrival
+    )
     return data, protocol, source
+
+
+def domain_data(config, source: sources.Source) -> domains.DomainData:
+    """The domain scenario's data (`data.domains.make_domains`): the source of every phase's
+    domain, and the domain of each training and each test example."""
+    if config.dataset.get("learned", ()):
+        raise ValueError(
+            "dataset.learned brings new phases of a class-incremental run; the domain scenario "
+            "makes its phases from protocol.domains. Use one or the other."
+        )
+    p = config.protocol
+    order = make_class_order(source.num_classes, p.class_order, p.class_order_seed)
+    return domains.make_domains(source, p.domains, p.num_domains, p.domain_seed, order)
 
 
 def check_learned_phases(method: Method, data: RunData, protocol: Protocol) -> None:
@@ -127,6 +153,8 @@ def validate(config, workdir: str) -> tuple[RunData, Protocol, Method]:
     """Checks every input that can be checked before anything is written or trained; loads."""
     schema.check(config)  # types, ranges and choices of every key
     method = methods.build(config.method, config.method_args, config.memory)
+    online.check(config, method)
+    check_scenario(config, method)
     if config.model.name not in MODELS:
         raise ValueError(
             f"Unknown model.name {config.model.name!r}; valid values: {', '.join(MODELS)}."
@@ -140,8 +168,26 @@ def validate(config, workdir: str) -> tuple[RunData, Protocol, Method]:
     check_model_fits(config, method, data)
     if config.model.init_from:
         check_given_model(config, method, data, protocol)
+    if config.model.get("pretrained"):
+        check_pretrained(config, method, data)
     check_writable(workdir)
     return data, protocol, method
+
+
+def check_scenario(config, method: Method) -> None:
+    """Refuses a method that cannot run the config's scenario (`Method.scenario_problem`, the one
+    rule), and settings the scenario contradicts, before any data is loaded."""
+    scenario = scenario_of(config)
+    problem = method.scenario_problem(scenario)
+    if problem:
+        raise ValueError(
+            f"Method {method.name!r} cannot run protocol.scenario={scenario!r}: {problem}"
+        )
+    if scenario == "domain" and config.protocol.get("blurry", 0.0):
+        raise ValueError(
+            "protocol.blurry mixes earlier phases' classes into later phases; in the domain "
+            "scenario every phase has every class. Set protocol.blurry=0."
+        )
 
 
 def check_given_model(config, method, data: RunData, protocol: Protocol) -> None:
@@ -156,6 +202,15 @@ def check_given_model(config, method, data: RunData, protocol: Protocol) -> None
     target = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), example, train=False))
     target = {"params": target["params"], "batch_stats": target.get("batch_stats", {})}
     pretrained.fit(pretrained.read(path), target, path)
+
+
+def check_pretrained(config, method, data: RunData) -> None:
+    """`model.pretrained` loads into the configured phase-0 backbone (read once, here, so that a
+    wrong file is refused before anything is written)."""
+    model = phase_model(config, method, PhaseInfo(0, 0, 2))
+    example = jnp.zeros((1, *data.x_train.shape[1:]))
+    target = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), example, train=False))
+    pretrained.load_backbone(config, target["params"].get("backbone", {}))
 
 
 def check_writable(workdir: str) -> None:

@@ -13,6 +13,12 @@ classes. Beside it, `classes.json` (in the same directory; for a directory, insi
 the name of each head column in order: they must be the protocol's phase-0 classes in its order.
 Phase 0 then starts from these variables; with `train_first.epochs=0` it does not train, and its
 evaluation is the given model's.
+
+A pre-trained backbone instead (`model.pretrained=PATH`, `model.name=vit`): a ViT checkpoint in
+one of the layouts `incremental/models/vit_weights.py` reads (vision_transformer or big_vision
+`.npz`, timm `.safetensors`) becomes `params/backbone` at initialisation (`with_backbone`), the head
+initialised as usual for the protocol's classes; the inputs are normalised with the constants the
+weights were trained with (`normalizer`), not with the data's statistics.
 """
 
 from __future__ import annotations
@@ -23,6 +29,9 @@ from typing import Any
 
 import jax
 import numpy as np
+
+from incremental.data import device
+from incremental.models import vit_weights
 
 PyTree = Any
 CLASSES_FILE = "classes.json"
@@ -96,4 +105,71 @@ def _advice() -> str:
     return (
         "Save the variables of the model the config builds (model.name, model.kwargs, a head of "
         "the phase-0 classes), as incremental/phase/pretrained.py describes."
+    )
+
+
+# The ViT's own subtrees of `params/backbone`; a method's additions beside them (`prompt/...` of
+# the prompt methods) are no part of a checkpoint and keep their initialisation.
+VIT_PARTS = ("embedding", "cls", "Transformer")
+
+
+def with_backbone(config, variables: dict) -> dict:
+    """`variables` with the ViT of `params/backbone` read from `model.pretrained` (the head, and a
+    method's additions to the backbone, as they were)."""
+    backbone = variables["params"].get("backbone", {})
+    loaded, _ = load_backbone(config, backbone)
+    backbone = {**backbone, **jax.tree.map(jax.numpy.asarray, loaded)}
+    return {**variables, "params": {**variables["params"], "backbone": backbone}}
+
+
+def load_backbone(config, target: PyTree) -> tuple[PyTree, vit_weights.Recipe]:
+    """The ViT weights at `model.pretrained` shaped like `target` (the backbone's params or their
+    shapes), and their recipe; a ValueError when they cannot be this model's backbone."""
+    path = config.model.pretrained
+    if config.model.name != "vit":
+        raise ValueError(
+            f"model.pretrained loads ViT weights, but model.name is {config.model.name!r}; set "
+            "model.name=vit with the checkpoint's size (model.kwargs.size)."
+        )
+    if config.model.init_from:
+        raise ValueError(
+            "model.pretrained and model.init_from are both set; set one: a pre-trained backbone "
+            "under a new head, or a whole classifier of the phase-0 classes."
+        )
+    if "embedding" not in target:
+        raise ValueError(
+            f"Method {config.method!r} builds its backbone from the config's (its params are "
+            f"{sorted(target)}), so model.pretrained cannot be loaded into it; use a method whose "
+            "backbone is the configured ViT itself."
+        )
+    loaded, recipe = vit_weights.load(path, {k: v for k, v in target.items() if k in VIT_PARTS})
+    gelu = config.model.kwargs.get("gelu", "tanh")
+    if gelu != recipe.gelu:
+        raise ValueError(
+            f"model.pretrained: {path} ({recipe.layout}) was trained with the {recipe.gelu!r} "
+            f"GELU, the model uses {gelu!r}; set model.kwargs.gelu={recipe.gelu!r}."
+        )
+    return loaded, recipe
+
+
+def normalizer(config, x_train: np.ndarray, is_image: bool) -> device.Normalizer:
+    """The training inputs' statistics, or with `model.pretrained` the constants its weights were
+    trained with (`Recipe.mean`, `.std` of images in [0, 1], scaled to uint8 images' 0-255)."""
+    path = config.model.get("pretrained", "")
+    if not path:
+        return device.fit_normalizer(x_train, is_image)
+    if not is_image:
+        raise ValueError("model.pretrained needs images (H, W, C); the dataset holds vectors.")
+    recipe = vit_weights.recipe(path)
+    mean, std = np.asarray(recipe.mean, np.float32), np.asarray(recipe.std, np.float32)
+    channels = x_train.shape[-1]
+    if channels == 1 and len(mean) != 1:  # gray images: the channels' average
+        mean, std = mean.mean(keepdims=True), std.mean(keepdims=True)
+    if channels != len(mean):
+        raise ValueError(
+            f"model.pretrained: {path} normalises {len(mean)} channels, the images have {channels}."
+        )
+    scale = np.float32(255.0 if x_train.dtype == np.uint8 else 1.0)
+    return device.Normalizer(
+        (mean * scale).reshape(1, 1, 1, -1), (std * scale).reshape(1, 1, 1, -1)
     )

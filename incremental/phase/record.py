@@ -9,9 +9,9 @@ import jax
 import numpy as np
 import optax
 
-from incremental import evaluate, report, surgery
+from incremental import evaluate, online, report, surgery
 from incremental.phase.begin import PhaseRun
-from incremental.protocol import Protocol
+from incremental.protocol import Protocol, scenario_of
 
 RESULTS_FILE = "results.json"
 
@@ -45,7 +45,33 @@ def record(
         "final_train_accuracy": float(metrics["accuracy"]) if metrics else None,
         **seconds,
         **row,
+        **({} if pr.init_row is None else {"random_init_row": pr.init_row}),
     }
+
+
+# Rows of a phase's record that results.json reports as matrices and lists, not per phase.
+SCENARIO_ROWS = ("ahead_row", "class_incremental_row", "random_init_row")
+
+
+def scenario_results(config, records: list[dict], matrix: list) -> dict:
+    """The scenario's numbers (README, "Results format"): learning accuracy and forward transfer
+    (`evaluate.transfer`), top-5 accuracy where reported, and the task scenario's one-head ones."""
+    init = records[0].get("random_init_row")  # the domain scenario's, scored at phase 0's init
+    before = None
+    if init is not None:  # accuracy on phase i after phase i - 1: its first `ahead_row` entry
+        before = [None] + [r["ahead_row"][0] if r.get("ahead_row") else None for r in records[:-1]]
+    out = {
+        "scenario": scenario_of(config),
+        **evaluate.transfer(matrix, before, init),
+        "random_init_accuracy": init,
+        "accuracy_before_learning": before,
+    }
+    if all("top5_accuracy" in r for r in records):
+        out["top5_accuracy"] = [r["top5_accuracy"] for r in records]
+    if all("class_incremental_row" in r for r in records):
+        out["class_incremental_accuracy"] = [r["class_incremental_accuracy"] for r in records]
+        out["class_incremental_matrix"] = [r["class_incremental_row"] for r in records]
+    return out
 
 
 def extra_results(records: list[dict]) -> dict:
@@ -86,6 +112,7 @@ def results_from_records(config, protocol: Protocol, records: list[dict]) -> dic
         # validation split of the training data.
         "evaluated_on": "validation" if config.dataset.get("validation", 0.0) else "test",
         **evaluate.summarize(matrix, accuracy),
+        **scenario_results(config, records, matrix),
         "forgetting_pycil": pycil_forgetting(records),
         "accuracy": accuracy,
         "accuracy_matrix": matrix,
@@ -94,11 +121,12 @@ def results_from_records(config, protocol: Protocol, records: list[dict]) -> dic
         "old_accuracy": [r["old_accuracy"] for r in records],
         "new_accuracy": [r["new_accuracy"] for r in records],
         **extra_results(records),
+        **online.results(config, records),
         "phases": [
             {
                 k: v
                 for k, v in r.items()
-                if k not in ("row", "task_aware_row", "grouped_row", "extra")
+                if k not in ("row", "task_aware_row", "grouped_row", "extra", *SCENARIO_ROWS)
             }
             for r in records
         ],

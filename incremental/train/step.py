@@ -22,6 +22,7 @@ from incremental.train.optim import NUM_FROZEN
 from incremental.train.state import PhaseArgs, TrainState
 
 PyTree = Any
+MEMORY = 0x4D454D  # folds a step's stream-memory key out of its augmentation key
 
 
 def apply_any_head(model: nn.Module, variables: PyTree, x: jax.Array, **kwargs):
@@ -39,19 +40,26 @@ def make_loss(model: nn.Module, method: Method, info: PhaseInfo | None, setup: P
 
     def loss_fn(params, batch_stats, method_state, batch: Batch, args: PhaseArgs | None):
         variables = {"params": params, "batch_stats": batch_stats}
+        joint = batch.memory is not None and method.forward_memory
+        x = with_memory(batch) if joint else batch.x
         if setup.train_batch_norm:
             (feats, logits), updates = model.apply(
-                variables, batch.x, train=True, mutable=["batch_stats"]
+                variables, x, train=True, mutable=["batch_stats"]
             )
             batch_stats = updates.get("batch_stats", batch_stats)
         else:
-            feats, logits = model.apply(variables, batch.x, train=False)
+            feats, logits = model.apply(variables, x, train=False)
         phase_info = info
         if args is not None:
             phase_info = PhaseInfo(args.phase, args.num_old, args.num_new)
             logits = models.mask_unseen(logits, args.num_old + args.num_new)
         elif logits.shape[-1] > info.num_seen:  # a `head.capacity` head trained by `ctx.fit`
             logits = models.mask_unseen(logits, info.num_seen)
+        if joint:  # the memory's outputs to its minibatches, the rest to the batch
+            feats, logits, batch = split_memory(feats, logits, batch)
+        returned = logits  # every seen class's (what a stream memory keeps)
+        if setup.task_offsets:  # the task scenario: each example's task label picks its block
+            logits = models.mask_other_phases(logits, batch.y, setup.task_offsets)
         per_example, metrics = method.loss(
             Outputs(feats, logits),
             batch,
@@ -64,9 +72,38 @@ def make_loss(model: nn.Module, method: Method, info: PhaseInfo | None, setup: P
         metrics = {**metrics, "accuracy": correct}
         total = batch.weight.sum()
         mean = lambda v: (v * batch.weight).sum() / total  # noqa: E731
-        return mean(per_example), (batch_stats, jax.tree.map(mean, metrics))
+        return mean(per_example), (batch_stats, jax.tree.map(mean, metrics), returned)
 
     return loss_fn
+
+
+def with_memory(batch: Batch) -> jax.Array:
+    """The batch's inputs followed by those of its memory minibatches: one forward pass for all."""
+    return jnp.concatenate([batch.x, *(m.x for m in batch.memory.values())])
+
+
+def split_memory(feats: jax.Array, logits: jax.Array, batch: Batch):
+    """The outputs of `with_memory`'s inputs cut back: the batch's, and each minibatch's in its
+    `out`; returns `(feats, logits, batch)`."""
+    start, memory = batch.x.shape[0], {}
+    for name, drawn in batch.memory.items():
+        end = start + drawn.x.shape[0]
+        memory[name] = drawn._replace(out=Outputs(feats[start:end], logits[start:end]))
+        start = end
+    n = batch.x.shape[0]
+    return feats[:n], logits[:n], batch._replace(memory=memory)
+
+
+def draw_memory(method: Method, method_state, key, batch_size: int, prepare: Callable):
+    """The method's memory minibatches for a step (`Method.draw_memory`), their inputs prepared
+    (`prepare(key, x)`: augmented, normalised) as the batch's are; None when it draws none."""
+    drawn = method.draw_memory(method_state, jax.random.fold_in(key, 1), batch_size)
+    if not drawn:
+        return None
+    return {
+        name: m._replace(x=prepare(jax.random.fold_in(key, 3 + i), m.x))
+        for i, (name, m) in enumerate(drawn.items())
+    }
 
 
 def make_step(
@@ -89,16 +126,25 @@ def make_step(
     """
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
+    def prepare(key, x):
+        x = device.augment(key, x, augment) if augment else x
+        return device.normalize(x, norm, dtype)
+
     def step(state: TrainState, method_state, x, y, weight_b, args: PhaseArgs | None = None):
         aug_rng = device.step_key(state.rng, state.step)
         if batch_sharding is not None:
             x, y, weight_b = jax.lax.with_sharding_constraint((x, y, weight_b), batch_sharding)
-        if augment:
-            x = device.augment(aug_rng, x, augment)
-        batch = Batch(device.normalize(x, norm, dtype), y, weight_b)
-        (loss, (batch_stats, metrics)), grads = grad_fn(
+        stored = Batch(x, y, weight_b)
+        memory_key = jax.random.fold_in(aug_rng, MEMORY)
+        memory = draw_memory(method, method_state, memory_key, x.shape[0], prepare)
+        batch = Batch(prepare(aug_rng, x), y, weight_b, memory)
+        (loss, (batch_stats, metrics, logits)), grads = grad_fn(
             state.params, state.batch_stats, method_state, batch, args
         )
+        grad_of = lambda other: grad_fn(  # noqa: E731
+            state.params, state.batch_stats, method_state, other, args
+        )[1]
+        grads = method.project_grads(grads, grad_of=grad_of, batch=batch)
         opt_state = state.opt_state
         if args is not None:
             per_epoch = -(-args.num_train // batch_size)
@@ -111,6 +157,8 @@ def make_step(
         method_state = method.step_update(
             method_state, params_before=state.params, params_after=params, grads=grads
         )
+        observe_key = jax.random.fold_in(memory_key, 2)
+        method_state = method.observe(method_state, stored, logits=logits, key=observe_key)
         new = TrainState(params, batch_stats, opt_state, state.rng, state.step + 1)
         # For the metrics log: the step's learning rate and the gradient's global norm.
         extra = {"grad_norm": optax.global_norm(grads)}
