@@ -28,7 +28,7 @@ import dataclasses
 import jax.numpy as jnp
 import numpy as np
 
-from incremental.methods.base import PhaseContext, PhaseInfo, PhaseSetup, PyTree, phase_data
+from incremental.methods.base import PhaseContext, PyTree, phase_data
 from incremental.methods.ncm import NCM, l2_normalize
 
 
@@ -48,11 +48,6 @@ class SimpleCIL(NCM):
     def learn_problem(self, num_new: int, known: bool) -> str | None:
         del num_new, known
         return None  # sums and counts take more examples of a known class exactly
-
-    def setup(self, info: PhaseInfo) -> PhaseSetup:
-        if info.phase == 0 and self.train_first_phase:
-            return PhaseSetup()
-        return PhaseSetup(train=False)
 
     def end_phase(self, ctx: PhaseContext, variables: PyTree, method_state: dict) -> dict:
         info = ctx.info
