@@ -161,7 +161,7 @@ def make_step(
         method_state = method.observe(method_state, stored, logits=logits, key=observe_key)
         new = TrainState(params, batch_stats, opt_state, state.rng, state.step + 1)
         # For the metrics log: the step's learning rate and the gradient's global norm.
-        extra = {"grad_norm": optax.global_norm(grads)}
+        extra = {"grad_norm": optax.tree_utils.tree_norm(grads)}
         if "learning_rate" in getattr(opt_state, "hyperparams", {}):
             extra["lr"] = opt_state.hyperparams["learning_rate"]
         return new, method_state, {"loss": loss, **metrics, **extra}
