@@ -11,8 +11,9 @@ headline numbers are then task-incremental; the same model's one-head numbers ar
 `class_incremental_*`. icarl, bic, wa, lucir and foster are refused: their losses and corrections
 set new classes against old ones in one head, which the task label makes moot.
 
-Measured (3 seeds, 30 epochs a phase; experiments/scenarios.md): last accuracy about 0.97-0.99 for
-finetune, ewc, lwf and replay alike, as van de Ven et al. 2022 find on split MNIST.
+Measured (seeds 0-2, 30 epochs a phase; experiments/scenarios.md): last accuracy 0.986 finetune,
+0.986 ewc, 0.998 lwf, 0.997 replay, 0.998 joint: every method does well, as van de Ven et al. 2022
+find on split MNIST (the same model without the task label: 0.2-0.7).
 """
 
 from incremental.config import base_config, parse_arg, set_method

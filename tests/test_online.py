@@ -260,6 +260,7 @@ class Stopped(Exception):
     pass
 
 
+@pytest.mark.slow  # two online runs, one stopped and resumed within a phase
 def test_evaluations_within_phases_and_a_resumed_run_give_the_same_numbers(tmp_path, monkeypatch):
     """Evaluations every 10 steps; a run stopped within phase 2 (after its checkpoint at step 12)
     resumes from there with the memory, the draws and the evaluations of an uninterrupted run."""
@@ -339,6 +340,7 @@ def finetune_last(tmp_path_factory):
     return seeds_run(tmp_path_factory.mktemp("online"), "finetune")["last_accuracy_mean"]
 
 
+@pytest.mark.slow  # five online runs on digits
 @pytest.mark.parametrize("method", sorted(MEASURED))
 def test_each_method_beats_finetune_online(tmp_path, finetune_last, method):
     assert abs(finetune_last - FINETUNE) < 0.05

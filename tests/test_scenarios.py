@@ -120,7 +120,7 @@ def test_task_accuracy_is_at_least_class_accuracy_and_far_above_it_for_finetune(
         a >= b for a, b in zip(task["accuracy"], task["class_incremental_accuracy"], strict=True)
     )
     assert task["accuracy"] == task["task_aware_accuracy"]
-    # Measured (seeds 0-2): task 0.975-0.986, class-incremental finetune 0.20 (only the last
+    # Measured (seeds 0-2): task 0.975-0.986, class-incremental finetune 0.19-0.20 (only the last
     # phase's classes survive).
     assert task["last_accuracy"] >= 0.9
     assert one_head["last_accuracy"] <= 0.35
