@@ -55,7 +55,7 @@ from incremental.methods.base import (
     PhaseSetup,
     PyTree,
 )
-from incremental.methods.l2p import PROMPT_RULES, masked_logits_problem
+from incremental.methods.l2p import PROMPT_RULES, masked_logits_problem, with_prompt
 from incremental.methods.ncm import l2_normalize
 
 
@@ -215,8 +215,7 @@ class CodaPrompt(Method):
         prompt = dict(variables["params"]["backbone"]["prompt"])
         for i, name in enumerate(("keys", "attention", "components")):
             prompt[name] = fill_slice(jax.random.fold_in(key, i), prompt[name], start, stop)
-        backbone = {**variables["params"]["backbone"], "prompt": prompt}
-        return {**variables, "params": {**variables["params"], "backbone": backbone}}
+        return with_prompt(variables, prompt)
 
     def loss(
         self,

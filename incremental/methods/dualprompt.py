@@ -60,8 +60,9 @@ from incremental.methods.base import (
 from incremental.methods.l2p import (
     PROMPT_RULES,
     masked_logits_problem,
-    match_scores,
+    new_class_ce_and_cosines,
     uniform_init,
+    with_prompt,
 )
 from incremental.methods.ncm import l2_normalize
 
@@ -199,9 +200,7 @@ class DualPrompt(Method):
         if not 0 < t < self.pool_size:
             return variables
         prompt = variables["params"]["backbone"]["prompt"]
-        prompt = {**prompt, "e": prompt["e"].at[t].set(prompt["e"][t - 1])}
-        backbone = {**variables["params"]["backbone"], "prompt": prompt}
-        return {**variables, "params": {**variables["params"], "backbone": backbone}}
+        return with_prompt(variables, {**prompt, "e": prompt["e"].at[t].set(prompt["e"][t - 1])})
 
     def loss(
         self,
@@ -214,8 +213,7 @@ class DualPrompt(Method):
         apply_fn: Callable,
     ) -> tuple[jax.Array, dict[str, jax.Array]]:
         del method_state
-        ce = models.cross_entropy(models.mask_old(out.logits, info.num_old), batch.y)
-        cosine_BxP = apply_fn({"params": params}, batch.x, train=False, method=match_scores)
+        ce, cosine_BxP = new_class_ce_and_cosines(out, batch, params, info, apply_fn)
         if info.phase < self.pool_size:
             pulled = cosine_BxP[:, info.phase]
         else:

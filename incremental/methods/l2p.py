@@ -109,6 +109,19 @@ class PromptedViT(nn.Module):
         return tokens[:, : n * length].mean(axis=1)
 
 
+def new_class_ce_and_cosines(out, batch, params, info, apply_fn) -> tuple[jax.Array, jax.Array]:
+    """The cross-entropy over the new classes' logits (the old ones masked) and each example's
+    cosine to every key (`match_scores`, the frozen query), as the key-query methods' losses use."""
+    ce = models.cross_entropy(models.mask_old(out.logits, info.num_old), batch.y)
+    return ce, apply_fn({"params": params}, batch.x, train=False, method=match_scores)
+
+
+def with_prompt(variables: PyTree, prompt: dict) -> PyTree:
+    """`variables` with `params/backbone/prompt` replaced by `prompt`."""
+    backbone = {**variables["params"]["backbone"], "prompt": prompt}
+    return {**variables, "params": {**variables["params"], "backbone": backbone}}
+
+
 def masked_logits_problem(name: str, num_new: int, known: bool) -> str | None:
     """`Method.learn_problem` of a prompt method whose training logits of old classes are -inf."""
     if num_new and not known:
@@ -175,7 +188,6 @@ class L2P(Method):
         apply_fn: Callable,
     ) -> tuple[jax.Array, dict[str, jax.Array]]:
         del method_state
-        ce = models.cross_entropy(models.mask_old(out.logits, info.num_old), batch.y)
-        cosine_BxP = apply_fn({"params": params}, batch.x, train=False, method=match_scores)
+        ce, cosine_BxP = new_class_ce_and_cosines(out, batch, params, info, apply_fn)
         pulled = jax.lax.top_k(cosine_BxP, self.top_n)[0].sum(axis=-1)
         return ce - self.pull * pulled, {"ce": ce, "key_cosine": pulled / self.top_n}
