@@ -332,7 +332,7 @@ def _run_all(config: str, todo: Sequence[dict], parallel: int, say, watch) -> di
                     say(f"point {k} ended with exit status {codes[k]}")
             if stop and not running:
                 break
-            if watch is not None and time.monotonic() - watched >= 1:
+            if watch is not None and running and time.monotonic() - watched >= 1:
                 watched = time.monotonic()
                 watch([entries[k] for k in running])
             time.sleep(0.2)
