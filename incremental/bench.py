@@ -1,13 +1,14 @@
 """Throughput benchmark of the library's jitted train epoch and evaluation, on synthetic data.
 
-    python scripts/benchmark.py                          # mlp, wide_mlp, resnet32 -> table + JSON
+    python scripts/benchmark.py                 # mlp, wide_mlp, resnet32, vit_b16 -> table + JSON
     python -m incremental.bench --models=wide_mlp --epochs=5 --json=runs/wide.json
     python scripts/benchmark.py --quick                  # two tiny MLPs, a few seconds
 
 For each model it measures train and eval images/s, the compile time of the functions a phase
 compiles, one train step timed alone against the epoch (one `lax.scan` over device-resident data,
 so the difference is the input pipeline's and the loop's overhead), host-device transfers per
-epoch, and the achieved FLOP/s as a fraction of a float32 matmul timed by the same process. For
+epoch, and the achieved FLOP/s as a fraction of a matmul timed by the same process in the model's
+compute dtype (float32; bfloat16 for ViT-B/16 at 224 px, as configs/vit_cifar100.py). For
 ResNet-32 it also times the 3x3 convolutions of each stage and their two gradients alone. It prints
 a line as it starts and finishes each measurement: a CPU compile can take minutes.
 
@@ -17,7 +18,7 @@ The fraction of the matmul peak is `achieved / peak`:
   `mlp_flops` where XLA gives none) * steps per epoch / the median of the timed epochs;
 - peak = the highest of the matmul samples taken alongside that model's epochs: one right before
   each timed epoch and one after the last, each the best of `--matmul_repeats` calls of a
-  `--matmul_size` square float32 matmul compiled once.
+  `--matmul_size` square matmul of the model's compute dtype compiled once.
 
 Other work on the machine then slows the peak and the epochs alike, instead of lowering the
 reference alone as a peak timed once, apart from the models, could. ResNet-32's conv rows are each
@@ -69,6 +70,11 @@ SPECS: dict[str, Spec] = {
     "wide_mlp": Spec("mlp", {"hidden": (2048, 2048)}, (8, 8, 1), 10, 512, 8 * 512),
     # Two batches: on CPU each step of the epoch's scan takes tens of seconds (see conv_breakdown).
     "resnet32": Spec("resnet32", {}, (32, 32, 3), 100, 128, 2 * 128),
+    # configs/vit_cifar100.py's backbone: ViT-B/16 on 224-px images, in its bfloat16 compute (its
+    # fraction is of a bfloat16 matmul's peak). Two batches: on CPU a step takes tens of seconds.
+    "vit_b16": Spec(
+        "vit", {"size": "b", "patch": 16, "dtype": "bfloat16"}, (224, 224, 3), 100, 32, 64
+    ),
 }
 # `--quick`: the same code paths at sizes whose compiles and timings take seconds (tests, a first
 # look). ResNet is not run by default there (its compiles alone take tens of seconds on CPU).
@@ -76,6 +82,10 @@ QUICK_SPECS: dict[str, Spec] = {
     "mlp": Spec("mlp", {"hidden": (32,)}, (8, 8, 1), 10, 16, 40),
     "wide_mlp": Spec("mlp", {"hidden": (128, 128)}, (8, 8, 1), 10, 32, 64),
     "resnet32": Spec("resnet32", {"depth": 8}, (16, 16, 3), 10, 8, 16),
+    # ViT-Ti's width and heads, one block, 4 patches of 8 px: the ViT-B/16 row's code paths.
+    "vit_b16": Spec(
+        "vit", {"size": "ti", "depth": 1, "patch": 8, "dtype": "bfloat16"}, (16, 16, 3), 10, 8, 16
+    ),
 }
 
 
@@ -90,7 +100,7 @@ class Defaults(NamedTuple):
 
 
 DEFAULTS = Defaults(
-    "mlp,wide_mlp,resnet32", epochs=2, step_repeats=5, matmul_size=2048, matmul_repeats=3
+    "mlp,wide_mlp,resnet32,vit_b16", epochs=2, step_repeats=5, matmul_size=2048, matmul_repeats=3
 )
 QUICK_DEFAULTS = Defaults(
     "mlp,wide_mlp", epochs=2, step_repeats=2, matmul_size=512, matmul_repeats=2
@@ -148,13 +158,14 @@ def _timed_compile(jitted: Callable, *args) -> tuple[Any, float]:
 
 
 class PeakMeter:
-    """A float32 square matmul compiled once and timed on demand: the reference peak.
+    """A square matmul (float32, or the dtype of the models it is the peak of) compiled once and
+    timed on demand: the reference peak.
 
     Each `sample()` is the FLOP/s of the best of `repeats` calls; all are kept, in order, so the
     results show which samples each model's fraction was taken against.
     """
 
-    def __init__(self, size: int, repeats: int):
+    def __init__(self, size: int, repeats: int, dtype: str = "float32"):
         if size < 1 or repeats < 1:
             raise ValueError(
                 f"--matmul_size and --matmul_repeats must be at least 1, got {size}, {repeats}."
@@ -162,9 +173,12 @@ class PeakMeter:
         rng = np.random.default_rng(0)
         # Host-made inputs: eager jax.random would compile several programs first.
         self.args = jax.device_put(
-            tuple(rng.standard_normal((size, size), dtype=np.float32) for _ in range(2))
+            tuple(
+                rng.standard_normal((size, size), dtype=np.float32).astype(jnp.dtype(dtype))
+                for _ in range(2)
+            )
         )
-        self.size, self.repeats, self.samples = size, repeats, []
+        self.size, self.repeats, self.dtype, self.samples = size, repeats, dtype, []
         self.matmul = jax.jit(jnp.matmul).lower(*self.args).compile()
         jax.block_until_ready(self.matmul(*self.args))  # allocates and warms up; not a sample
 
@@ -179,6 +193,7 @@ class PeakMeter:
         best = max(self.samples)
         return {
             "size": self.size,
+            "dtype": self.dtype,
             "repeats": self.repeats,
             "seconds": 2 * self.size**3 / best,
             "flops_per_s": best,
@@ -394,7 +409,7 @@ def measure_train(
     if loop != "scan":
         compile_s = max(compile_s - epoch_m["epoch_s"], 0.0)
     say(
-        f"{name}: train {spec.num_examples / epoch_m['epoch_s']:,.0f} img/s (compiled in "
+        f"{name}: train {_rate(spec.num_examples / epoch_m['epoch_s'])} img/s (compiled in "
         f"{compile_s:.1f} s; median of {epochs} epoch(s), {epoch_m['epoch_s'] * 1e3:,.1f} ms)"
     )
     step_m = time_step(name, bench, spec, epoch_m.pop("final_state"), step_repeats)
@@ -413,7 +428,7 @@ def measure_eval(
     evaluate, compile_s = _timed_compile(apply_batches, variables, {}, batches)
     seconds = float(np.median(_call_times(evaluate, (variables, {}, batches), repeats)))
     say(
-        f"{name}: eval {spec.num_examples / seconds:,.0f} img/s (compiled in {compile_s:.1f} s; "
+        f"{name}: eval {_rate(spec.num_examples / seconds)} img/s (compiled in {compile_s:.1f} s; "
         f"median of {repeats} pass(es))"
     )
     return {
@@ -577,6 +592,7 @@ def benchmark_model(
         "kwargs": {k: list(v) if isinstance(v, tuple) else v for k, v in spec.kwargs.items()},
         "input_shape": list(spec.input_shape),
         "num_classes": spec.num_classes,
+        "dtype": spec_dtype(spec),  # of the compute, and of the matmul of its peak
         "batch_size": spec.batch_size,
         "num_examples": spec.num_examples,
         "batches_per_epoch": -(-spec.num_examples // spec.batch_size),
@@ -646,18 +662,33 @@ def run(
         names, quick=quick, batches_per_epoch=batches_per_epoch, batch_size=batch_size
     )
     say(f"benchmark: {', '.join(specs)} on {jax.devices()[0].device_kind} ({os.cpu_count()} CPUs)")
-    say(f"benchmark: compiling a {matmul_size}x{matmul_size} float32 matmul for the peak...")
-    meter = PeakMeter(matmul_size, matmul_repeats)
-    say(
-        f"benchmark: matmul peak {meter.sample() / 1e9:,.1f} GFLOP/s; sampled again around each timing"
-    )
+    meters: dict[str, PeakMeter] = {}
+    for dtype in dict.fromkeys(["float32", *(spec_dtype(s) for s in specs.values())]):
+        say(f"benchmark: compiling a {matmul_size}x{matmul_size} {dtype} matmul for the peak...")
+        meters[dtype] = PeakMeter(matmul_size, matmul_repeats, dtype)
+        say(
+            f"benchmark: {dtype} matmul peak {meters[dtype].sample() / 1e9:,.1f} GFLOP/s; sampled "
+            "again around each timing"
+        )
     results = {
         name: benchmark_model(
-            name, spec, epochs=epochs, step_repeats=step_repeats, meter=meter, loop=loop
-        )
+            name,
+            spec,
+            epochs=epochs,
+            step_repeats=step_repeats,
+            meter=meters[spec_dtype(spec)],
+            loop=loop,
+        )  # fmt: skip
         for name, spec in specs.items()
     }
-    return {"machine": machine(), "matmul": meter.summary(), "models": results}
+    out = {"machine": machine(), "matmul": meters.pop("float32").summary(), "models": results}
+    return {**out, **{f"matmul_{dtype}": meter.summary() for dtype, meter in meters.items()}}
+
+
+def spec_dtype(spec: Spec) -> str:
+    """The compute dtype of a spec's backbone (its `dtype` field; float32 where it sets none), and
+    of the matmul its fraction of the peak is taken against."""
+    return str(jnp.dtype(spec.kwargs.get("dtype", "float32")))
 
 
 def machine() -> dict[str, Any]:
@@ -678,16 +709,23 @@ def _fmt(value: float | None, scale: float = 1.0, digits: int = 1) -> str:
     return "-" if value is None else f"{value * scale:,.{digits}f}"
 
 
+def _rate(images_per_s: float | None) -> str:
+    """Images per second, whole, or to a tenth below 10 (ViT-B/16 trains at under 1 on a CPU)."""
+    return _fmt(images_per_s, digits=0 if images_per_s is None or images_per_s >= 10 else 1)
+
+
 def print_table(results: dict[str, Any]) -> None:
     """The models as one table, then ResNet-32's convolutions alone, then a note if any is above 1."""
-    peak = results["matmul"]
-    samples = peak["samples"]
-    report.console.print(
-        f"float32 matmul {peak['size']}x{peak['size']}: {min(samples) / 1e9:,.1f} to "
-        f"{peak['flops_per_s'] / 1e9:,.1f} GFLOP/s over {len(samples)} samples taken between the "
-        f"timings, on {results['machine']['device_kind']} ({results['machine']['cpu_count']} CPUs)",
-        soft_wrap=True,
-    )
+    where = f"{results['machine']['device_kind']} ({results['machine']['cpu_count']} CPUs)"
+    for key in [k for k in results if k.startswith("matmul")]:  # float32's, then other dtypes'
+        peak = results[key]
+        samples = peak["samples"]
+        report.console.print(
+            f"{peak.get('dtype', 'float32')} matmul {peak['size']}x{peak['size']}: "
+            f"{min(samples) / 1e9:,.1f} to {peak['flops_per_s'] / 1e9:,.1f} GFLOP/s over "
+            f"{len(samples)} samples taken between the timings, on {where}",
+            soft_wrap=True,
+        )
     table = Table(box=box.SIMPLE_HEAD)
     columns = (
         "model", "batch", "train img/s", "eval img/s", "compile epoch s", "compile eval s",
@@ -730,11 +768,12 @@ def _percent(fraction: float | None, digits: int = 1) -> str:
 def _model_row(name: str, r: dict[str, Any]) -> list[str]:
     flops = f"{_fmt(r['flops_per_step'], 1e-9, 2)} ({r['flops_source']})"
     transfers = "?" if r["transfers_per_epoch"] is None else str(r["transfers_per_epoch"])
+    dtype = r.get("dtype", "float32")
     return [
-        name,
+        name if dtype == "float32" else f"{name} ({dtype})",
         str(r["batch_size"]),
-        _fmt(r["train_images_per_s"], digits=0),
-        _fmt(r["eval_images_per_s"], digits=0),
+        _rate(r["train_images_per_s"]),
+        _rate(r["eval_images_per_s"]),
         _fmt(r["compile_train_epoch_s"], digits=2),
         _fmt(r["compile_eval_s"], digits=2),
         _fmt(r["step_s"], 1e3, 2),
@@ -785,7 +824,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )  # fmt: skip
     parser.add_argument(
         "--batch_size", type=int, default=None,
-        help="Batch size for every model (default: each model's own: 64, 512, 128).",
+        help="Batch size for every model (default: each model's own: 64, 512, 128, 32).",
     )  # fmt: skip
     parser.add_argument(
         "--matmul_size", type=int, default=None,

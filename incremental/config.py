@@ -150,8 +150,12 @@ def _add_data(c: ml_collections.ConfigDict) -> None:
     c.dataset.download = False  # let tfds download and prepare (needs the network and TensorFlow)
     # npz: renumber the class ids present (sorted) as 0..K-1; else ids must already be 0..K-1.
     c.dataset.remap_labels = False
-    c.dataset.image_size = 0  # folder: resize images to this square side (0: native, all one size)
-    c.dataset.holdout = 0.2  # folder without train/, test/: each class's fraction held out to test
+    # folder: resize images to this square side; tfds: resize the shorter side to it and keep the
+    # central square (datasets of varying sizes need it). 0: native, all one size.
+    c.dataset.image_size = 0
+    # folder without train/, test/ and tfds imagenet_r, imagenet_a (a test split only): each
+    # class's fraction held out to test (seed 0); the rest is trained on.
+    c.dataset.holdout = 0.2
     c.dataset.skip_bad_files = False  # folder: skip (and warn about) undecodable image files
     # > 0: that fraction of each class's training data is held out and evaluated instead of the
     # test set (hyper-parameter selection, `incremental sweep --select`); results say "validation".
@@ -198,6 +202,12 @@ def _add_training(c: ml_collections.ConfigDict) -> None:
     c.augment.brightness = 0.0  # ColorJitter(brightness=...): factor in [1 - b, 1 + b] (0: off)
     c.augment.cutout = 0  # Cutout: a zeroed square of this side at a random centre (0: off)
     c.augment.autoaugment = ""  # AutoAugment policy before Cutout: 'cifar10' ('': off)
+    # torchvision's RandomResizedCrop to this side, first (0: off): a box of a fraction of the area
+    # in resized_crop_scale and a width / height in resized_crop_ratio (log-uniform), resized
+    # bilinearly. Evaluation sees the stored images: a ViT resizes them (model.kwargs.resize).
+    c.augment.resized_crop = 0
+    c.augment.resized_crop_scale = (0.08, 1.0)
+    c.augment.resized_crop_ratio = (3 / 4, 4 / 3)
 
     c.eval = ml_collections.ConfigDict()
     c.eval.batch_size = 500

@@ -8,7 +8,7 @@
     incremental export WORKDIR --out=DIR
     incremental sweep --config=FILE[:ARG] --sweep='KEY=[V1,V2];...' --workdir=DIR [--parallel=N]
     incremental report DIR... [--out=PREFIX]
-    incremental benchmark [--models=mlp,wide_mlp,resnet32] [--quick] [--json=PATH]
+    incremental benchmark [--models=mlp,wide_mlp,resnet32,vit_b16] [--quick] [--json=PATH]
 
 Every user error (config, data, work directory, disk) ends with one message and exit status 2;
 `--debug` anywhere on the command line shows the traceback as well. `run` parses absl flags and
@@ -67,7 +67,7 @@ USAGE = f"""usage: incremental VERB [flags]
   report     one table (mean ± std over seeds) and figure of the finished runs under directories
              incremental report DIR... [--out=PREFIX]
   benchmark  time the train step against the machine's matmul peak
-             incremental benchmark [--models=mlp,wide_mlp,resnet32] [--quick] [--json=PATH]
+             incremental benchmark [--models=mlp,wide_mlp,resnet32,vit_b16] [--quick] [--json=PATH]
 
 `incremental VERB --help` describes a verb's flags; --debug shows an error's traceback."""
 RUN_USAGE = f"""usage: incremental run {RUN_FLAGS} [--allow_data_change]

@@ -102,6 +102,13 @@ def _freeze_rules(rules) -> str | None:
     return None
 
 
+def _range_pair(value, above: float, high: float) -> str | None:
+    """What is wrong with a (low, high) range inside (above, high], or None."""
+    if len(value) != 2 or not above < value[0] <= value[1] <= high:
+        return f"must be (low, high) with {above:g} < low <= high <= {high:g}, got {value!r}"
+    return None
+
+
 def _phase_keys(prefix: str, which: str) -> dict[str, Key]:
     return {
         f"{prefix}.lr": Key(float, f"learning rate of {which}", above=0),
@@ -131,9 +138,14 @@ KEYS: dict[str, Key] = {
     "dataset.download": Key(bool, "let tfds download and prepare the dataset"),
     "dataset.stream": Key(bool, "stream training batches from the host"),
     "dataset.remap_labels": Key(bool, "npz: renumber the class ids present as 0..K-1"),
-    "dataset.image_size": Key(int, "folder: resize images to this square side (0: native)", low=0),
+    "dataset.image_size": Key(
+        int, "folder, tfds: resize images to this square side (0: native)", low=0
+    ),
     "dataset.holdout": Key(
-        float, "folder without train/, test/: fraction of each class to test", above=0, below=1
+        float,
+        "folder without train/, test/, tfds imagenet_r/_a: fraction of each class to test",
+        above=0,
+        below=1,
     ),
     "dataset.skip_bad_files": Key(bool, "folder: skip image files that cannot be decoded"),
     "dataset.validation": Key(
@@ -199,6 +211,24 @@ KEYS: dict[str, Key] = {
     "augment.brightness": Key(float, "ColorJitter brightness factor range (0: off)", low=0, high=1),
     "augment.cutout": Key(int, "side of the Cutout square (0: off)", low=0),
     "augment.autoaugment": Key(str, "AutoAugment policy ('': off)", choices=("", "cifar10")),
+    "augment.resized_crop": Key(
+        int, "RandomResizedCrop's output side, applied first (0: off)", low=0
+    ),
+    "augment.resized_crop_scale": Key(
+        tuple,
+        "RandomResizedCrop's (low, high) fraction of the area",
+        items=float,
+        check=lambda v: _range_pair(v, 0.0, 1.0),
+        above=0,
+        high=1,
+    ),
+    "augment.resized_crop_ratio": Key(
+        tuple,
+        "RandomResizedCrop's (low, high) width / height, drawn log-uniformly",
+        items=float,
+        check=lambda v: _range_pair(v, 0.0, math.inf),
+        above=0,
+    ),
     "eval.batch_size": Key(int, "evaluation batch size", low=1),
     "checkpoint.every_epochs": Key(int, "also save every this many epochs (0: phase ends)", low=0),
     "checkpoint.every_steps": Key(int, "also save every this many steps (0: off)", low=0),

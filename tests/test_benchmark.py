@@ -159,7 +159,7 @@ def test_a_fraction_above_the_peak_is_shown_and_flagged(quick_run):
 
 
 def test_quick_changes_the_defaults_and_flags_still_win():
-    assert bench.parse_args([]).models == "mlp,wide_mlp,resnet32"
+    assert bench.parse_args([]).models == "mlp,wide_mlp,resnet32,vit_b16"
     quick = bench.parse_args(["--quick"])
     assert (quick.models, quick.epochs, quick.matmul_size) == ("mlp,wide_mlp", 2, 512)
     args = bench.parse_args(["--quick", "--epochs=5", "--models=resnet32"])
@@ -184,3 +184,25 @@ def test_batch_size_override_keeps_the_batches_per_epoch():
         assert -(-spec.num_examples // 512) == -(-original.num_examples // original.batch_size)
     with pytest.raises(ValueError, match="--batch_size must be at least 1"):
         bench.resolve_specs(["mlp"], batch_size=0)
+
+
+def test_the_vit_row_computes_in_bfloat16_against_a_bfloat16_peak():
+    """ViT-B/16's row (in --quick, a one-block ViT-Ti at 16 px, the same code paths) times a
+    bfloat16 model against a bfloat16 matmul sampled around its epochs; float32's meter only
+    starts."""
+    assert bench.SPECS["vit_b16"].input_shape == (224, 224, 3)
+    assert bench.SPECS["vit_b16"].kwargs == {"size": "b", "patch": 16, "dtype": "bfloat16"}
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        results = bench.run(
+            ["vit_b16"], quick=True, epochs=1, step_repeats=1, matmul_size=128, matmul_repeats=1
+        )
+        bench.print_table(results)
+    vit, peak = results["models"]["vit_b16"], results["matmul_bfloat16"]
+    assert vit["dtype"] == peak["dtype"] == "bfloat16" and results["matmul"]["dtype"] == "float32"
+    assert len(results["matmul"]["samples"]) == 1  # its first sample, no model's
+    assert vit["matmul_peak_samples"] == peak["samples"][1:]
+    for field in FIELDS:
+        assert math.isfinite(vit[field]) and vit[field] > 0, field
+    assert vit["transfers_per_epoch"] == 0 and vit["flops_source"] == "xla"
+    assert "vit_b16 (bfloat16)" in out.getvalue() and "bfloat16 matmul 128x128" in out.getvalue()

@@ -114,7 +114,11 @@ def test_the_vit_cifar100_config_runs_a_prompt_method_from_a_checkpoint(tmp_path
 
     config = shrink(vit_cifar100.get_config("method=l2p,weights=w.npz"), "5,5")
     assert config.model.kwargs.resize == 224 and config.train.optimizer == "adam"
+    # PILOT's utils/data.py build_transform: RandomResizedCrop(224, scale=(0.05, 1.0)) and a flip.
+    assert (config.augment.resized_crop, config.augment.resized_crop_scale) == (224, (0.05, 1.0))
+    assert config.augment.flip and not config.augment.brightness
     tiny = {"width": 32, "depth": 1, "heads": 2, "mlp_dim": 64, "patch": 8, "resize": 32}
+    config.augment.resized_crop = 32  # the tiny model's side: the train step crops on the device
     config.model.kwargs = {**tiny, "gelu": "tanh"}
     config.dataset.classes = "seeded:10"
     config.dtype = "float32"
@@ -127,3 +131,26 @@ def test_the_vit_cifar100_config_runs_a_prompt_method_from_a_checkpoint(tmp_path
     with tfds.testing.mock_data(num_examples=200, policy=tfds.testing.MockPolicy.USE_CODE):
         results = run_lib.run(config, str(tmp_path / "run"))
     assert results["complete"] and results["method"] == "l2p"
+
+
+@pytest.mark.parametrize("name", ["vit_cifar100", "vit_imagenet_r", "vit_cub200"])
+def test_the_pretrained_vit_configs_build_and_validate_for_every_method(name):
+    """Each pre-trained-ViT config passes the schema for each of its methods, trains on PILOT's
+    224-px random resized crops, and evaluates 224-px images (the model's resize)."""
+    import importlib
+
+    from incremental import schema
+
+    module = importlib.import_module(f"configs.{name}")
+    for method in ("simplecil", "ranpac", "l2p", "dualprompt", "coda_prompt", "finetune"):
+        config = module.get_config(f"method={method}")
+        schema.check(config)
+        assert config.augment.resized_crop == config.model.kwargs.resize == 224
+        scale = (0.08, 1.0) if method == "coda_prompt" else (0.05, 1.0)
+        assert config.augment.resized_crop_scale == scale and config.augment.flip
+    if name != "vit_cifar100":  # 200 classes in 10 phases of 20, images stored at 224 px
+        assert (config.protocol.init_classes, config.protocol.increment) == (0, 20)
+        assert config.dataset.image_size == 224 and config.memory.per_class == 20
+    if name == "vit_imagenet_r":  # PILOT's exps/l2p_inr.json
+        l2p = module.get_config("method=l2p")
+        assert (l2p.train.epochs, l2p.train.batch_size, l2p.train.lr) == (10, 32, 0.001875)

@@ -84,3 +84,27 @@ def test_a_model_that_does_not_fit_is_refused_naming_the_first_mismatch(
     with pytest.raises(ValueError, match=message):
         load.validate(config_of(path), str(tmp_path / "w"))
     assert not (tmp_path / "w").exists()
+
+
+def test_pretrained_constants_are_scaled_to_each_sources_own_range(monkeypatch):
+    """A checkpoint's mean and std are of images in [0, 1]: digits store 0..16, so they are scaled
+    by 16 (not by uint8's 255); uint8 images by 255, float images by 1."""
+    from incremental.data import sources
+    from incremental.models import vit_weights
+    from incremental.phase import pretrained
+
+    recipe = vit_weights.Recipe("test", (0.25, 0.5, 0.75), (0.5, 0.5, 0.5), "tanh")
+    monkeypatch.setattr(vit_weights, "recipe", lambda path: recipe)
+    config = digits.get_config()
+    config.model.pretrained = "weights.npz"  # its recipe is the one above; no arrays are read
+    data, _, source = load.load_data(config)
+    assert source.max_value == 16 and source.x_train.max() == 16
+    np.testing.assert_allclose(data.norm.mean.ravel(), [8.0])  # gray: the channels' average
+    np.testing.assert_allclose(data.norm.std.ravel(), [8.0])
+    rgb = np.zeros((2, 4, 4, 3), np.uint8)
+    for x, max_value, scale in ((rgb, None, 255), (rgb.astype(np.float32), None, 1), (rgb, 2, 2)):
+        norm = pretrained.normalizer(config, x, True, max_value)
+        np.testing.assert_allclose(norm.mean.ravel(), np.multiply(recipe.mean, scale), rtol=1e-6)
+        assert sources.full_intensity(x, max_value) == scale
+    with pytest.raises(ValueError, match="max_value must be positive"):
+        sources.full_intensity(rgb, 0)

@@ -254,3 +254,65 @@ def test_a_damaged_cache_file_is_built_again_and_replaced(tmp_path, monkeypatch,
     again = sources._disk_cached("thing", "1", build)
     assert len(built) == 2 and all(np.array_equal(a, b) for a, b in zip(first, again, strict=True))
     assert sources._disk_cached("thing", "1", build)[0].tolist() == [0, 1, 2] and len(built) == 2
+
+
+def test_tfds_images_of_varying_sizes_need_and_get_one_square_size(no_tensorflow):
+    # caltech_birds2011's images have varying sizes (the mock's too): refused without a size,
+    # read with dataset.image_size as squares.
+    def mock():
+        return tfds.testing.mock_data(num_examples=6, policy=tfds.testing.MockPolicy.USE_CODE)
+
+    with mock(), pytest.raises(ValueError, match="varying sizes; set dataset.image_size"):
+        load_source("tfds:caltech_birds2011")
+    with mock():
+        src = load_source("tfds:caltech_birds2011", image_size=12)
+    assert src.x_train.shape == src.x_test.shape == (6, 12, 12, 3) and src.num_classes == 200
+    assert src.x_train.dtype == np.uint8 and src.is_image
+
+
+def test_square_image_keeps_the_central_square_of_the_shorter_side():
+    # 20 x 40, left half 0 and right half 200: the central 20 x 20 at 10 px is half of each.
+    image = np.zeros((20, 40, 3), np.uint8)
+    image[:, 20:] = 200
+    out = sources.square_image(image, 10)
+    assert out.shape == (10, 10, 3)
+    # Bicubic rings by a few levels next to the edge.
+    assert (out[:, :4] <= 3).all() and (np.abs(out[:, 6:].astype(int) - 200) <= 3).all()
+    gray = sources.square_image(np.full((30, 20, 1), 7, np.uint8), 5)
+    assert gray.shape == (5, 5, 1) and (gray == 7).all()
+
+
+def test_a_test_only_tfds_dataset_is_split_per_class_and_relabelled(no_tensorflow):
+    """imagenet_r (200 ImageNet ids, a test split only): 20% of each class held out (seed 0), the
+    ids present renumbered 0..K-1 in their order."""
+    ids = np.repeat([7, 100, 513, 998], 10)  # 4 classes of 10 examples, of varying sizes
+
+    def data_source(builder, split, **kwargs):
+        assert split == ["test"], split
+        examples = [
+            {"image": np.full((8 + i % 5, 9 + i % 3, 3), i, np.uint8), "label": label}
+            for i, label in enumerate(ids)
+        ]
+        return [Examples(examples, builder.info)]
+
+    with tfds.testing.mock_data(as_data_source_fn=data_source):
+        src = load_source("tfds:imagenet_r", image_size=8)
+        again = load_source("tfds:imagenet_r", image_size=8)
+    assert src.num_classes == 4 and src.x_train.shape == (32, 8, 8, 3)
+    np.testing.assert_array_equal(np.bincount(src.y_test), [2, 2, 2, 2])
+    np.testing.assert_array_equal(np.bincount(src.y_train), [8, 8, 8, 8])
+    # Each image once, in one split (its value is its index); the same split every time.
+    seen = np.concatenate([src.x_train[:, 0, 0, 0], src.x_test[:, 0, 0, 0]])
+    np.testing.assert_array_equal(np.sort(seen), np.arange(40))
+    np.testing.assert_array_equal(
+        ids[src.x_test[:, 0, 0, 0]], np.array([7, 100, 513, 998])[src.y_test]
+    )
+    np.testing.assert_array_equal(again.x_test, src.x_test)
+
+
+class Examples(list):
+    """A list of examples with the `dataset_info` a TFDS data source has."""
+
+    def __init__(self, examples, info):
+        super().__init__(examples)
+        self.dataset_info = info

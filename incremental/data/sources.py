@@ -39,6 +39,19 @@ class Source(NamedTuple):
     name: str
     is_image: bool
     class_names: tuple[str, ...] | None = None
+    # The stored value of full intensity where it is not the dtype's convention (`full_intensity`):
+    # scikit-learn's digits are uint8 from 0 to 16.
+    max_value: float | None = None
+
+
+def full_intensity(x: np.ndarray, max_value: float | None = None) -> float:
+    """The stored value of white in images `x`: the source's own `max_value` where it declares one,
+    else the dtype's convention, 255 for uint8 images and 1 for float images (in [0, 1])."""
+    if max_value is not None:
+        if not max_value > 0:
+            raise ValueError(f"A source's max_value must be positive, got {max_value!r}.")
+        return float(max_value)
+    return 255.0 if x.dtype == np.uint8 else 1.0
 
 
 def load_source(
@@ -64,14 +77,17 @@ def load_source(
         network). Only used by "tfds:".
       seed: accepted so every source has the same call signature; all current sources are
         deterministic (fixed splits, fixed generator seed) and do not use it. A folder's held-out
-        split too is drawn with `load_folder`'s fixed seed 0, not this one: every run seed (and
-        every seed of `config.seeds`, which share one load) is tested on the same images.
+        split too is drawn with `load_folder`'s fixed seed 0, and a TEST_ONLY TFDS dataset's with
+        seed 0, not this one: every run seed (and every seed of `config.seeds`, which share one
+        load) is tested on the same images.
       remap_labels: for "npz:", renumber the class ids present (sorted) as 0..K-1 instead of
         refusing ids that are not (`label_contract`).
       image_size: for "folder:", resize every image to image_size x image_size (0: keep the
-        native size, which must then be the same for every image).
-      holdout: for "folder:" without train/ and test/ sub-directories, the fraction of each
-        class's images held out to test.
+        native size, which must then be the same for every image); for "tfds:", resize each
+        image's shorter side to image_size and keep the central square (`square_image`), which
+        datasets of images of varying sizes need.
+      holdout: for "folder:" without train/ and test/ sub-directories and for the TFDS datasets
+        of TEST_ONLY, the fraction of each class's images held out to test.
       skip_bad: for "folder:", skip (and warn about) files that cannot be decoded instead of
         refusing the folder.
 
@@ -85,7 +101,9 @@ def load_source(
         return _load_mnist1d()
     kind, _, arg = name.partition(":")
     if kind == "tfds" and arg:
-        return _load_tfds(arg, data_dir=data_dir, download=download)
+        return _load_tfds(
+            arg, data_dir=data_dir, download=download, image_size=image_size, holdout=holdout
+        )
     if kind == "npz" and arg:
         return _load_npz(arg, remap_labels)
     if kind == "folder" and arg:
@@ -203,7 +221,7 @@ def _load_digits() -> Source:
 
     version = f"sklearn{_package_version('scikit-learn')}-split1"
     x_train, y_train, x_test, y_test = _disk_cached("digits", version, build)
-    return Source(x_train, y_train, x_test, y_test, 10, "digits", True)
+    return Source(x_train, y_train, x_test, y_test, 10, "digits", True, max_value=16.0)
 
 
 def _load_mnist1d() -> Source:
@@ -276,11 +294,38 @@ def tfds_data_source(name: str, *, data_dir: str | None, download: bool = False,
         ) from e
 
 
-def _load_tfds(name: str, *, data_dir: str | None, download: bool) -> Source:
-    """Reads the train and test splits of a TFDS dataset through `tfds.data_source`."""
-    splits = tfds_data_source(name, split=["train", "test"], data_dir=data_dir, download=download)
-    train, test = splits
-    features = train.dataset_info.features
+# TFDS datasets that have only a test split (ImageNet-R, ImageNet-A: 200 of ImageNet's classes):
+# `_load_tfds` holds out a fraction of each class of it to test and trains on the rest, as
+# DualPrompt and PILOT split ImageNet-R 80/20; their class ids become 0..199 in ImageNet's order.
+TEST_ONLY: tuple[str, ...] = ("imagenet_r", "imagenet_a")
+
+
+def _load_tfds(
+    name: str, *, data_dir: str | None, download: bool, image_size: int = 0, holdout: float = 0.2
+) -> Source:
+    """Reads the train and test splits of a TFDS dataset through `tfds.data_source`; of a
+    TEST_ONLY dataset, its test split divided per class (`holdout`, seed 0)."""
+    test_only = re.split(r"[:/]", name)[0] in TEST_ONLY
+    splits = tfds_data_source(
+        name, split=["test"] if test_only else ["train", "test"], data_dir=data_dir,
+        download=download,
+    )  # fmt: skip
+    features = splits[0].dataset_info.features
+    _check_tfds_features(name, features, image_size)
+    arrays = [_read_tfds_split(split, image_size) for split in splits]
+    num_classes = int(features["label"].num_classes)
+    if not test_only:
+        (x_train, y_train), (x_test, y_test) = arrays
+        return Source(x_train, y_train, x_test, y_test, num_classes, f"tfds:{name}", True)
+    (x, y), where = arrays[0], f"tfds:{name}"
+    whole = Source(x, y, x[:0], y[:0], num_classes, where, True)
+    split = validation_split(whole, holdout, seed=0)
+    y_train, y_test, num_classes = label_contract(split.y_train, split.y_test, where, remap=True)
+    return split._replace(y_train=y_train, y_test=y_test, num_classes=num_classes)
+
+
+def _check_tfds_features(name: str, features: Any, image_size: int) -> None:
+    """Refuses a TFDS dataset that `_load_tfds` cannot read as uint8 images and class labels."""
     for key in ("image", "label"):
         if key not in features:
             raise ValueError(
@@ -292,19 +337,40 @@ def _load_tfds(name: str, *, data_dir: str | None, download: bool) -> Source:
             f"TFDS dataset {name!r} has {features['image'].np_dtype} images; "
             f"load_source reads uint8 images only."
         )
-    x_train, y_train = _read_tfds_split(train)
-    x_test, y_test = _read_tfds_split(test)
-    num_classes = int(features["label"].num_classes)
-    return Source(x_train, y_train, x_test, y_test, num_classes, f"tfds:{name}", True)
+    if None in features["image"].shape[:2] and not image_size:
+        raise ValueError(
+            f"TFDS dataset {name!r} has images of varying sizes; set dataset.image_size (e.g. "
+            "--config.dataset.image_size=224) to resize them to one square side."
+        )
 
 
-def _read_tfds_split(data_source: Any) -> tuple[np.ndarray, np.ndarray]:
-    """Reads every (image, label) pair of a TFDS data source into uint8/int32 arrays."""
+def square_image(image: np.ndarray, side: int) -> np.ndarray:
+    """An (H, W, C) uint8 image with its shorter side resized to `side` (bicubic, as PILOT's test
+    transform resizes) and the central side x side square kept: torchvision's Resize(side) then
+    CenterCrop(side)."""
+    from PIL import Image  # Imported here: only sources that resize need Pillow.
+
+    h, w = image.shape[:2]
+    scale = side / min(h, w)
+    size = (max(side, round(w * scale)), max(side, round(h * scale)))  # PIL's (width, height)
+    channels = image.shape[2]
+    pil = Image.fromarray(image[..., 0] if channels == 1 else image)
+    resized = np.asarray(pil.resize(size, Image.Resampling.BICUBIC)).reshape(
+        size[1], size[0], channels
+    )
+    top, left = (size[1] - side) // 2, (size[0] - side) // 2
+    return resized[top : top + side, left : left + side]
+
+
+def _read_tfds_split(data_source: Any, image_size: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Reads every (image, label) pair of a TFDS data source into uint8/int32 arrays, each image
+    made image_size x image_size by `square_image` where image_size is set."""
     images, labels = [], []
     for start in range(0, len(data_source), _TFDS_CHUNK):
         keys = list(range(start, min(start + _TFDS_CHUNK, len(data_source))))
         for example in _read_records(data_source, keys):
-            images.append(np.asarray(example["image"], dtype=np.uint8))
+            image = np.asarray(example["image"], dtype=np.uint8)
+            images.append(square_image(image, image_size) if image_size else image)
             labels.append(example["label"])
     if not images:
         raise ValueError(f"TFDS data source {data_source!r} is empty.")

@@ -96,7 +96,7 @@ def load_data(config) -> tuple[RunData, Protocol, sources.Source]:
     source = source if domain is None else domain.source  # every phase's domain, in turn
     protocol = make_protocol(source.num_classes, config.protocol)
     # The data's statistics, or the constants a pre-trained backbone was trained with.
-    norm = pretrained.normalizer(config, source.x_train, source.is_image)
+    norm = pretrained.normalizer(config, source.x_train, source.is_image, source.max_value)
     arrival = protocol.phase_of(protocol.remap(source.y_train))
     if config.protocol.get("blurry", 0.0):  # earlier phases' classes in later phases' streams
         arrival = online.blurry_arrival(arrival, config.protocol.blurry, config.seed)
@@ -166,12 +166,27 @@ def validate(config, workdir: str) -> tuple[RunData, Protocol, Method]:
     capacity.check(config, method, protocol.num_classes)
     check_learned_phases(method, data, protocol)
     check_model_fits(config, method, data)
+    check_resized_crop(config, data)
     if config.model.init_from:
         check_given_model(config, method, data, protocol)
     if config.model.get("pretrained"):
         check_pretrained(config, method, data)
     check_writable(workdir)
     return data, protocol, method
+
+
+def check_resized_crop(config, data: RunData) -> None:
+    """A ViT trained on `augment.resized_crop` squares must evaluate squares of that side too (its
+    position embeddings are per patch): the stored images' or `model.kwargs.resize`'s."""
+    side = config.augment.get("resized_crop", 0)
+    if not side or not data.is_image or config.model.name != "vit":
+        return
+    evaluated = config.model.kwargs.get("resize", 0) or data.x_train.shape[1:3]
+    if evaluated not in (side, (side, side)):
+        raise ValueError(
+            f"augment.resized_crop={side} trains the ViT on {side}x{side} images, but it evaluates "
+            f"{evaluated}; set model.kwargs.resize={side}."
+        )
 
 
 def check_scenario(config, method: Method) -> None:

@@ -30,7 +30,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from incremental.data import device
+from incremental.data import device, sources
 from incremental.models import vit_weights
 
 PyTree = Any
@@ -152,9 +152,13 @@ def load_backbone(config, target: PyTree) -> tuple[PyTree, vit_weights.Recipe]:
     return loaded, recipe
 
 
-def normalizer(config, x_train: np.ndarray, is_image: bool) -> device.Normalizer:
+def normalizer(
+    config, x_train: np.ndarray, is_image: bool, max_value: float | None = None
+) -> device.Normalizer:
     """The training inputs' statistics, or with `model.pretrained` the constants its weights were
-    trained with (`Recipe.mean`, `.std` of images in [0, 1], scaled to uint8 images' 0-255)."""
+    trained with (`Recipe.mean`, `.std` of images in [0, 1]), scaled to the stored range: times
+    the source's `max_value` (digits: 16), else 255 for uint8 images, 1 for float ones
+    (`sources.full_intensity`)."""
     path = config.model.get("pretrained", "")
     if not path:
         return device.fit_normalizer(x_train, is_image)
@@ -169,7 +173,7 @@ def normalizer(config, x_train: np.ndarray, is_image: bool) -> device.Normalizer
         raise ValueError(
             f"model.pretrained: {path} normalises {len(mean)} channels, the images have {channels}."
         )
-    scale = np.float32(255.0 if x_train.dtype == np.uint8 else 1.0)
+    scale = np.float32(sources.full_intensity(x_train, max_value))
     return device.Normalizer(
         (mean * scale).reshape(1, 1, 1, -1), (std * scale).reshape(1, 1, 1, -1)
     )

@@ -1,0 +1,62 @@
+"""CUB-200-2011 on a pre-trained ViT-B/16 at 224 px, B0-Inc20: PILOT's CUB benchmark.
+
+    python scripts/prepare_tfds.py caltech_birds2011    # once (needs `prepare` and the network)
+    incremental run --config=configs/vit_cub200.py:method=simplecil,weights=ViT-B_16.npz
+    incremental run --config=configs/vit_cub200.py:method=ranpac,weights=ViT-B_16.npz
+
+`arg` keys as configs/vit_cifar100.py's: `method` (simplecil, ranpac, l2p, dualprompt,
+coda_prompt; any other method trains the ViT with its own loss), `weights` (vision_transformer's
+ImageNet-21k `ViT-B_16.npz`, a big_vision `.npz`, or a timm `.safetensors` with `gelu=erf`), `gelu`.
+
+TFDS's `caltech_birds2011`: 200 bird species, its own train (5,994) and test (5,794) splits. The
+images, of varying sizes, are stored at 224 x 224 (shorter side resized bicubically, central square
+kept: `dataset.image_size`). 10 phases of 20 classes, class order from seed 1993 (CODA-Prompt:
+natural, as PILOT runs it). Training images get PILOT's `build_transform` (sun-hailong/LAMDA-PILOT
+at 2647455, utils/data.py lines 95-107, used by its CUB class at lines 260-278): a random resized
+crop to 224 of (0.05, 1) of the area, ratio (3/4, 4/3), and a horizontal flip; CODA-Prompt's
+transform crops the default (0.08, 1) (lines 68-76). PILOT ships no CUB settings (exps/ has
+CIFAR-100 and ImageNet-R files only), so each method trains with its CIFAR-100 settings
+(exps/<method>.json), as configs/vit_cifar100.py does; exemplar methods keep 20 per class, PILOT's
+ImageNet-R rule.
+
+Published numbers: PILOT's README plots CIFAR-100 and ImageNet-R only, and no CUB B0-Inc20 figure
+was verified for this file; the APER (arXiv 2303.07338) and RanPAC (arXiv 2307.02251) papers report
+CUB-200 with ViT-B/16, whose phases and splits should be checked against these before comparing.
+"""
+
+from incremental.config import base_config, parse_arg, set_method, set_protocol
+
+# Per method: (optimizer, lr, batch, epochs, schedule, weight decay) from PILOT's exps/<method>.json.
+SETTINGS = {
+    "simplecil": ("sgd", 0.01, 256, 0, "constant", 0.05),  # prototypes of frozen features only
+    "ranpac": ("sgd", 0.01, 48, 20, "cosine", 5e-4),  # phase-0 adaptation, then the ridge head
+    "l2p": ("adam", 0.001875, 16, 5, "constant", 0.0),
+    "dualprompt": ("adam", 0.001, 24, 5, "constant", 0.0),
+    "coda_prompt": ("adam", 0.001, 128, 20, "cosine", 0.0),
+}
+
+
+def get_config(arg: str | None = None):
+    args = parse_arg(arg, {"method": "simplecil", "weights": "", "gelu": "tanh"})
+    config = base_config()
+    set_method(config, args["method"])
+    config.dataset.name = "tfds:caltech_birds2011"
+    config.dataset.image_size = 224
+    set_protocol(config, "b0_inc20")
+    config.memory.per_class = 20
+    config.model.name = "vit"
+    config.model.kwargs = {"size": "b", "patch": 16, "resize": 224, "gelu": args["gelu"]}
+    config.dtype = "bfloat16"  # compute; params and optimizer state stay float32
+    config.model.pretrained = args["weights"]
+    config.augment.resized_crop, config.augment.flip = 224, True
+    coda = args["method"] == "coda_prompt"
+    config.augment.resized_crop_scale = (0.08, 1.0) if coda else (0.05, 1.0)
+    if coda:  # PILOT's exps/coda_prompt.json: "shuffle": false, the classes in their natural order
+        config.protocol.class_order = "natural"
+    optimizer, lr, batch, epochs, schedule, decay = SETTINGS.get(args["method"], SETTINGS["l2p"])
+    config.train.optimizer, config.train.schedule = optimizer, schedule
+    config.train.batch_size = batch
+    config.eval.batch_size = 256
+    for section in (config.train, config.train_first):
+        section.lr, section.epochs, section.milestones, section.weight_decay = lr, epochs, (), decay
+    return config
