@@ -4,8 +4,8 @@
     incremental run --config=configs/vit_cifar100.py:method=simplecil,weights=ViT-B_16.npz
     incremental run --config=configs/vit_cifar100.py:method=l2p,weights=ViT-B_16.npz,protocol=b0_inc5
 
-`arg` keys: `method` (simplecil, ranpac, l2p, dualprompt, coda_prompt; any other method trains the
-ViT with its own loss), `weights` (the checkpoint: vision_transformer's ImageNet-21k
+`arg` keys: `method` (simplecil, aper, ease, ranpac, l2p, dualprompt, coda_prompt; any other method
+trains the ViT with its own loss), `weights` (the checkpoint: vision_transformer's ImageNet-21k
 `ViT-B_16.npz`, which L2P and DualPrompt start from, a big_vision `.npz`, or a timm
 `.safetensors` with `gelu=erf`), `protocol` (b0_inc10, the default, or b0_inc5), `gelu` (tanh for
 the Google checkpoints, erf for timm's).
@@ -14,8 +14,12 @@ The 32-px images are resized to 224 inside the model (bilinear), 14 x 14 patches
 normalised with the checkpoint's constants (`vit_weights.Recipe`), not the data's. Class order from
 seed 1993. Training settings per method from PILOT's exps/*.json (sun-hailong/LAMDA-PILOT at
 2647455), as each method's docstring cites them; no weight decay for the prompt methods (it shrinks
-the prompts a phase does not select). Random resized crops are not applied (flip only): the
-ImageNet-style augmentation of these papers is future work.
+the prompts a phase does not select). Training images are augmented as PILOT's iCIFAR224 does
+(utils/data.py lines 121-133): a random resized crop to 224 px of a fraction of the area in
+(0.05, 1) and a width / height in (3/4, 4/3), then a horizontal flip (`build_transform`, lines
+95-107); CODA-Prompt's own transform crops the area's default (0.08, 1) (lines 68-76). Evaluation
+sees the whole 32-px image resized to 224; PILOT resizes it to 256 (bicubic) and keeps the central
+224 (lines 109-116).
 
 Published B0-Inc10 last accuracy on ViT-B/16-IN21K (PILOT's README table): SimpleCIL 81.3,
 L2P 84.6, DualPrompt 81.3, CODA-Prompt 86.3, RanPAC 92.2 (average incremental 87.6, 89.0, 86.6,
@@ -26,11 +30,13 @@ from incremental.config import base_config, parse_arg, set_method
 
 # Per method: (optimizer, lr, batch, epochs, schedule) from PILOT's exps/<method>.json.
 SETTINGS = {
-    "simplecil": ("sgd", 0.01, 48, 0, "constant"),  # no training: prototypes of frozen features
+    "simplecil": ("sgd", 0.01, 256, 0, "constant"),  # no training: prototypes of frozen features
     "ranpac": ("sgd", 0.01, 48, 20, "cosine"),  # phase-0 adaptation, then the ridge head
     "l2p": ("adam", 0.001875, 16, 5, "constant"),
     "dualprompt": ("adam", 0.001, 24, 5, "constant"),
     "coda_prompt": ("adam", 0.001, 128, 20, "cosine"),
+    "aper": ("sgd", 0.01, 48, 20, "cosine"),  # exps/aper_aperpter.json lines 15-21: phase 0 only
+    "ease": ("sgd", 0.025, 48, 20, "cosine"),  # exps/ease.json lines 15-23: every phase
 }
 PROMPTED = ("l2p", "dualprompt", "coda_prompt")
 
@@ -51,6 +57,10 @@ def get_config(arg: str | None = None):
     config.dtype = "bfloat16"  # compute; params and optimizer state stay float32
     config.model.pretrained = args["weights"]
     config.augment.flip = True
+    config.augment.resized_crop = 224  # the model's resize: evaluation sees 224-px images too
+    config.augment.resized_crop_scale = (
+        (0.08, 1.0) if args["method"] == "coda_prompt" else (0.05, 1.0)
+    )
     optimizer, lr, batch, epochs, schedule = SETTINGS.get(args["method"], SETTINGS["l2p"])
     config.train.optimizer, config.train.schedule = optimizer, schedule
     config.train.batch_size = batch

@@ -9,6 +9,7 @@ from typing import Any
 from incremental.memory import MemoryConfig
 from incremental.methods.agem import AGEM
 from incremental.methods.analytic import Analytic
+from incremental.methods.aper import Aper
 from incremental.methods.base import (
     Batch,
     Method,
@@ -22,6 +23,7 @@ from incremental.methods.coda_prompt import CodaPrompt
 from incremental.methods.der import DER
 from incremental.methods.der_pp import DERpp
 from incremental.methods.dualprompt import DualPrompt
+from incremental.methods.ease import EASE
 from incremental.methods.er_ace import ERACE
 from incremental.methods.ewc import EWC, OnlineEWC
 from incremental.methods.finetune import Finetune
@@ -74,6 +76,8 @@ METHODS: dict[str, type[Method]] = {
         L2P,
         DualPrompt,
         CodaPrompt,
+        Aper,
+        EASE,
     )
 }
 

@@ -21,11 +21,20 @@ big_vision writes; `vit_weights` renames those, and maps timm's names, onto thes
 The features are the [CLS] token after the final LayerNorm, so the project's head goes on top. A
 block takes two optional extras for the prompt methods: prompt tokens put in front of the sequence
 (L2P) and per-layer prefix keys and values (prefix-tuning, DualPrompt); see `ViT.__call__`.
+
+`ViT(adapter=r)` adds AdaptFormer bottleneck adapters (Chen et al. 2022), `adapter_sets` sets of one
+per block, for the adapter methods (`aper`, `ease`). They sit beside the ViT's own parameters, at
+
+    adapter/set_{k}/encoderblock_{i}/{down_kernel (D, r), down_bias (r,), up_kernel (r, D), up_bias (D,)}
+
+outside `embedding`, `cls` and `Transformer`, so a pre-trained checkpoint leaves them as initialised
+(`phase.pretrained.VIT_PARTS`). With `adapter=0` (the default) there are none and the parameter tree
+is the plain ViT's.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import flax.linen as nn
 import jax
@@ -41,6 +50,8 @@ GELUS = ("tanh", "erf")  # the tanh approximation: vision_transformer and big_vi
 
 # A prefix for one block: (keys_BxLxD, values_BxLxD), in the attention's key and value space.
 Prefix = tuple[jax.Array, jax.Array]
+# One block's adapter weights: {down_kernel, down_bias, up_kernel, up_bias} (`BlockAdapter`).
+AdapterWeights = Mapping[str, jax.Array]
 
 
 def layer_norm(dtype: DTypeLike, name: str) -> nn.LayerNorm:
@@ -149,21 +160,95 @@ class MlpBlock(nn.Module):
         return nn.Dense(x_BxNxD.shape[-1], name="Dense_1", **inits)(y)
 
 
+class BlockAdapter(nn.Module):
+    """One block's AdaptFormer adapter weights, initialised as LAMDA-PILOT's `Adapter` with
+    `init_option="lora"` (backbone/vit_adapter.py lines 63-68): the down-projection as PyTorch's
+    `kaiming_uniform_(a=sqrt(5))`, U(-1/sqrt(D), 1/sqrt(D)); the up-projection and both biases
+    zero, so the adapter adds exactly zero until it is trained."""
+
+    bottleneck: int
+
+    @nn.compact
+    def __call__(self, width: int) -> dict[str, jax.Array]:
+        r, zeros = self.bottleneck, nn.initializers.zeros_init()
+        down_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+        return {
+            "down_kernel": self.param("down_kernel", down_init, (width, r), jnp.float32),
+            "down_bias": self.param("down_bias", zeros, (r,), jnp.float32),
+            "up_kernel": self.param("up_kernel", zeros, (r, width), jnp.float32),
+            "up_bias": self.param("up_bias", zeros, (width,), jnp.float32),
+        }
+
+
+class AdapterSet(nn.Module):
+    """One `BlockAdapter` per block: `encoderblock_{i}/...`."""
+
+    bottleneck: int
+    depth: int
+
+    @nn.compact
+    def __call__(self, width: int) -> list[dict[str, jax.Array]]:
+        return [
+            BlockAdapter(self.bottleneck, name=f"encoderblock_{i}")(width)
+            for i in range(self.depth)
+        ]
+
+
+class AdapterBank(nn.Module):
+    """`sets` adapter sets, `set_{k}/encoderblock_{i}/...`."""
+
+    bottleneck: int
+    sets: int
+    depth: int
+
+    @nn.compact
+    def __call__(self, width: int) -> list[list[dict[str, jax.Array]]]:
+        """Every set's weights, [set][block]; all are created (at init) whichever is used."""
+        return [
+            AdapterSet(self.bottleneck, self.depth, name=f"set_{k}")(width)
+            for k in range(self.sets)
+        ]
+
+
+def adapter_output(x_BxNxD: jax.Array, weights: AdapterWeights, scale: float, dtype) -> jax.Array:
+    """AdaptFormer's parallel branch, `scale * up(relu(down(x)))` (PILOT's `Adapter.forward` with
+    `adapter_layernorm_option="none"`, backbone/vit_adapter.py lines 70-90; its dropout of 0.1 is
+    left out, as this ViT has none)."""
+    bias = lambda name: weights[name].astype(dtype)[None, None, :]  # noqa: E731
+    down_BxNxR = jnp.dot(x_BxNxD, weights["down_kernel"].astype(dtype)) + bias("down_bias")
+    up_BxNxD = jnp.dot(nn.relu(down_BxNxR), weights["up_kernel"].astype(dtype)) + bias("up_bias")
+    return up_BxNxD * jnp.asarray(scale, dtype)
+
+
 class EncoderBlock(nn.Module):
-    """Pre-LN transformer block: x + attention(LN(x)), then x + MLP(LN(x))."""
+    """Pre-LN transformer block: x + attention(LN(x)), then x + MLP(LN(x)).
+
+    With `adapter` weights, an AdaptFormer adapter runs parallel to the MLP on the same stream x
+    (before the LayerNorm) and its output is added to the MLP's: x + (MLP(LN(x)) + adapter(x)), as
+    PILOT's `Block.forward` with `ffn_option="parallel"` (backbone/vit_adapter.py lines 165-183).
+    """
 
     heads: int
     mlp_dim: int
     gelu: str = "tanh"
     dtype: DTypeLike = jnp.float32
+    adapter_scale: float = 0.1
 
     @nn.compact
-    def __call__(self, x_BxNxD: jax.Array, prefix: Prefix | None = None) -> jax.Array:
+    def __call__(
+        self,
+        x_BxNxD: jax.Array,
+        prefix: Prefix | None = None,
+        adapter: AdapterWeights | None = None,
+    ) -> jax.Array:
         y = layer_norm(self.dtype, "LayerNorm_0")(x_BxNxD)
         attention = Attention(self.heads, self.dtype, name="MultiHeadDotProductAttention_1")
         x_BxNxD = x_BxNxD + attention(y, prefix)
         y = layer_norm(self.dtype, "LayerNorm_2")(x_BxNxD)
-        return x_BxNxD + MlpBlock(self.mlp_dim, self.gelu, self.dtype, name="MlpBlock_3")(y)
+        mlp = MlpBlock(self.mlp_dim, self.gelu, self.dtype, name="MlpBlock_3")(y)
+        if adapter is not None:
+            mlp = mlp + adapter_output(x_BxNxD, adapter, self.adapter_scale, self.dtype)
+        return x_BxNxD + mlp
 
 
 class Encoder(nn.Module):
@@ -174,6 +259,7 @@ class Encoder(nn.Module):
     mlp_dim: int
     gelu: str = "tanh"
     dtype: DTypeLike = jnp.float32
+    adapter_scale: float = 0.1
 
     @nn.compact
     def __call__(
@@ -181,6 +267,7 @@ class Encoder(nn.Module):
         x_BxNxD: jax.Array,
         prompts_BxPxD: jax.Array | None = None,
         prefixes: Mapping[int, Prefix] | None = None,
+        adapters: Sequence[AdapterWeights] | None = None,
     ) -> jax.Array:
         b, n, d = x_BxNxD.shape
         check_extras(prompts_BxPxD, prefixes, b, d, self.depth)
@@ -191,9 +278,14 @@ class Encoder(nn.Module):
         prefixes = prefixes or {}
         for i in range(self.depth):
             block = EncoderBlock(
-                self.heads, self.mlp_dim, self.gelu, self.dtype, name=f"encoderblock_{i}"
+                self.heads,
+                self.mlp_dim,
+                self.gelu,
+                self.dtype,
+                self.adapter_scale,
+                name=f"encoderblock_{i}",
             )
-            x_BxNxD = block(x_BxNxD, prefixes.get(i))
+            x_BxNxD = block(x_BxNxD, prefixes.get(i), None if adapters is None else adapters[i])
         return layer_norm(self.dtype, "encoder_norm")(x_BxNxD)
 
 
@@ -227,6 +319,8 @@ class ViT(nn.Module):
     so small images (8x8 digits) make more than a few patches. Params are float32; `dtype` is the
     compute dtype (bfloat16 on accelerators). `gelu` must be the GELU the weights were trained
     with: 'tanh' (vision_transformer, big_vision) or 'erf' (timm); `vit_weights` says which.
+    `adapter` > 0 adds `adapter_sets` sets of AdaptFormer adapters of that bottleneck width, whose
+    outputs are scaled by `adapter_scale` (`EncoderBlock`); 0: none.
     """
 
     size: str = "b"
@@ -238,6 +332,9 @@ class ViT(nn.Module):
     resize: int = 0
     gelu: str = "tanh"
     dtype: DTypeLike = jnp.float32
+    adapter: int = 0
+    adapter_sets: int = 1
+    adapter_scale: float = 0.1
 
     def dims(self) -> tuple[int, int, int, int]:
         """(width, depth, heads, mlp_dim): the preset's, with the fields set above 0 instead."""
@@ -254,7 +351,25 @@ class ViT(nn.Module):
                 f"ViT needs positive sizes and a width divisible by the heads, got width {width}, "
                 f"depth {depth}, heads {heads}, mlp_dim {mlp_dim}, patch {self.patch}."
             )
+        if self.adapter < 0 or self.adapter_sets < 1:
+            raise ValueError(
+                f"ViT needs adapter >= 0 (0: none) and adapter_sets >= 1, got adapter "
+                f"{self.adapter}, adapter_sets {self.adapter_sets}."
+            )
         return width, depth, heads, mlp_dim
+
+    def adapters(self, width: int, depth: int, adapter_set: int | None):
+        """Set `adapter_set`'s weights per block, or None (no adapters, or `adapter_set` None)."""
+        if not self.adapter:
+            return None
+        bank = AdapterBank(self.adapter, self.adapter_sets, depth, name="adapter")(width)
+        if adapter_set is None:
+            return None
+        if not 0 <= adapter_set < self.adapter_sets:
+            raise ValueError(
+                f"ViT adapter_set {adapter_set} is not one of its {self.adapter_sets} adapter sets."
+            )
+        return bank[adapter_set]
 
     @nn.compact
     def __call__(
@@ -265,6 +380,7 @@ class ViT(nn.Module):
         prompts: jax.Array | None = None,
         prefixes: Mapping[int, Prefix] | None = None,
         tokens: bool = False,
+        adapter_set: int | None = 0,
     ) -> jax.Array:
         """Returns the features (B, D): the [CLS] token after the final LayerNorm.
 
@@ -276,6 +392,8 @@ class ViT(nn.Module):
           prefixes: {layer i: (keys_BxLxD, values_BxLxD)}, put in front of block i's projected
             keys and values (`Attention`); layers not in it attend as usual.
           tokens: return the whole sequence (B, P + 1 + N, D) after the final LayerNorm instead.
+          adapter_set: which adapter set the blocks apply (with `adapter` > 0); None: none, the
+            pre-trained model itself (bit for bit, as the same parameters without adapters give).
         """
         del train
         width, depth, heads, mlp_dim = self.dims()
@@ -288,8 +406,10 @@ class ViT(nn.Module):
         cls = self.param("cls", nn.initializers.zeros_init(), (1, 1, width))
         cls_Bx1xD = jnp.broadcast_to(cls.astype(self.dtype), (x.shape[0], 1, width))
         x_BxNxD = jnp.concatenate([cls_Bx1xD, x_BxNxD], axis=1)
-        encoder = Encoder(depth, heads, mlp_dim, self.gelu, self.dtype, name="Transformer")
-        out_BxNxD = encoder(x_BxNxD, prompts, prefixes)
+        encoder = Encoder(
+            depth, heads, mlp_dim, self.gelu, self.dtype, self.adapter_scale, name="Transformer"
+        )
+        out_BxNxD = encoder(x_BxNxD, prompts, prefixes, self.adapters(width, depth, adapter_set))
         if tokens:
             return out_BxNxD
         return out_BxNxD[:, 0 if prompts is None else prompts.shape[1]]
