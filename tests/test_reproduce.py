@@ -32,7 +32,8 @@ def test_every_entry_is_sourced_and_builds_its_config():
         config = harness.config_for(t.method, t.benchmark)
         assert config.method == t.method and config.dataset.name == "tfds:cifar100"
         examples, hours = harness.estimate(config)
-        assert examples > 1e6 and hours > 0
+        trains = config.train_first.epochs > 0  # SimpleCIL only averages frozen features
+        assert (examples > 1e5 and hours > 0) if trains else examples == 0
 
 
 def test_summary_puts_our_number_beside_the_target(tmp_path):
@@ -51,9 +52,14 @@ def test_summary_puts_our_number_beside_the_target(tmp_path):
 
 # The smoke configs of one method are the same on every benchmark (the protocol is shrunk to 2
 # phases of 5 classes) but for FOSTER's beta1 (one per phase on B0-Inc10), so one run per method
-# covers every entry.
+# covers every entry. Of the pre-trained-model entries one runs here, on a tiny random ViT (RanPAC:
+# a trained phase 0, then the ridge head); the others run end to end on digits in
+# tests/test_pretrained_methods.py, and L2P from its config on mock data in tests/test_configs.py.
+SMOKED = sorted({t.method for t in TARGETS if not t.benchmark.startswith("vit_")} | {"ranpac"})
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("method", sorted({t.method for t in TARGETS}))
+@pytest.mark.parametrize("method", SMOKED)
 def test_smoke_run_covers_every_entry_of_the_method(tmp_path, method):
     benchmarks = sorted({t.benchmark for t in TARGETS if t.method == method})
     configs = [harness.config_for(method, b, smoke=True) for b in benchmarks]

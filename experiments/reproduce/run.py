@@ -31,7 +31,10 @@ TARGETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "targets.csv"
 BENCHMARKS = {
     "cifar100_b0inc10": ("cifar100", "b0_inc10"),
     "cifar100_b50inc10": ("cifar100", "b50_inc10"),
+    # ViT-B/16 ImageNet-21k (--weights), the pre-trained-model methods' protocol (PILOT)
+    "vit_cifar100_b0inc10": ("vit_cifar100", "b0_inc10"),
 }
+PRETRAINED = ("vit_cifar100",)  # configs that take the checkpoint as `weights=`
 TRAIN_EXAMPLES_PER_CLASS = {"cifar100": 500}
 
 flags.DEFINE_string("method", "", "the entry's method (with --benchmark)")
@@ -40,6 +43,9 @@ flags.DEFINE_bool("all", False, "run every entry of targets.csv")
 flags.DEFINE_bool("summary", False, "print the table of finished runs and exit")
 flags.DEFINE_bool("smoke", False, "1 epoch per phase of a shrunk config on tfds mock data")
 flags.DEFINE_string("root", os.path.join(ROOT, "runs", "reproduce"), "where the runs live")
+flags.DEFINE_string(
+    "weights", "", "the pre-trained checkpoint of the vit_* benchmarks (e.g. ViT-B_16.npz)"
+)
 flags.DEFINE_float("images_per_second", 5000.0, "assumed training throughput for the estimate")
 
 
@@ -78,17 +84,23 @@ def config_for(method: str, benchmark: str, smoke: bool = False):
     import importlib
 
     module, protocol = BENCHMARKS[benchmark]
-    config = importlib.import_module(f"configs.{module}").get_config(
-        f"method={method},protocol={protocol}"
-    )
+    arg = f"method={method},protocol={protocol}"
+    if module in PRETRAINED and flags.FLAGS.is_parsed() and flags.FLAGS.weights:
+        arg += f",weights={flags.FLAGS.weights}"
+    config = importlib.import_module(f"configs.{module}").get_config(arg)
     return shrink(config) if smoke else config
 
 
 def shrink(config):
-    """The smoke variant: 2 phases of 5 of 10 mock classes, ResNet-8, 1 epoch everywhere."""
+    """The smoke variant: 2 phases of 5 of 10 mock classes, ResNet-8 (a tiny random ViT for the
+    pre-trained benchmarks, no checkpoint), 1 epoch everywhere."""
     config.dataset.classes = "seeded:10"
     config.protocol.phase_sizes = "5,5"
-    config.model.kwargs = {"depth": 8}
+    if config.model.name == "vit":
+        config.model.kwargs = {"width": 32, "depth": 2, "heads": 2, "mlp_dim": 64, "patch": 8}
+        config.model.pretrained, config.dtype, config.augment.resized_crop = "", "float32", 0
+    else:
+        config.model.kwargs = {"depth": 8}
     config.train.epochs = config.train_first.epochs = 1
     config.train.milestones = config.train_first.milestones = ()
     config.train.batch_size = 16
@@ -96,6 +108,8 @@ def shrink(config):
     for key in ("compression_epochs", "bias_epochs"):
         if key in config.method_args:
             config.method_args[key] = 1
+    if "projection_dim" in config.method_args:  # RanPAC's M: its 10000^2 Gram takes minutes
+        config.method_args.projection_dim = 256
     if "bias_milestones" in config.method_args:
         config.method_args.bias_milestones = ()
     return config
