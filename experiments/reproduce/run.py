@@ -93,11 +93,12 @@ def config_for(method: str, benchmark: str, smoke: bool = False):
 
 def shrink(config):
     """The smoke variant: 2 phases of 5 of 10 mock classes, ResNet-8 (a tiny random ViT for the
-    pre-trained benchmarks, no checkpoint), 1 epoch everywhere."""
+    pre-trained benchmarks, no checkpoint, with the 5 blocks and the width the prompt methods'
+    default layers and CODA-Prompt's 100 orthonormal keys need), 1 epoch everywhere."""
     config.dataset.classes = "seeded:10"
     config.protocol.phase_sizes = "5,5"
     if config.model.name == "vit":
-        config.model.kwargs = {"width": 32, "depth": 2, "heads": 2, "mlp_dim": 64, "patch": 8}
+        config.model.kwargs = {"width": 128, "depth": 5, "heads": 2, "mlp_dim": 128, "patch": 8}
         config.model.pretrained, config.dtype, config.augment.resized_crop = "", "float32", 0
     else:
         config.model.kwargs = {"depth": 8}
