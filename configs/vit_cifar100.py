@@ -12,7 +12,7 @@ the Google checkpoints, erf for timm's).
 
 The 32-px images are resized to 224 inside the model (bilinear), 14 x 14 patches of 16; the inputs are
 normalised with the checkpoint's constants (`vit_weights.Recipe`), not the data's. Class order from
-seed 1993. Training settings per method from PILOT's exps/*.json (sun-hailong/LAMDA-PILOT at
+seed 1993 (CODA-Prompt: the natural order, as PILOT's exps/coda_prompt.json does not shuffle). Training settings per method from PILOT's exps/*.json (sun-hailong/LAMDA-PILOT at
 2647455), as each method's docstring cites them; no weight decay for the prompt methods (it shrinks
 the prompts a phase does not select). Training images are augmented as PILOT's iCIFAR224 does
 (utils/data.py lines 121-133): a random resized crop to 224 px of a fraction of the area in
@@ -26,19 +26,20 @@ L2P 84.6, DualPrompt 81.3, CODA-Prompt 86.3, RanPAC 92.2 (average incremental 87
 91.3, 94.0).
 """
 
-from incremental.config import base_config, parse_arg, set_method
+from incremental.config import base_config, parse_arg, set_method, set_pretrained_vit
 
-# Per method: (optimizer, lr, batch, epochs, schedule) from PILOT's exps/<method>.json.
+# Per method: (optimizer, lr, batch, epochs, schedule, weight decay) from PILOT's
+# exps/<method>.json; no weight decay for the prompt methods (it shrinks the prompts a phase does
+# not select).
 SETTINGS = {
-    "simplecil": ("sgd", 0.01, 256, 0, "constant"),  # no training: prototypes of frozen features
-    "ranpac": ("sgd", 0.01, 48, 20, "cosine"),  # phase-0 adaptation, then the ridge head
-    "l2p": ("adam", 0.001875, 16, 5, "constant"),
-    "dualprompt": ("adam", 0.001, 24, 5, "constant"),
-    "coda_prompt": ("adam", 0.001, 128, 20, "cosine"),
-    "aper": ("sgd", 0.01, 48, 20, "cosine"),  # exps/aper_aperpter.json lines 15-21: phase 0 only
-    "ease": ("sgd", 0.025, 48, 20, "cosine"),  # exps/ease.json lines 15-23: every phase
+    "simplecil": ("sgd", 0.01, 256, 0, "constant", 5e-4),  # prototypes of frozen features only
+    "ranpac": ("sgd", 0.01, 48, 20, "cosine", 5e-4),  # phase-0 adaptation, then the ridge head
+    "l2p": ("adam", 0.001875, 16, 5, "constant", 0.0),
+    "dualprompt": ("adam", 0.001, 24, 5, "constant", 0.0),
+    "coda_prompt": ("adam", 0.001, 128, 20, "cosine", 0.0),
+    "aper": ("sgd", 0.01, 48, 20, "cosine", 5e-4),  # exps/aper_aperpter.json lines 15-21
+    "ease": ("sgd", 0.025, 48, 20, "cosine", 5e-4),  # exps/ease.json lines 15-23: every phase
 }
-PROMPTED = ("l2p", "dualprompt", "coda_prompt")
 
 
 def get_config(arg: str | None = None):
@@ -52,20 +53,5 @@ def get_config(arg: str | None = None):
     config.dataset.name = "tfds:cifar100"
     config.protocol.init_classes = 0
     config.protocol.increment = 10 if args["protocol"] == "b0_inc10" else 5
-    config.model.name = "vit"
-    config.model.kwargs = {"size": "b", "patch": 16, "resize": 224, "gelu": args["gelu"]}
-    config.dtype = "bfloat16"  # compute; params and optimizer state stay float32
-    config.model.pretrained = args["weights"]
-    config.augment.flip = True
-    config.augment.resized_crop = 224  # the model's resize: evaluation sees 224-px images too
-    config.augment.resized_crop_scale = (
-        (0.08, 1.0) if args["method"] == "coda_prompt" else (0.05, 1.0)
-    )
-    optimizer, lr, batch, epochs, schedule = SETTINGS.get(args["method"], SETTINGS["l2p"])
-    config.train.optimizer, config.train.schedule = optimizer, schedule
-    config.train.batch_size = batch
-    config.eval.batch_size = 256
-    for section in (config.train, config.train_first):
-        section.lr, section.epochs, section.milestones = lr, epochs, ()
-        section.weight_decay = 0.0 if args["method"] in PROMPTED else 5e-4
+    set_pretrained_vit(config, args, SETTINGS)
     return config

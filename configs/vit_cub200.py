@@ -24,7 +24,13 @@ was verified for this file; the APER (arXiv 2303.07338) and RanPAC (arXiv 2307.0
 CUB-200 with ViT-B/16, whose phases and splits should be checked against these before comparing.
 """
 
-from incremental.config import base_config, parse_arg, set_method, set_protocol
+from incremental.config import (
+    base_config,
+    parse_arg,
+    set_method,
+    set_pretrained_vit,
+    set_protocol,
+)
 
 # Per method: (optimizer, lr, batch, epochs, schedule, weight decay) from PILOT's exps/<method>.json.
 SETTINGS = {
@@ -44,19 +50,5 @@ def get_config(arg: str | None = None):
     config.dataset.image_size = 224
     set_protocol(config, "b0_inc20")
     config.memory.per_class = 20
-    config.model.name = "vit"
-    config.model.kwargs = {"size": "b", "patch": 16, "resize": 224, "gelu": args["gelu"]}
-    config.dtype = "bfloat16"  # compute; params and optimizer state stay float32
-    config.model.pretrained = args["weights"]
-    config.augment.resized_crop, config.augment.flip = 224, True
-    coda = args["method"] == "coda_prompt"
-    config.augment.resized_crop_scale = (0.08, 1.0) if coda else (0.05, 1.0)
-    if coda:  # PILOT's exps/coda_prompt.json: "shuffle": false, the classes in their natural order
-        config.protocol.class_order = "natural"
-    optimizer, lr, batch, epochs, schedule, decay = SETTINGS.get(args["method"], SETTINGS["l2p"])
-    config.train.optimizer, config.train.schedule = optimizer, schedule
-    config.train.batch_size = batch
-    config.eval.batch_size = 256
-    for section in (config.train, config.train_first):
-        section.lr, section.epochs, section.milestones, section.weight_decay = lr, epochs, (), decay
+    set_pretrained_vit(config, args, SETTINGS)
     return config

@@ -25,7 +25,13 @@ Published B0-Inc20 last accuracy on ViT-B/16-IN21K, read off PILOT's plot
 69.2, CODA-Prompt 73.5.
 """
 
-from incremental.config import base_config, parse_arg, set_method, set_protocol
+from incremental.config import (
+    base_config,
+    parse_arg,
+    set_method,
+    set_pretrained_vit,
+    set_protocol,
+)
 
 # Per method: (optimizer, lr, batch, epochs, schedule, weight decay) from PILOT's exps/*_inr.json.
 SETTINGS = {
@@ -46,21 +52,5 @@ def get_config(arg: str | None = None):
     config.dataset.holdout = 0.2
     set_protocol(config, "b0_inc20")
     config.memory.per_class = 20
-    config.model.name = "vit"
-    config.model.kwargs = {"size": "b", "patch": 16, "resize": 224, "gelu": args["gelu"]}
-    config.dtype = "bfloat16"  # compute; params and optimizer state stay float32
-    config.model.pretrained = args["weights"]
-    config.augment.resized_crop, config.augment.flip = 224, True
-    coda = args["method"] == "coda_prompt"
-    config.augment.resized_crop_scale = (0.08, 1.0) if coda else (0.05, 1.0)
-    if (
-        coda
-    ):  # PILOT's exps/coda_prompt_inr.json: "shuffle": false, the classes in their natural order
-        config.protocol.class_order = "natural"
-    optimizer, lr, batch, epochs, schedule, decay = SETTINGS.get(args["method"], SETTINGS["l2p"])
-    config.train.optimizer, config.train.schedule = optimizer, schedule
-    config.train.batch_size = batch
-    config.eval.batch_size = 256
-    for section in (config.train, config.train_first):
-        section.lr, section.epochs, section.milestones, section.weight_decay = lr, epochs, (), decay
+    set_pretrained_vit(config, args, SETTINGS)
     return config

@@ -33,6 +33,33 @@ def set_protocol(config: ml_collections.ConfigDict, name: str) -> None:
     config.protocol.init_classes, config.protocol.increment = PROTOCOLS[name]
 
 
+def set_pretrained_vit(
+    config: ml_collections.ConfigDict, args: dict, settings: dict[str, tuple]
+) -> None:
+    """The pre-trained-model protocol of PILOT (sun-hailong/LAMDA-PILOT at 2647455) on a ViT-B/16:
+    the checkpoint `args["weights"]` (its GELU `args["gelu"]`), bf16 compute, 224-px random resized
+    crops and flips (utils/data.py `build_transform`, lines 95-107; CODA-Prompt's own, lines 68-76,
+    crops the default area (0.08, 1) and keeps the classes in their natural order, `"shuffle":
+    false`), and the method's (optimizer, lr, batch, epochs, schedule, weight decay) in `settings`
+    (L2P's for a method without an entry)."""
+    method = args["method"]
+    config.model.name = "vit"
+    config.model.kwargs = {"size": "b", "patch": 16, "resize": 224, "gelu": args["gelu"]}
+    config.dtype = "bfloat16"  # compute; params and optimizer state stay float32
+    config.model.pretrained = args["weights"]
+    config.augment.resized_crop, config.augment.flip = 224, True  # the model's resize too
+    coda = method == "coda_prompt"
+    config.augment.resized_crop_scale = (0.08, 1.0) if coda else (0.05, 1.0)
+    if coda:
+        config.protocol.class_order = "natural"
+    optimizer, lr, batch, epochs, schedule, decay = settings.get(method, settings["l2p"])
+    config.train.optimizer, config.train.schedule = optimizer, schedule
+    config.train.batch_size = batch
+    config.eval.batch_size = 256
+    for section in (config.train, config.train_first):
+        section.lr, section.epochs, section.milestones, section.weight_decay = lr, epochs, (), decay
+
+
 def set_method(config: ml_collections.ConfigDict, name: str) -> None:
     """Sets `config.method` and fills `config.method_args` with that method's defaults.
 
