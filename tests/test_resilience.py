@@ -127,8 +127,12 @@ def test_signals_stop_seeds_runs_saved_and_a_second_signal_at_once(tmp_path):
     assert json.loads((workdir / "results.json").read_text())["complete"], out[-3000:]
 
     proc = cli(tmp_path / "twice")
-    for line in proc.stdout:  # interrupt once phase 0 is done, again once that was heard
+    for line in proc.stdout:  # interrupt once phase 1 is under way, again once that was heard
         if line.startswith("    0 "):
+            # Phase 0's line comes before its checkpoint and the stop check after it: a signal at
+            # once may stop the run there, before a second one can be sent. Phase 1 (compiling,
+            # then 6 epochs) lasts seconds.
+            time.sleep(1.0)
             proc.send_signal(signal.SIGINT)
         if line.startswith("SIGINT: finishing"):  # a second signal before it would merge with it
             proc.send_signal(signal.SIGINT)
