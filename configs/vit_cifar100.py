@@ -17,9 +17,9 @@ seed 1993 (CODA-Prompt: the natural order, as PILOT's exps/coda_prompt.json does
 the prompts a phase does not select). Training images are augmented as PILOT's iCIFAR224 does
 (utils/data.py lines 121-133): a random resized crop to 224 px of a fraction of the area in
 (0.05, 1) and a width / height in (3/4, 4/3), then a horizontal flip (`build_transform`, lines
-95-107); CODA-Prompt's own transform crops the area's default (0.08, 1) (lines 68-76). Evaluation
-sees the whole 32-px image resized to 224; PILOT resizes it to 256 (bicubic) and keeps the central
-224 (lines 109-116).
+95-107); CODA-Prompt's own transform crops the area's default (0.08, 1) (lines 68-76). Test images
+are resized to 256 (bicubic) and cropped to their central 224 inside the model (`center_crop`), as
+PILOT's test transform does (lines 109-116).
 
 Published B0-Inc10 last accuracy on ViT-B/16-IN21K (PILOT's README table): SimpleCIL 81.3,
 L2P 84.6, DualPrompt 81.3, CODA-Prompt 86.3, RanPAC 92.2 (average incremental 87.6, 89.0, 86.6,

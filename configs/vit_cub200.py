@@ -9,8 +9,9 @@ coda_prompt; any other method trains the ViT with its own loss), `weights` (visi
 ImageNet-21k `ViT-B_16.npz`, a big_vision `.npz`, or a timm `.safetensors` with `gelu=erf`), `gelu`.
 
 TFDS's `caltech_birds2011`: 200 bird species, its own train (5,994) and test (5,794) splits. The
-images, of varying sizes, are stored at 224 x 224 (shorter side resized bicubically, central square
-kept: `dataset.image_size`). 10 phases of 20 classes, class order from seed 1993 (CODA-Prompt:
+images, of varying sizes, are stored at 256 x 256 (shorter side resized bicubically, central square
+kept: `dataset.image_size`); test images are their central 224 x 224 (the model's `center_crop`:
+PILOT's Resize(256) + CenterCrop(224), utils/data.py lines 109-116). 10 phases of 20 classes, class order from seed 1993 (CODA-Prompt:
 natural, as PILOT runs it). Training images get PILOT's `build_transform` (sun-hailong/LAMDA-PILOT
 at 2647455, utils/data.py lines 95-107, used by its CUB class at lines 260-278): a random resized
 crop to 224 of (0.05, 1) of the area, ratio (3/4, 4/3), and a horizontal flip; CODA-Prompt's
@@ -47,7 +48,7 @@ def get_config(arg: str | None = None):
     config = base_config()
     set_method(config, args["method"])
     config.dataset.name = "tfds:caltech_birds2011"
-    config.dataset.image_size = 224
+    config.dataset.image_size = 256  # the test transform's Resize(256); crops of it train
     set_protocol(config, "b0_inc20")
     config.memory.per_class = 20
     set_pretrained_vit(config, args, SETTINGS)

@@ -11,8 +11,9 @@ ImageNet-21k `ViT-B_16.npz`, a big_vision `.npz`, or a timm `.safetensors` with 
 ImageNet-R (Hendrycks et al. 2021) holds 30,000 renditions of 200 ImageNet classes in one split:
 `load_source` holds out 20% of each class to test (`dataset.holdout`, seed 0) and trains on the
 rest, as PILOT's train/ and test/ folders do; the class ids become 0..199 in ImageNet's order. The
-images, of varying sizes, are stored at 224 x 224 (shorter side resized bicubically, central square
-kept: `dataset.image_size`), about 4.5 GB of uint8 on the device. 10 phases of 20 classes, class
+images, of varying sizes, are stored at 256 x 256 (shorter side resized bicubically, central square
+kept: `dataset.image_size`), about 5.9 GB of uint8 on the device; test images are their central
+224 x 224 (the model's `center_crop`: PILOT's Resize(256) + CenterCrop(224), lines 109-116). 10 phases of 20 classes, class
 order from seed 1993 (CODA-Prompt: natural, as PILOT runs it). Training images get PILOT's
 `build_transform` (sun-hailong/LAMDA-PILOT at 2647455, utils/data.py lines 95-107, used by
 iImageNetR at lines 208-235): a random resized crop to 224 of (0.05, 1) of the area, ratio (3/4,
@@ -48,7 +49,7 @@ def get_config(arg: str | None = None):
     config = base_config()
     set_method(config, args["method"])
     config.dataset.name = "tfds:imagenet_r"
-    config.dataset.image_size = 224
+    config.dataset.image_size = 256  # the test transform's Resize(256); crops of it train
     config.dataset.holdout = 0.2
     set_protocol(config, "b0_inc20")
     config.memory.per_class = 20

@@ -44,7 +44,12 @@ def set_pretrained_vit(
     (L2P's for a method without an entry)."""
     method = args["method"]
     config.model.name = "vit"
-    config.model.kwargs = {"size": "b", "patch": 16, "resize": 224, "gelu": args["gelu"]}
+    # Test images as PILOT's test transform makes them: Resize(256, bicubic), CenterCrop(224)
+    # (utils/data.py lines 109-116); training crops arrive at 224 and pass unchanged.
+    config.model.kwargs = {
+        "size": "b", "patch": 16, "resize": 224, "center_crop": 224 / 256,
+        "interpolation": "cubic", "gelu": args["gelu"],
+    }  # fmt: skip
     config.dtype = "bfloat16"  # compute; params and optimizer state stay float32
     config.model.pretrained = args["weights"]
     config.augment.resized_crop, config.augment.flip = 224, True  # the model's resize too

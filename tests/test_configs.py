@@ -165,7 +165,7 @@ def test_the_pretrained_vit_configs_build_and_validate_for_every_method(name):
         assert config.augment.resized_crop_scale == scale and config.augment.flip
     if name != "vit_cifar100":  # 200 classes in 10 phases of 20, images stored at 224 px
         assert (config.protocol.init_classes, config.protocol.increment) == (0, 20)
-        assert config.dataset.image_size == 224 and config.memory.per_class == 20
+        assert config.dataset.image_size == 256 and config.memory.per_class == 20
     if name == "vit_imagenet_r":  # PILOT's exps/l2p_inr.json
         l2p = module.get_config("method=l2p")
         assert (l2p.train.epochs, l2p.train.batch_size, l2p.train.lr) == (10, 32, 0.001875)

@@ -13,8 +13,8 @@ from flax import traverse_util
 from safetensors.numpy import save_file
 
 from configs import digits
+from incremental import models, workdirs
 from incremental import run as run_lib
-from incremental import workdirs
 from incremental.config import base_config
 from incremental.models import build_backbone, vit_weights
 from incremental.phase import pretrained
@@ -338,3 +338,20 @@ def test_a_run_starts_from_the_pretrained_backbone(tmp_path):
     jax.tree.map(np.testing.assert_array_equal, jax.device_get(backbone), jax.device_get(given))
     assert saved.state["params"]["head"]["kernel"].shape[0] == TINY["width"]
     np.testing.assert_array_equal(rs.data.norm.mean.ravel(), [8.0])  # 0.5 of digits' white, 16
+
+
+def test_center_crop_is_resize_then_the_central_square_and_leaves_crops_alone():
+    """center_crop 0.875 at 224: torchvision's Resize(256) + CenterCrop(224) (offset 16), in the
+    given interpolation; an input already 224 x 224 (a training crop) passes unchanged."""
+    vit = models.ViT(resize=224, center_crop=224 / 256, interpolation="cubic")
+    x = np.random.default_rng(0).normal(size=(2, 32, 32, 3)).astype(np.float32)
+    big = jax.image.resize(jnp.asarray(x), (2, 256, 256, 3), "cubic")
+    np.testing.assert_array_equal(vit.resized(jnp.asarray(x)), big[:, 16:240, 16:240])
+    crop = jnp.ones((2, 224, 224, 3))
+    assert vit.resized(crop) is crop
+    plain = models.ViT(resize=16)
+    np.testing.assert_array_equal(
+        plain.resized(jnp.asarray(x)), jax.image.resize(jnp.asarray(x), (2, 16, 16, 3), "linear")
+    )
+    with pytest.raises(ValueError, match="center_crop"):
+        models.ViT(resize=16, center_crop=1.5).resized(jnp.asarray(x))

@@ -315,8 +315,11 @@ class ViT(nn.Module):
 
     `size` picks a preset of SIZES ('ti', 's', 'b': ViT-Ti/S/B); `width`, `depth`, `heads` and
     `mlp_dim` override it where > 0 (a tiny ViT for tests: width 32, depth 2, heads 2, mlp_dim 64).
-    `resize` > 0 resizes the input images (bilinearly, inside the model) to resize x resize first,
-    so small images (8x8 digits) make more than a few patches. Params are float32; `dtype` is the
+    `resize` > 0 resizes the input images (inside the model, `interpolation` 'linear' or 'cubic')
+    to resize x resize first, so small images (8x8 digits) make more than a few patches; with
+    `center_crop` < 1 to resize / center_crop instead, keeping the central resize x resize:
+    torchvision's Resize(256) + CenterCrop(224) at 0.875, the test transform of PILOT's ViTs (an
+    input already resize x resize, as a training crop is, passes unchanged). Params are float32; `dtype` is the
     compute dtype (bfloat16 on accelerators). `gelu` must be the GELU the weights were trained
     with: 'tanh' (vision_transformer, big_vision) or 'erf' (timm); `vit_weights` says which.
     `adapter` > 0 adds `adapter_sets` sets of AdaptFormer adapters of that bottleneck width, whose
@@ -330,11 +333,28 @@ class ViT(nn.Module):
     heads: int = 0
     mlp_dim: int = 0
     resize: int = 0
+    center_crop: float = 1.0
+    interpolation: str = "linear"
     gelu: str = "tanh"
     dtype: DTypeLike = jnp.float32
     adapter: int = 0
     adapter_sets: int = 1
     adapter_scale: float = 0.1
+
+    def resized(self, x: jax.Array) -> jax.Array:
+        """`x` as resize x resize images (`resize`, `center_crop`, `interpolation`)."""
+        if not self.resize or x.shape[1:3] == (self.resize, self.resize):
+            return x
+        if not 0 < self.center_crop <= 1 or self.interpolation not in ("linear", "cubic"):
+            raise ValueError(
+                f"ViT needs 0 < center_crop <= 1 and interpolation 'linear' or 'cubic', got "
+                f"{self.center_crop} and {self.interpolation!r}."
+            )
+        side = round(self.resize / self.center_crop)
+        shape = (x.shape[0], side, side, x.shape[3])
+        x = jax.image.resize(x.astype(jnp.float32), shape, self.interpolation)
+        top = round((side - self.resize) / 2)  # torchvision's CenterCrop offset
+        return x[:, top : top + self.resize, top : top + self.resize]
 
     def dims(self) -> tuple[int, int, int, int]:
         """(width, depth, heads, mlp_dim): the preset's, with the fields set above 0 instead."""
@@ -398,10 +418,7 @@ class ViT(nn.Module):
         del train
         width, depth, heads, mlp_dim = self.dims()
         check_image_batch(x, "ViT")
-        if self.resize and x.shape[1:3] != (self.resize, self.resize):
-            x = jax.image.resize(
-                x.astype(jnp.float32), (x.shape[0], self.resize, self.resize, x.shape[3]), "linear"
-            )
+        x = self.resized(x)
         x_BxNxD = PatchEmbedding(width, self.patch, self.dtype, name="embedding")(x)
         cls = self.param("cls", nn.initializers.zeros_init(), (1, 1, width))
         cls_Bx1xD = jnp.broadcast_to(cls.astype(self.dtype), (x.shape[0], 1, width))
