@@ -26,10 +26,18 @@ def finetune_last(tmp_path_factory):
     return results["last_accuracy"]
 
 
+_RUNS: dict[str, dict] = {}  # one run of each method's small_config, for the file's tests
+
+
+def trained(name, tmp_path_factory) -> dict:
+    if name not in _RUNS:
+        _RUNS[name] = run_lib.run(small_config(name), str(tmp_path_factory.mktemp(name)))
+    return _RUNS[name]
+
+
 @pytest.fixture(scope="module", params=["der", "memo"])
 def grown(request, tmp_path_factory):
-    name = request.param
-    return name, run_lib.run(small_config(name), str(tmp_path_factory.mktemp(name)))
+    return request.param, trained(request.param, tmp_path_factory)
 
 
 def test_growing_methods_remember(grown, finetune_last):
@@ -121,11 +129,12 @@ def test_a_new_branchs_head_rows_start_as_pycils_fresh_layer(old_rows):
         assert rows.std() == pytest.approx(bound / np.sqrt(3), rel=0.15)
 
 
-def test_growth_resumes_exactly_after_a_phase(tmp_path):
-    config = small_config("der", epochs=3)
-    whole = run_lib.run(config, str(tmp_path / "whole"))
-    run_lib.run(config, str(tmp_path / "staged"), stop_after=1)
-    resumed = run_lib.run(config, str(tmp_path / "staged"))
+def test_growth_resumes_exactly_after_a_phase(tmp_path, tmp_path_factory):
+    """Stopped after phase 1 and resumed, DER gives the uninterrupted run's numbers (the same
+    config: its programs come from the persistent cache)."""
+    whole = trained("der", tmp_path_factory)
+    run_lib.run(small_config("der"), str(tmp_path / "staged"), stop_after=1)
+    resumed = run_lib.run(small_config("der"), str(tmp_path / "staged"))
     assert resumed["accuracy_matrix"] == whole["accuracy_matrix"]
     assert resumed["nme_accuracy_matrix"] == whole["nme_accuracy_matrix"]
 
