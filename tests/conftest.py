@@ -32,22 +32,3 @@ jax.config.update("jax_numpy_rank_promotion", "raise")
 @pytest.fixture
 def key():
     return jax.random.PRNGKey(0)
-
-
-# The files that take longest (CPU seconds of the full suite measured on 2 cores, longest first).
-# pytest-xdist's `--dist loadfile` hands whole files to the workers in collection order, so running
-# these first leaves the short files to even out the two workers' ends instead of one long file
-# running alone at the end.
-LONGEST_FIRST = (
-    "test_capacity_methods.py", "test_online.py", "test_reproduce.py", "test_resilience.py",
-    "test_capacity.py", "test_pretrained_methods.py", "test_configs.py", "test_foster.py",
-    "test_growth.py", "test_bic_wa.py", "test_learn.py", "test_scenarios.py", "test_run.py",
-    "test_multihost.py", "test_models.py", "test_seeds.py", "test_surgery.py",
-    "test_adapter_methods.py", "test_workdirs.py", "test_regularisers.py",
-)  # fmt: skip
-
-
-def pytest_collection_modifyitems(config, items):
-    del config
-    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
-    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: file order kept
