@@ -33,6 +33,8 @@ from incremental.phase import begin, end, evaluate, fit, load, record, save
 from incremental.preemption import Preempted, Preemption
 
 SUMMARY_KEYS = ("last_accuracy", "average_incremental_accuracy", "forgetting", "backward_transfer")
+# Summarised where every seed has them (not None): the scenarios' and the online protocol's numbers.
+SCENARIO_KEYS = ("average_learning_accuracy", "forward_transfer", "average_online_accuracy")
 
 
 def seed_config(config, seed: int):
@@ -212,13 +214,18 @@ def summarize(config, seeds: list[int], per_seed: list[dict]) -> dict:
         "seeds": seeds,
         "complete": all(r["complete"] for r in per_seed),
         "per_seed": {
-            str(s): {k: r[k] for k in (*SUMMARY_KEYS, "accuracy", "accuracy_matrix") if k in r}
+            str(s): {
+                k: r[k]
+                for k in (*SUMMARY_KEYS, *SCENARIO_KEYS, "accuracy", "accuracy_matrix")
+                if k in r
+            }
             for s, r in zip(seeds, per_seed, strict=True)
         },
         "config": config.to_dict(),
         "versions": record.versions(),
     }
-    for key in SUMMARY_KEYS + tuple(k for k in per_seed[0] if k.endswith("_last_accuracy")):
+    extra = tuple(k for k in per_seed[0] if k.endswith("_last_accuracy") or k in SCENARIO_KEYS)
+    for key in SUMMARY_KEYS + extra:
         values = [r.get(key) for r in per_seed]
         if all(v is not None for v in values):
             doc[f"{key}_mean"] = float(np.mean(values))

@@ -8,6 +8,7 @@ import pytest
 
 from configs import digits
 from incremental import run as run_lib
+from incremental import seeds
 
 
 def small_config(method, capacity=-1):
@@ -106,3 +107,25 @@ def test_seeds_with_a_head_of_every_class_compile_the_epoch_once(tmp_path, monke
         counts[capacity] = trace_counts["loss"]
         assert doc["complete"] and len(doc["per_seed"]["0"]["accuracy_matrix"]) == 3
     assert counts == {0: 2 * 3, 10: 2}
+
+
+def test_the_summary_averages_the_scenario_numbers_every_seed_has():
+    """Learning accuracy and online accuracy get a mean and std over seeds; forward transfer, None
+    where a seed's scenario has no baseline, gets none."""
+
+    def doc(last, learning, online, transfer):
+        return {
+            "complete": True, "last_accuracy": last, "average_incremental_accuracy": last,
+            "forgetting": 0.1, "backward_transfer": -0.1, "accuracy": [last],
+            "accuracy_matrix": [[last]], "average_learning_accuracy": learning,
+            "average_online_accuracy": online, "forward_transfer": transfer,
+        }  # fmt: skip
+
+    summary = seeds.summarize(
+        digits.get_config(), [0, 1], [doc(0.5, 0.8, 0.6, None), doc(0.7, 0.9, 0.4, 0.1)]
+    )
+    assert summary["average_learning_accuracy_mean"] == pytest.approx(0.85)
+    assert summary["average_learning_accuracy_std"] == pytest.approx(0.05)
+    assert summary["average_online_accuracy_mean"] == pytest.approx(0.5)
+    assert "forward_transfer_mean" not in summary
+    assert summary["per_seed"]["1"]["forward_transfer"] == 0.1
