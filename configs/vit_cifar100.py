@@ -26,20 +26,15 @@ L2P 84.6, DualPrompt 81.3, CODA-Prompt 86.3, RanPAC 92.2 (average incremental 87
 91.3, 94.0).
 """
 
-from incremental.config import base_config, parse_arg, set_method, set_pretrained_vit
+from incremental.config import (
+    PILOT_CIFAR_SETTINGS,
+    base_config,
+    parse_arg,
+    set_method,
+    set_pretrained_vit,
+)
 
-# Per method: (optimizer, lr, batch, epochs, schedule, weight decay) from PILOT's
-# exps/<method>.json; no weight decay for the prompt methods (it shrinks the prompts a phase does
-# not select).
-SETTINGS = {
-    "simplecil": ("sgd", 0.01, 256, 0, "constant", 5e-4),  # prototypes of frozen features only
-    "ranpac": ("sgd", 0.01, 48, 20, "cosine", 5e-4),  # phase-0 adaptation, then the ridge head
-    "l2p": ("adam", 0.001875, 16, 5, "constant", 0.0),
-    "dualprompt": ("adam", 0.001, 24, 5, "constant", 0.0),
-    "coda_prompt": ("adam", 0.001, 128, 20, "cosine", 0.0),
-    "aper": ("sgd", 0.01, 48, 20, "cosine", 5e-4),  # exps/aper_aperpter.json lines 15-21
-    "ease": ("sgd", 0.025, 48, 20, "cosine", 5e-4),  # exps/ease.json lines 15-23: every phase
-}
+SETTINGS = PILOT_CIFAR_SETTINGS  # per method, from PILOT's exps/<method>.json
 
 
 def get_config(arg: str | None = None):

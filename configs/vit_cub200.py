@@ -26,6 +26,7 @@ CUB-200 with ViT-B/16, whose phases and splits should be checked against these b
 """
 
 from incremental.config import (
+    PILOT_CIFAR_SETTINGS,
     base_config,
     parse_arg,
     set_method,
@@ -33,14 +34,7 @@ from incremental.config import (
     set_protocol,
 )
 
-# Per method: (optimizer, lr, batch, epochs, schedule, weight decay) from PILOT's exps/<method>.json.
-SETTINGS = {
-    "simplecil": ("sgd", 0.01, 256, 0, "constant", 0.05),  # prototypes of frozen features only
-    "ranpac": ("sgd", 0.01, 48, 20, "cosine", 5e-4),  # phase-0 adaptation, then the ridge head
-    "l2p": ("adam", 0.001875, 16, 5, "constant", 0.0),
-    "dualprompt": ("adam", 0.001, 24, 5, "constant", 0.0),
-    "coda_prompt": ("adam", 0.001, 128, 20, "cosine", 0.0),
-}
+SETTINGS = PILOT_CIFAR_SETTINGS  # PILOT has no CUB settings: its CIFAR-100 ones
 
 
 def get_config(arg: str | None = None):

@@ -33,6 +33,20 @@ def set_protocol(config: ml_collections.ConfigDict, name: str) -> None:
     config.protocol.init_classes, config.protocol.increment = PROTOCOLS[name]
 
 
+# The pre-trained-model methods' training on CIFAR-100, per method: (optimizer, lr, batch, epochs,
+# schedule, weight decay) from PILOT's exps/<method>.json (sun-hailong/LAMDA-PILOT at 2647455); no
+# weight decay for the prompt methods (it shrinks the prompts a phase does not select).
+PILOT_CIFAR_SETTINGS = {
+    "simplecil": ("sgd", 0.01, 256, 0, "constant", 5e-4),  # prototypes of frozen features only
+    "ranpac": ("sgd", 0.01, 48, 20, "cosine", 5e-4),  # phase-0 adaptation, then the ridge head
+    "l2p": ("adam", 0.001875, 16, 5, "constant", 0.0),
+    "dualprompt": ("adam", 0.001, 24, 5, "constant", 0.0),
+    "coda_prompt": ("adam", 0.001, 128, 20, "cosine", 0.0),
+    "aper": ("sgd", 0.01, 48, 20, "cosine", 5e-4),  # exps/aper_aperpter.json lines 15-21
+    "ease": ("sgd", 0.025, 48, 20, "cosine", 5e-4),  # exps/ease.json lines 15-23: every phase
+}
+
+
 def set_pretrained_vit(
     config: ml_collections.ConfigDict, args: dict, settings: dict[str, tuple]
 ) -> None:

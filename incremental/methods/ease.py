@@ -59,13 +59,12 @@ import numpy as np
 
 from incremental.methods.aper import (
     AdapterBranches,
+    Aper,
     adapted_vit,
     adapter_rules,
     check_adapter,
-    last_branch_ce,
 )
 from incremental.methods.base import (
-    Batch,
     Method,
     Outputs,
     PhaseContext,
@@ -177,19 +176,7 @@ class EASE(Method):
         backbone = {**params["backbone"], "adapter": sets}
         return {**variables, "params": {**params, "backbone": backbone, "head": head}}
 
-    def loss(
-        self,
-        out: Outputs,
-        batch: Batch,
-        *,
-        params: PyTree,
-        method_state: dict,
-        info: PhaseInfo,
-        apply_fn: Callable,
-    ) -> tuple[jax.Array, dict[str, jax.Array]]:
-        del method_state, apply_fn
-        ce = last_branch_ce(out, batch, params, info)
-        return ce, {"ce": ce}
+    loss = Aper.loss  # the cosine head's cross-entropy on the live branch, new classes only
 
     def end_phase(self, ctx: PhaseContext, variables: PyTree, method_state: dict) -> dict:
         info = ctx.info
