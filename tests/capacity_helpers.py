@@ -10,11 +10,13 @@ from incremental.methods import METHODS
 NUM_CLASSES = 10  # digits
 
 
-def small_config(method="finetune", *, capacity=NUM_CLASSES, epochs=3):
+def small_config(method="finetune", *, capacity=NUM_CLASSES, epochs=2):
+    """3 phases of 4 + 3 + 3 classes, `epochs` a phase with a decay after the first: the same
+    programs in every file that uses it (test_capacity, test_capacity_methods, test_online)."""
     config = digits.get_config(f"method={method}")
     config.train.epochs = config.train_first.epochs = epochs
-    config.train.milestones = config.train_first.milestones = (2,)  # a decay inside the phase
-    config.protocol.init_classes, config.protocol.increment = 4, 2  # 4 phases of 4 + 2 + 2 + 2
+    config.train.milestones = config.train_first.milestones = (1,)  # a decay inside the phase
+    config.protocol.init_classes, config.protocol.increment = 4, 3
     config.log.progress = config.log.plot = False
     config.head.capacity = capacity
     return config
@@ -49,7 +51,7 @@ def counting(base):
     return Counting
 
 
-def run_both_heads(tmp_path, monkeypatch, method, overrides, epochs=3):
+def run_both_heads(tmp_path, monkeypatch, method, overrides, epochs=2):
     """`method`'s results and trace counts with the head widened (0) and with capacity, by head."""
     cls = counting(METHODS[method])
     monkeypatch.setitem(METHODS, cls.name, cls)
