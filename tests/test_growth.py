@@ -14,7 +14,10 @@ from incremental.phase import model as phase_model
 
 
 def small_config(method, epochs=10):
+    """3 phases of 4 + 3 + 3 digits: last accuracy finetune 0.289, DER 0.944, MEMO 0.933 (seed 0;
+    with digits' 5 phases of 2: 0.200, 0.931, 0.922, at twice the compile time)."""
     config = digits.get_config(f"method={method}")
+    config.protocol.init_classes, config.protocol.increment = 4, 3
     config.train.epochs = config.train_first.epochs = epochs
     config.log.progress = config.log.plot = False
     return config
@@ -70,7 +73,7 @@ def test_old_branches_are_frozen_and_keep_their_features(tmp_path):
     data, protocol, method = load.validate(config, str(tmp_path))
     first = run_lib.train_phase(config, method, data, protocol, 0, None, method.init_state())
     x = device.normalize(data.x_test[:50], data.norm)
-    model0 = phase_model.phase_model(config, method, PhaseInfo(0, 0, 2), final=True)
+    model0 = phase_model.phase_model(config, method, PhaseInfo(0, 0, 4), final=True)
     feats0 = np.asarray(model0.apply(first.variables, x, train=False)[0])
     old = jax.tree.map(np.array, first.variables["params"]["backbone"]["branch_0"])
     # (phase 1's training donates the carried arrays, hence the copies above)
@@ -82,12 +85,12 @@ def test_old_branches_are_frozen_and_keep_their_features(tmp_path):
         np.array_equal(a, b)
         for a, b in zip(jax.tree.leaves(old), jax.tree.leaves(new["branch_1"]), strict=True)
     )
-    model1 = phase_model.phase_model(config, method, PhaseInfo(1, 2, 2), final=True)
+    model1 = phase_model.phase_model(config, method, PhaseInfo(1, 4, 3), final=True)
     feats1, _ = model1.apply(second.variables, x, train=False)
     np.testing.assert_array_equal(feats1[:, : feats0.shape[1]], feats0)
     # Weight aligning (PyCIL): the phase ends with the new classes' mean weight norm the old ones'.
     norms = np.linalg.norm(np.asarray(second.variables["params"]["head"]["kernel"]), axis=0)
-    assert norms[2:].mean() == pytest.approx(norms[:2].mean(), rel=1e-5)
+    assert norms[4:].mean() == pytest.approx(norms[:4].mean(), rel=1e-5)
 
 
 def test_weight_aligning_scales_only_the_new_columns():
