@@ -74,7 +74,7 @@ from incremental.methods.base import (
     phase_data,
 )
 from incremental.methods.l2p import masked_logits_problem
-from incremental.methods.ncm import l2_normalize
+from incremental.methods.ncm import class_counts, l2_normalize
 from incremental.models.vit import AdapterSet
 
 
@@ -110,13 +110,7 @@ def subspace_weights(class_phase_C: np.ndarray, num_sets: int, alpha: float) -> 
 
 def new_prototypes(feats_NxF: np.ndarray, labels_N: np.ndarray, num_new: int) -> np.ndarray:
     """(num_new, F) mean features of classes 0..num_new-1; a ValueError if one has no example."""
-    counts = np.bincount(labels_N, minlength=num_new)
-    if len(counts) > num_new or not counts.all():
-        raise ValueError(
-            f"ease needs training examples of every new class (and of no other) for its "
-            f"prototypes; counts per class: {counts.tolist()}. Check the dataset's class subset "
-            "and the protocol."
-        )
+    counts = class_counts(labels_N, num_new)
     sums = np.zeros((num_new, feats_NxF.shape[1]))
     np.add.at(sums, labels_N, feats_NxF)
     return sums / counts[:, None]

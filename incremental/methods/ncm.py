@@ -47,14 +47,21 @@ def _sums_of_normalized(feats_NxD: jax.Array, onehot_NxK: jax.Array) -> jax.Arra
     return jnp.dot(onehot_NxK.T, l2_normalize(feats_NxD), precision=jax.lax.Precision.HIGHEST)
 
 
-def class_means(feats_NxD: np.ndarray, labels_N: np.ndarray, num_classes: int) -> jax.Array:
-    """(num_classes, D) re-normalised means of the L2-normalised features of classes 0..num_classes-1."""
+def class_counts(labels_N: np.ndarray, num_classes: int) -> np.ndarray:
+    """(num_classes,) examples per class; a ValueError unless every class in [0, num_classes) has
+    some and no label lies outside."""
     counts = np.bincount(labels_N, minlength=num_classes)
     if len(counts) > num_classes or not counts.all():
         raise ValueError(
             f"Every class in [0, {num_classes}) needs training examples to have a mean; counts per "
             f"class: {counts.tolist()}. Check the dataset's class subset and the protocol."
         )
+    return counts
+
+
+def class_means(feats_NxD: np.ndarray, labels_N: np.ndarray, num_classes: int) -> jax.Array:
+    """(num_classes, D) re-normalised means of the L2-normalised features of classes 0..num_classes-1."""
+    counts = class_counts(labels_N, num_classes)
     onehot_NxK = jax.nn.one_hot(labels_N, num_classes, dtype=jnp.float32)
     sums_KxD = _sums_of_normalized(jnp.asarray(feats_NxD, jnp.float32), onehot_NxK)
     return l2_normalize(sums_KxD / jnp.asarray(counts, jnp.float32)[:, None])
