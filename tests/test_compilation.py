@@ -1,6 +1,10 @@
 """The persistent compilation cache: a second run reads its programs instead of compiling them."""
 
+import os
+import time
+
 import jax
+import pytest
 from jax.experimental.compilation_cache import compilation_cache
 
 from configs import digits
@@ -31,3 +35,29 @@ def test_second_run_reads_compiled_programs_from_the_cache(tmp_path):
 
 def test_the_cache_can_be_turned_off():
     assert compilation.use_cache("") is None
+
+
+def test_the_suites_kept_compile_cache_keeps_the_newest_files_within_its_limit(tmp_path):
+    import conftest  # the suite's own module: its cache of compiled programs outlives the session
+
+    for age, name in enumerate(["old", "middle", "new"]):
+        path = tmp_path / name
+        path.write_bytes(b"x" * 10)
+        os.utime(path, (1000 + age, 1000 + age))
+    conftest.keep_newest(str(tmp_path), 25)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["middle", "new"]
+    conftest.keep_newest(str(tmp_path), 20)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["middle", "new"]
+
+
+def test_the_suite_compiles_into_its_kept_cache():
+    kept = os.path.join(os.environ["INCREMENTAL_CACHE"], "jax")
+    if not os.path.islink(kept):
+        pytest.skip("no kept cache: -p no:cacheprovider or a given INCREMENTAL_TEST_CACHE")
+    target = os.path.realpath(kept)
+    assert target.endswith(os.path.join(".pytest_cache", "d", "incremental-jax"))
+    assert compilation.use_cache("auto") == kept
+    before = set(os.listdir(target))
+    new = float(time.time_ns() % 1_000_003)  # a constant no earlier session compiled
+    jax.jit(lambda x: x * 3.0 + new)(jax.numpy.arange(7.0)).block_until_ready()
+    assert set(os.listdir(target)) - before
