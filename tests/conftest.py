@@ -54,14 +54,18 @@ def keep_newest(directory: str, limit: int) -> None:
 @pytest.hookimpl(trylast=True)  # after `--cache-clear` has emptied pytest's cache
 def pytest_configure(config):
     """The session's compile cache ($INCREMENTAL_CACHE/jax) is pytest's kept directory."""
-    if not OWN_CACHE or os.environ.get("PYTEST_XDIST_WORKER") or not hasattr(config, "cache"):
-        return  # a given cache, an xdist worker (its controller did this) or no cacheprovider
+    kept = os.path.join(os.environ["INCREMENTAL_CACHE"], "jax")
+    if os.environ.get("PYTEST_XDIST_WORKER") and os.path.islink(kept):
+        os.makedirs(os.path.realpath(kept), exist_ok=True)  # a worker's --cache-clear removed it
+        return
+    if not OWN_CACHE or not hasattr(config, "cache"):
+        return  # a given cache or no cacheprovider
     try:
         compiled = str(config.cache.mkdir("incremental-jax"))
         keep_newest(compiled, COMPILED_BYTES)
     except OSError:  # a read-only checkout: compile into the temporary cache
         return
-    os.symlink(compiled, os.path.join(os.environ["INCREMENTAL_CACHE"], "jax"))
+    os.symlink(compiled, kept)
 
 
 @pytest.fixture
