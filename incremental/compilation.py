@@ -23,14 +23,19 @@ CACHE_HIT = "/jax/compilation_cache/cache_hits"
 
 
 def use_cache(setting: str) -> str | None:
-    """Turns on the persistent cache in `setting` ("auto": $INCREMENTAL_CACHE/jax; "": off).
+    """Turns on the persistent cache in `setting` ("auto": $INCREMENTAL_COMPILE_CACHE if set, else
+    $INCREMENTAL_CACHE/jax; "": off).
 
     Every program is cached, however fast it compiled; returns the directory, or None when off. The
     directory is not pruned (a digits run adds about 1 MB); delete it to reclaim the space.
     """
     if not setting:
         return None
-    directory = os.path.join(sources.cache_root(), "jax") if setting == "auto" else setting
+    directory = setting
+    if setting == "auto":
+        directory = os.environ.get("INCREMENTAL_COMPILE_CACHE") or os.path.join(
+            sources.cache_root(), "jax"
+        )
     if jax.config.jax_compilation_cache_dir != directory:
         jax.config.update("jax_compilation_cache_dir", directory)
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)

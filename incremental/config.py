@@ -105,7 +105,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.method_args = ml_collections.ConfigDict()  # the method's hyper-parameters (dataclass fields)
     c.dtype = "float32"  # computation dtype; parameters and optimizer state stay float32
     # JAX's persistent compilation cache, so a second or resumed run does not compile again:
-    # "auto" is $INCREMENTAL_CACHE/jax (default ~/.cache/incremental/jax); "" turns it off.
+    # "auto" is $INCREMENTAL_COMPILE_CACHE, else $INCREMENTAL_CACHE/jax (~/.cache/incremental/jax).
     c.compile_cache = "auto"
     c.parallel = ml_collections.ConfigDict()
     c.parallel.devices = 0  # data-parallel over this many devices (0: all)

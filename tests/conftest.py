@@ -19,6 +19,7 @@ OWN_CACHE = "INCREMENTAL_TEST_CACHE" not in os.environ
 if OWN_CACHE:
     os.environ["INCREMENTAL_TEST_CACHE"] = tempfile.mkdtemp(prefix="incremental-tests-")
     atexit.register(shutil.rmtree, os.environ["INCREMENTAL_TEST_CACHE"], ignore_errors=True)
+    os.environ.pop("INCREMENTAL_COMPILE_CACHE", None)  # never the user's; see pytest_configure
 os.environ["INCREMENTAL_CACHE"] = os.environ["INCREMENTAL_TEST_CACHE"]
 
 import jax  # noqa: E402
@@ -53,19 +54,22 @@ def keep_newest(directory: str, limit: int) -> None:
 
 @pytest.hookimpl(trylast=True)  # after `--cache-clear` has emptied pytest's cache
 def pytest_configure(config):
-    """The session's compile cache ($INCREMENTAL_CACHE/jax) is pytest's kept directory."""
-    kept = os.path.join(os.environ["INCREMENTAL_CACHE"], "jax")
-    if os.environ.get("PYTEST_XDIST_WORKER") and os.path.islink(kept):
-        os.makedirs(os.path.realpath(kept), exist_ok=True)  # a worker's --cache-clear removed it
+    """Programs compile into pytest's kept directory ($INCREMENTAL_COMPILE_CACHE, which the
+    workers and the processes tests start inherit; JAX's cache keys depend on its path, so the
+    path stays the same from session to session)."""
+    kept = os.environ.get("INCREMENTAL_COMPILE_CACHE")
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        if kept:  # a worker's --cache-clear removed what its controller made
+            os.makedirs(kept, exist_ok=True)
         return
     if not OWN_CACHE or not hasattr(config, "cache"):
-        return  # a given cache or no cacheprovider
+        return  # a given cache or no cacheprovider: compile into the session's temporary cache
     try:
         compiled = str(config.cache.mkdir("incremental-jax"))
         keep_newest(compiled, COMPILED_BYTES)
-    except OSError:  # a read-only checkout: compile into the temporary cache
+    except OSError:  # a read-only checkout
         return
-    os.symlink(compiled, kept)
+    os.environ["INCREMENTAL_COMPILE_CACHE"] = compiled
 
 
 @pytest.fixture

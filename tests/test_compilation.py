@@ -51,13 +51,12 @@ def test_the_suites_kept_compile_cache_keeps_the_newest_files_within_its_limit(t
 
 
 def test_the_suite_compiles_into_its_kept_cache():
-    kept = os.path.join(os.environ["INCREMENTAL_CACHE"], "jax")
-    if not os.path.islink(kept):
+    kept = os.environ.get("INCREMENTAL_COMPILE_CACHE")
+    if not kept:
         pytest.skip("no kept cache: -p no:cacheprovider or a given INCREMENTAL_TEST_CACHE")
-    target = os.path.realpath(kept)
-    assert target.endswith(os.path.join(".pytest_cache", "d", "incremental-jax"))
+    assert kept.endswith(os.path.join(".pytest_cache", "d", "incremental-jax"))
     assert compilation.use_cache("auto") == kept
-    before = set(os.listdir(target))
+    before = set(os.listdir(kept))
     new = float(time.time_ns() % 1_000_003)  # a constant no earlier session compiled
     jax.jit(lambda x: x * 3.0 + new)(jax.numpy.arange(7.0)).block_until_ready()
-    assert set(os.listdir(target)) - before
+    assert set(os.listdir(kept)) - before
