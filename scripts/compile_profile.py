@@ -20,12 +20,10 @@ import time
 
 import pytest
 
+from incremental import compilation
+
 OUT = os.environ.get("COMPILE_PROFILE", "/tmp/incremental-compile-profile")
-DURATIONS = {
-    "/jax/core/compile/backend_compile_duration": "xla",
-    "/jax/core/compile/jaxpr_trace_duration": "trace",
-    "/jax/core/compile/jaxpr_to_mlir_module_duration": "lower",
-}
+DURATIONS = dict(zip(compilation.EVENTS, ("trace", "lower", "xla"), strict=True))
 COLUMNS = ("wall", "xla", "trace", "lower", "compiles", "hits")
 
 _stats: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
@@ -36,12 +34,12 @@ def _duration(event: str, seconds: float, **kwargs) -> None:
     del kwargs
     if event in DURATIONS:
         _stats[_test[0]][DURATIONS[event]] += seconds
-        _stats[_test[0]]["compiles"] += event.endswith("backend_compile_duration")
+        _stats[_test[0]]["compiles"] += DURATIONS[event] == "xla"
 
 
 def _event(event: str, **kwargs) -> None:
     del kwargs
-    _stats[_test[0]]["hits"] += event == "/jax/compilation_cache/cache_hits"
+    _stats[_test[0]]["hits"] += event == compilation.CACHE_HIT
 
 
 def pytest_configure(config):
