@@ -27,14 +27,17 @@ DURATIONS = dict(zip(compilation.EVENTS, ("trace", "lower", "xla"), strict=True)
 COLUMNS = ("wall", "xla", "trace", "lower", "compiles", "hits")
 
 _stats: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
+_programs: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
 _test = ["<collection>"]
 
 
-def _duration(event: str, seconds: float, **kwargs) -> None:
+def _duration(event: str, seconds: float, fun_name: str = "?", **kwargs) -> None:
     del kwargs
     if event in DURATIONS:
         _stats[_test[0]][DURATIONS[event]] += seconds
         _stats[_test[0]]["compiles"] += DURATIONS[event] == "xla"
+        _programs[fun_name][DURATIONS[event]] += seconds
+        _programs[fun_name]["compiles"] += DURATIONS[event] == "xla"
 
 
 def _event(event: str, **kwargs) -> None:
@@ -66,10 +69,18 @@ def pytest_sessionfinish(session):
     worker = os.environ.get("PYTEST_XDIST_WORKER", "main")
     with open(os.path.join(OUT, f"{worker}.json"), "w") as f:
         json.dump({test: dict(counts) for test, counts in _stats.items()}, f)
+    with open(os.path.join(OUT, f"{worker}.programs"), "w") as f:
+        json.dump({name: dict(counts) for name, counts in _programs.items()}, f)
+
+
+def _compile_seconds(counts: collections.Counter) -> float:
+    return counts["trace"] + counts["lower"] + counts["xla"]
 
 
 def main(directory: str = OUT, rows: int = 30) -> None:
-    """Prints the totals, then the test files with the longest wall time."""
+    """Prints the totals, the test files with the longest wall time, then the programs (by the
+    name JAX compiles them under: `jit(concatenate)` is an eager `jnp.concatenate`) that took the
+    most compile seconds."""
     per_file: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
     for path in glob.glob(os.path.join(directory, "*.json")):
         with open(path) as f:
@@ -80,6 +91,17 @@ def main(directory: str = OUT, rows: int = 30) -> None:
     print(f"{'file':44s}" + "".join(f"{c:>9s}" for c in COLUMNS))
     for name, counts in sorted(per_file.items(), key=lambda kv: -kv[1]["wall"])[:rows]:
         print(f"{name:44s}" + "".join(f"{counts[c]:9.1f}" for c in COLUMNS))
+    programs: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
+    for path in glob.glob(os.path.join(directory, "*.programs")):
+        with open(path) as f:
+            for name, counts in json.load(f).items():
+                programs[name].update(counts)
+    print(f"\n{'program':44s}" + "".join(f"{c:>9s}" for c in ("seconds", *COLUMNS[1:5])))
+    for name, counts in sorted(programs.items(), key=lambda kv: -_compile_seconds(kv[1]))[:rows]:
+        print(
+            f"{name[:44]:44s}{_compile_seconds(counts):9.1f}"
+            + "".join(f"{counts[c]:9.1f}" for c in COLUMNS[1:5])
+        )
 
 
 if __name__ == "__main__":
