@@ -1,4 +1,4 @@
-"""The pre-trained-model methods on a tiny ViT over digits, 3 phases: SimpleCIL is the nearest
+"""The pre-trained-model methods on a tiny ViT over digits, 2 phases: SimpleCIL is the nearest
 prototype over a backbone that never moves, RanPAC's head is the joint ridge solution on the
 projected features, and L2P trains only its prompts, keys and head, pulls the selected keys to their
 queries, and gets its query without a second forward pass in the compiled step."""
@@ -24,10 +24,9 @@ from incremental.phase import model as phase_model
 from incremental.train.step import make_loss
 
 TINY = {"width": 32, "depth": 2, "heads": 2, "mlp_dim": 64, "patch": 4, "resize": 16}
-SIZES = (4, 3, 3)
-# Two phases where each phase compiles its own step (the phase's prompt or slice is static): phase 1
-# already shows what changes, what stays and what is still unused.
-SIZES_OF = {"coda_prompt": (4, 6), "dualprompt": (4, 6)}
+# Two phases: phase 1 already shows what changes, what stays and what is still unused, and every
+# method's run shares its shapes (and so its compiled programs) with the others'.
+SIZES = (4, 6)
 ARGS = {
     "simplecil": {},
     "ranpac": {"projection_dim": 256},
@@ -46,7 +45,7 @@ ARGS = {
 def config_for(method, **method_args):
     config = digits.get_config(f"method={method},model=vit")
     config.model.kwargs = dict(TINY)
-    config.protocol.phase_sizes = ",".join(map(str, SIZES_OF.get(method, SIZES)))
+    config.protocol.phase_sizes = ",".join(map(str, SIZES))
     config.train.epochs = config.train_first.epochs = 1
     config.train.milestones = config.train_first.milestones = ()
     config.log.progress = config.log.plot = False
@@ -62,7 +61,7 @@ def config_for(method, **method_args):
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """One 3-phase run of each method from a random-init ViT, shared below: (results, workdir)."""
+    """One 2-phase run of each method from a random-init ViT, shared below: (results, workdir)."""
     out = {}
     for method in ARGS:
         workdir = str(tmp_path_factory.mktemp(method))
@@ -321,7 +320,7 @@ def test_dualprompt_trains_the_phases_e_prompt_its_key_and_the_g_prompt(runs):
     _, workdir = runs["dualprompt"]
     rs, _, _ = restored(workdir, 0)
     before = initial_params(rs)
-    for phase in range(len(SIZES_OF["dualprompt"])):
+    for phase in range(len(SIZES)):
         _, params, _ = restored(workdir, phase)
         backbone, old = params["backbone"], before["backbone"]
         assert_trees_equal(without_prompts(backbone), without_prompts(old))
@@ -352,7 +351,7 @@ def test_coda_prompt_trains_only_its_phases_slice_of_components(runs):
     _, workdir = runs["coda_prompt"]
     rs, _, _ = restored(workdir, 0)
     before = initial_params(rs)
-    for phase in range(len(SIZES_OF["coda_prompt"])):
+    for phase in range(len(SIZES)):
         _, params, _ = restored(workdir, phase)
         backbone, old = params["backbone"], before["backbone"]
         assert_trees_equal(without_prompts(backbone), without_prompts(old))
