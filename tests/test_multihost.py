@@ -40,7 +40,8 @@ def free_port() -> int:
 
 
 def launch(process_id, num_processes, port, workdir, stop_after=None):
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one CPU device each
+    flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if "device_count" not in f]
+    env = {**os.environ, "XLA_FLAGS": " ".join(flags)}  # one CPU device each
     stop = "" if stop_after is None else str(stop_after)
     args = [str(process_id), str(num_processes), str(port), str(workdir), stop]
     return subprocess.Popen(

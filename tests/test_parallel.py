@@ -67,7 +67,8 @@ print(json.dumps(out))
 
 @pytest.fixture(scope="module")
 def four_devices(tmp_path_factory):
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+    flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=4"
+    env = {**os.environ, "XLA_FLAGS": flags}
     workdir = tmp_path_factory.mktemp("parallel")
     proc = subprocess.run(
         [sys.executable, "-c", SCRIPT, str(workdir)],
