@@ -1,11 +1,13 @@
 """Where the test suite spends its compile time: a pytest plugin, and the summary of what it saw.
 
     PYTHONPATH=scripts python -m pytest -p compile_profile -p no:cacheprovider   # cold: no kept cache
-    python scripts/compile_profile.py                                            # seconds per file
+    python scripts/compile_profile.py [DIR [ROWS]]                              # seconds per file
 
 Each test process (every xdist worker) counts, per test, JAX's compiles and their seconds (tracing,
 lowering, XLA), the programs read from the persistent cache, and the test's wall time, and writes
-them to $COMPILE_PROFILE (default /tmp/incremental-compile-profile/<worker>.json). Processes that
+them to $COMPILE_PROFILE (default /tmp/incremental-compile-profile/<worker>.json); the same seconds
+per program, by its name and the innermost line of the package or the tests that compiled it, go
+to <worker>.programs beside it. Processes that
 tests start (the command-line tests) are not seen: their time shows only in their test's wall time.
 """
 
@@ -17,6 +19,7 @@ import json
 import os
 import sys
 import time
+import traceback
 
 import pytest
 
@@ -29,6 +32,17 @@ COLUMNS = ("wall", "xla", "trace", "lower", "compiles", "hits")
 _stats: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
 _programs: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
 _test = ["<collection>"]
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _site() -> str:
+    """The innermost line of the repository's own code (the package or the tests) on the stack:
+    where an eager op ran or a jitted function was called."""
+    for frame in reversed(traceback.extract_stack()):
+        path = os.path.relpath(frame.filename, ROOT)
+        if path.startswith(("incremental", "tests")) and "site-packages" not in path:
+            return f"{path}:{frame.lineno}"
+    return "?"
 
 
 def _duration(event: str, seconds: float, fun_name: str = "?", **kwargs) -> None:
@@ -36,8 +50,9 @@ def _duration(event: str, seconds: float, fun_name: str = "?", **kwargs) -> None
     if event in DURATIONS:
         _stats[_test[0]][DURATIONS[event]] += seconds
         _stats[_test[0]]["compiles"] += DURATIONS[event] == "xla"
-        _programs[fun_name][DURATIONS[event]] += seconds
-        _programs[fun_name]["compiles"] += DURATIONS[event] == "xla"
+        program = _programs[f"{fun_name} {_site()}"]
+        program[DURATIONS[event]] += seconds
+        program["compiles"] += DURATIONS[event] == "xla"
 
 
 def _event(event: str, **kwargs) -> None:
@@ -78,9 +93,9 @@ def _compile_seconds(counts: collections.Counter) -> float:
 
 
 def main(directory: str = OUT, rows: int = 30) -> None:
-    """Prints the totals, the test files with the longest wall time, then the programs (by the
-    name JAX compiles them under: `jit(concatenate)` is an eager `jnp.concatenate`) that took the
-    most compile seconds."""
+    """Prints the totals, the test files with the longest wall time, then the programs that took
+    the most compile seconds: by the name JAX compiles them under (`jit(concatenate)` is an eager
+    `jnp.concatenate`), and by the line that compiled them."""
     per_file: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
     for path in glob.glob(os.path.join(directory, "*.json")):
         with open(path) as f:
@@ -91,18 +106,26 @@ def main(directory: str = OUT, rows: int = 30) -> None:
     print(f"{'file':44s}" + "".join(f"{c:>9s}" for c in COLUMNS))
     for name, counts in sorted(per_file.items(), key=lambda kv: -kv[1]["wall"])[:rows]:
         print(f"{name:44s}" + "".join(f"{counts[c]:9.1f}" for c in COLUMNS))
-    programs: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
+    by_name: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
+    by_site: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
     for path in glob.glob(os.path.join(directory, "*.programs")):
         with open(path) as f:
-            for name, counts in json.load(f).items():
-                programs[name].update(counts)
-    print(f"\n{'program':44s}" + "".join(f"{c:>9s}" for c in ("seconds", *COLUMNS[1:5])))
-    for name, counts in sorted(programs.items(), key=lambda kv: -_compile_seconds(kv[1]))[:rows]:
+            for key, counts in json.load(f).items():
+                name, site = key.rsplit(" ", 1)
+                by_name[name].update(counts)
+                by_site[site].update(counts)
+    _table("program", by_name, rows)
+    _table("where (innermost line of the package or tests)", by_site, rows)
+
+
+def _table(title: str, counts_by: dict[str, collections.Counter], rows: int) -> None:
+    print(f"\n{title[:60]:60s}" + "".join(f"{c:>9s}" for c in ("seconds", *COLUMNS[1:5])))
+    for key, counts in sorted(counts_by.items(), key=lambda kv: -_compile_seconds(kv[1]))[:rows]:
         print(
-            f"{name[:44]:44s}{_compile_seconds(counts):9.1f}"
+            f"{key[-60:]:60s}{_compile_seconds(counts):9.1f}"
             + "".join(f"{counts[c]:9.1f}" for c in COLUMNS[1:5])
         )
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:2])
+    main(*sys.argv[1:2], *map(int, sys.argv[2:3]))
