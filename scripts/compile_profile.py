@@ -7,8 +7,8 @@ Each test process (every xdist worker) counts, per test, JAX's compiles and thei
 lowering, XLA), the programs read from the persistent cache, and the test's wall time, and writes
 them to $COMPILE_PROFILE (default /tmp/incremental-compile-profile/<worker>.json); the same seconds
 per program, by its name and the innermost line of the package or the tests that compiled it, go
-to <worker>.programs beside it. Processes that
-tests start (the command-line tests) are not seen: their time shows only in their test's wall time.
+to <worker>.programs beside it. Processes that tests start (the command-line tests) are not seen:
+their time shows only in their test's wall time.
 """
 
 from __future__ import annotations
@@ -47,12 +47,12 @@ def _site() -> str:
 
 def _duration(event: str, seconds: float, fun_name: str = "?", **kwargs) -> None:
     del kwargs
-    if event in DURATIONS:
-        _stats[_test[0]][DURATIONS[event]] += seconds
-        _stats[_test[0]]["compiles"] += DURATIONS[event] == "xla"
-        program = _programs[f"{fun_name} {_site()}"]
-        program[DURATIONS[event]] += seconds
-        program["compiles"] += DURATIONS[event] == "xla"
+    if event not in DURATIONS:
+        return
+    kind = DURATIONS[event]
+    for counts in (_stats[_test[0]], _programs[f"{fun_name} {_site()}"]):
+        counts[kind] += seconds
+        counts["compiles"] += kind == "xla"
 
 
 def _event(event: str, **kwargs) -> None:

@@ -392,7 +392,6 @@ def test_a_prompt_method_starts_from_a_pretrained_vit_and_keeps_its_prompts(tmp_
     from incremental.models import vit_weights
 
     config = config_for("l2p")
-    config.protocol.phase_sizes = "4,6"
     given = build_backbone("vit", **TINY).init(
         jax.random.PRNGKey(5), jnp.zeros((1, 8, 8, 1)), train=False
     )["params"]
