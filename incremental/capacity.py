@@ -13,8 +13,9 @@ head has C columns throughout, and one train program and one eval program serve 
 - the train epoch takes the whole training set, once, and each phase as `train.PhaseArgs` (the rows
   it trains on, the class counts), or in a streamed run (`dataset.stream`) the phase's host stream
   and the same `PhaseArgs`; the learning rate and weight decay are numbers in the optimizer
-  state that the step sets (`train.phase_hyperparams`), and the epoch order for a traced number of
-  examples is the widening path's (`device.batch_indices`);
+  state that the step sets (`train.phase_hyperparams`) from the phase's settings, which are inputs
+  too (`train.phase_arrays`: runs that differ only in them share the program), and the epoch order
+  for a traced number of examples is the widening path's (`device.batch_indices`);
 - evaluation scores the whole test set, a fixed shape, and keeps the seen classes' examples.
 
 A method opts in with `Method.dynamic_phase` (every method but the growth methods der, memo and
@@ -125,8 +126,11 @@ def add_classes(variables: PyTree, info: PhaseInfo, widen: Callable[[PyTree], Py
     return {**widened, "params": params}
 
 
-def phase_args(info: PhaseInfo, rows: np.ndarray, num_slots: int) -> train.PhaseArgs:
-    """The phase as `train.PhaseArgs`: its counts and its training rows, padded to `num_slots`."""
+def phase_args(
+    info: PhaseInfo, rows: np.ndarray, num_slots: int, hparams: train.PhaseHparams
+) -> train.PhaseArgs:
+    """The phase as `train.PhaseArgs`: its counts, its training rows padded to `num_slots`, and its
+    settings `hparams` (`train.phase_arrays`)."""
     if len(rows) > num_slots:
         raise ValueError(
             f"Phase {info.phase} trains on {len(rows)} examples, more than the {num_slots} of the "
@@ -141,6 +145,7 @@ def phase_args(info: PhaseInfo, rows: np.ndarray, num_slots: int) -> train.Phase
         scalar(info.num_new),
         scalar(len(rows)),
         jnp.asarray(padded),
+        hparams,
     )
 
 

@@ -131,9 +131,14 @@ def main() -> int:
     parser.add_argument("--check", help="compare with the documents in this file")
     parser.add_argument("--update", help="re-record --methods in this existing file")
     parser.add_argument("--quick", action="store_true", help="the tests' shortened runs")
-    parser.add_argument("--methods", default="", help="comma-separated subset (default: all)")
+    parser.add_argument(
+        "--methods", default="", help="comma-separated subset (default: --check's, or all)"
+    )
     args = parser.parse_args()
     names = args.methods.split(",") if args.methods else sorted(METHODS)
+    if args.check and not args.methods:  # the methods recorded there (not the ViT-only ones)
+        with open(args.check) as f:
+            names = sorted(set(json.load(f)) - {ENVIRONMENT})
     actual = record(names, args.quick)
     if args.out:
         with open(args.out, "w") as f:

@@ -1,6 +1,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from configs import digits
@@ -9,6 +10,7 @@ from incremental import run as run_lib
 from incremental.data import device
 from incremental.methods import METHODS
 from incremental.phase import load
+from incremental.train.optim import NEVER
 
 
 def tiny_config(method="finetune", epochs=3):
@@ -114,22 +116,36 @@ def test_schedules_follow_epoch_milestones(kind):
 
 @pytest.mark.parametrize("kind", ["multistep", "cosine", "constant"])
 def test_schedules_give_the_same_rates_for_a_traced_epoch_length(kind):
-    """A program compiled once for phases of any length (head.capacity) gets each phase's rates."""
-    hp = train.PhaseHparams(epochs=7, lr=0.1, milestones=(3, 5), weight_decay=0.0)
+    """A program compiled once for phases of any length (head.capacity), whose learning rate and
+    milestones are inputs too (padded with milestones no epoch reaches), gets each phase's rates."""
+    hp = train.PhaseHparams(epochs=7, lr=0.1, milestones=(5, 3), weight_decay=0.0)
+    padded = jnp.asarray([3, 5, NEVER, NEVER], jnp.int32)
     steps = jnp.arange(7 * 13 + 4, dtype=jnp.int32)
     for per_epoch in (1, 5, 13):
         static = jax.jit(jax.vmap(train.make_schedule(kind, hp, per_epoch, 0.1)))(steps)
         traced = jax.jit(
-            lambda s, n: jax.vmap(train.make_schedule(kind, hp, n, 0.1))(s)  # noqa: B023
-        )(steps, jnp.int32(per_epoch))
+            lambda s, n, lr, bounds: jax.vmap(
+                train.make_schedule(kind, hp._replace(lr=lr, milestones=bounds), n, 0.1)
+            )(s)
+        )(steps, jnp.int32(per_epoch), jnp.float32(hp.lr), padded)
         np.testing.assert_array_equal(np.asarray(traced), np.asarray(static))
+        if kind == "multistep":  # bit for bit optax's schedule of both milestones at once
+            whole = optax.piecewise_constant_schedule(0.1, {3: 0.1, 5: 0.1})
+            reference = jax.jit(lambda s: whole(s // per_epoch))(steps)  # noqa: B023
+            np.testing.assert_array_equal(np.asarray(static), np.asarray(reference))
+    if kind == "multistep":  # the milestones act: 0.1 before epoch 3, 0.01 to 5, 0.001 after
+        rates = np.asarray(static)[[0, 3 * 13, 5 * 13]]
+        np.testing.assert_allclose(rates, [0.1, 0.01, 0.001], rtol=1e-6)
 
 
 def test_phase_hyperparams_take_phase_0s_settings_then_the_later_ones():
     config = tiny_config()
     config.train_first.lr, config.train.lr = 0.5, 0.05
     config.train_first.weight_decay, config.train.weight_decay = 1e-3, 5e-4
-    values = jax.jit(train.phase_hyperparams(config))
+    hyperparams = jax.jit(train.phase_hyperparams(config))
+    values = lambda phase, step, per_epoch: hyperparams(  # noqa: E731
+        phase, train.phase_arrays(config, phase), step, per_epoch
+    )
     first, later = values(0, 0, 4), values(2, 0, 4)
     assert float(first["learning_rate"]) == np.float32(0.5)
     assert float(later["learning_rate"]) == np.float32(0.05)

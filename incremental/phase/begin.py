@@ -108,7 +108,9 @@ def begin(
     if capacity.width(config):  # the phase as PhaseArgs: rows of the whole set, the class counts
         # One program per distinct setup (a method may freeze the backbone after phase 0, say).
         epoch_fn = programs.get(("train", setup), build)
-        args = parallel.replicate(capacity.phase_args(info, idx, len(data.x_train)), mesh)
+        hparams = train.phase_arrays(config, phase)
+        args = capacity.phase_args(info, idx, len(data.x_train), hparams)
+        args = parallel.replicate(args, mesh)
         if config.dataset.stream:  # the phase's host stream is the epoch's input
             x_dev, y_dev = stream_of(config, data, idx, mesh), None
         else:  # the whole training set on the device, once for the run

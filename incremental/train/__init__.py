@@ -20,6 +20,7 @@ from incremental.train.optim import (
     carry_opt_state,
     make_optimizer,
     make_schedule,
+    phase_arrays,
     phase_hparams,
     phase_hyperparams,
 )
@@ -43,6 +44,7 @@ __all__ = [
     "make_schedule",
     "make_train_epoch",
     "phase_hparams",
+    "phase_arrays",
     "phase_hyperparams",
     "run_batched",
 ]

@@ -16,10 +16,13 @@ PyTree = Any
 OPTIMIZERS = ("sgd", "adam", "adamw")
 NUM_FROZEN = "num_frozen"  # a dynamic optimizer's number of frozen old head columns
 SCHEDULES = ("multistep", "cosine", "constant")
+MILESTONE_SLOTS = 4  # `phase_arrays` pads the milestones to a multiple of this
+NEVER = 2**30  # a padded milestone: an epoch no run reaches
 
 
 class PhaseHparams(NamedTuple):
-    """The optimisation settings that may differ between phase 0 and later phases."""
+    """The optimisation settings that may differ between phase 0 and later phases: numbers, or
+    arrays (`phase_arrays`) where a program compiled once takes them as inputs."""
 
     epochs: int
     lr: float
@@ -41,12 +44,13 @@ def make_schedule(
     """Per-step learning rate: an optax schedule over epochs, read at `step / steps_per_epoch`.
 
     `steps_per_epoch` may be traced, so a program compiled once for phases of different lengths
-    (`head.capacity`) computes the same rates as one compiled for each phase.
+    (`head.capacity`) computes the same rates as one compiled for each phase; so may `hp.lr` and,
+    for 'multistep', `hp.milestones` (`phase_arrays`), so runs that differ only in them share it.
     """
     if kind == "constant":
         return optax.constant_schedule(hp.lr)
     if kind == "multistep":
-        by_epoch = optax.piecewise_constant_schedule(hp.lr, {m: lr_decay for m in hp.milestones})
+        by_epoch = multistep(hp.lr, hp.milestones, lr_decay)
         return lambda count: by_epoch(count // steps_per_epoch)
     if kind == "cosine":
         by_epoch = optax.cosine_decay_schedule(hp.lr, max(1, hp.epochs))
@@ -54,28 +58,67 @@ def make_schedule(
     raise ValueError(f"Unknown schedule {kind!r}; choose one of {SCHEDULES}.")
 
 
-def phase_hyperparams(config) -> Callable[[jax.Array, jax.Array, jax.Array], dict]:
-    """`(phase, step, steps_per_epoch) -> {'learning_rate', 'weight_decay'}`, all traced.
+def multistep(lr, milestones, lr_decay: float) -> optax.Schedule:
+    """The rate by epoch: `lr` times `lr_decay` at each milestone, by optax's piecewise-constant
+    schedule one milestone at a time, so that the milestones may be an array (sorted, padded with
+    `NEVER`): each boundary multiplies the rate as optax's schedule of all of them does, bit for
+    bit, and a `NEVER` one by exactly 1."""
+    bounds = sorted(set(milestones)) if isinstance(milestones, tuple | list) else milestones
 
-    The hyper-parameters of `make_optimizer(..., dynamic=True)` at a step of any phase: phase 0's
-    from `config.train_first`, later phases' from `config.train`, with the same schedule values as
-    `make_optimizer`'s own.
+    def by_epoch(epoch):
+        rate = lr
+        for bound in bounds:
+            rate = optax.piecewise_constant_schedule(rate, {0: lr_decay})(epoch - bound)
+        return rate
+
+    return by_epoch
+
+
+def milestone_slots(config) -> int:
+    """The length of `phase_arrays`' milestones: a multiple of `MILESTONE_SLOTS` that holds both
+    sections' (one program serves configs with up to `MILESTONE_SLOTS` milestones)."""
+    most = max(len(set(src.milestones)) for src in (config.train_first, config.train))
+    return MILESTONE_SLOTS * max(1, -(-most // MILESTONE_SLOTS))
+
+
+def phase_arrays(config, phase: int) -> PhaseHparams:
+    """`phase_hparams` as arrays, inputs of a train program compiled once (`head.capacity`): the
+    milestones sorted and padded with `NEVER` to `milestone_slots(config)`."""
+    hp = phase_hparams(config, phase)
+    bounds = sorted(set(hp.milestones))
+    bounds += [NEVER] * (milestone_slots(config) - len(bounds))
+    return PhaseHparams(
+        jnp.asarray(hp.epochs, jnp.int32),
+        jnp.asarray(hp.lr, jnp.float32),
+        jnp.asarray(bounds, jnp.int32),
+        jnp.asarray(hp.weight_decay, jnp.float32),
+    )
+
+
+def phase_hyperparams(config) -> Callable[[jax.Array, PhaseHparams, jax.Array, jax.Array], dict]:
+    """`(phase, hp, step, steps_per_epoch) -> {'learning_rate', 'weight_decay'}`, all traced.
+
+    The hyper-parameters of `make_optimizer(..., dynamic=True)` at a step of a phase whose settings
+    are `hp` (`phase_arrays(config, phase)`), with the same values as `make_optimizer`'s own. The
+    program depends on the config only through the schedule's kind, `lr_decay` and, for 'cosine'
+    (whose length optax takes as a number), the sections' epochs.
     """
-    settings = [phase_hparams(config, phase) for phase in (0, 1)]
+    kind, lr_decay = config.train.schedule, config.train.lr_decay
+    epochs = [phase_hparams(config, phase).epochs for phase in (0, 1)]
 
-    def hyperparams(phase, step, steps_per_epoch):
-        values = [
-            {
-                "learning_rate": make_schedule(
-                    config.train.schedule, hp, steps_per_epoch, config.train.lr_decay
-                )(step),
-                "weight_decay": hp.weight_decay,
-            }
-            for hp in settings
-        ]
-        return jax.tree.map(
-            lambda first, later: jnp.where(phase == 0, first, later).astype(jnp.float32), *values
-        )
+    def hyperparams(phase, hp: PhaseHparams, step, steps_per_epoch):
+        if kind == "cosine":
+            first, later = (
+                make_schedule(kind, hp._replace(epochs=e), steps_per_epoch, lr_decay)(step)
+                for e in epochs
+            )
+            rate = jnp.where(phase == 0, first, later)
+        else:
+            rate = make_schedule(kind, hp, steps_per_epoch, lr_decay)(step)
+        return {
+            "learning_rate": jnp.asarray(rate, jnp.float32),
+            "weight_decay": jnp.asarray(hp.weight_decay, jnp.float32),
+        }
 
     return hyperparams
 

@@ -24,7 +24,8 @@ class PhaseArgs(NamedTuple):
     """A phase as arrays, for a train epoch compiled once for every phase (`head.capacity`).
 
     The epoch then takes the whole training set, and trains on the rows `rows[:num_train]` of it;
-    `rows` has a fixed length (the training set's), padded with zeros.
+    `rows` has a fixed length (the training set's), padded with zeros. The learning rate, weight
+    decay and milestones are inputs too, so phases and runs that differ only in them share it.
     """
 
     phase: jax.Array  # int32 scalars
@@ -32,3 +33,4 @@ class PhaseArgs(NamedTuple):
     num_new: jax.Array
     num_train: jax.Array
     rows: jax.Array  # (slots,) int32
+    hparams: PyTree  # the phase's `train.PhaseHparams` as arrays (`train.phase_arrays`)

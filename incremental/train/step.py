@@ -121,7 +121,7 @@ def make_step(
     """One gradient step on a batch of stored inputs: augment, normalise, update, bookkeeping.
 
     The augmentation key is `device.step_key(state.rng, state.step)`. With `args` the learning rate
-    and weight decay of the step come from `hyperparams(phase, step, steps_per_epoch)`, and the
+    and weight decay of the step come from `hyperparams(phase, hparams, step, steps_per_epoch)`, and the
     number of frozen old head columns (if the optimizer has one) is `args.num_old`.
     """
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
@@ -148,7 +148,7 @@ def make_step(
         opt_state = state.opt_state
         if args is not None:
             per_epoch = -(-args.num_train // batch_size)
-            values = hyperparams(args.phase, state.step, per_epoch)
+            values = hyperparams(args.phase, args.hparams, state.step, per_epoch)
             if NUM_FROZEN in opt_state.hyperparams:  # `PhaseSetup.freeze_old_columns`
                 values[NUM_FROZEN] = args.num_old
             opt_state = opt_state._replace(hyperparams={**opt_state.hyperparams, **values})
