@@ -10,6 +10,7 @@ from incremental import run as run_lib
 from incremental.data import device
 from incremental.methods import METHODS
 from incremental.phase import load
+from incremental.phase import model as phase_model
 from incremental.train.optim import NEVER
 
 
@@ -217,3 +218,20 @@ def test_python_loop_of_steps_gives_the_scans_numbers(tmp_path):
     np.testing.assert_allclose(losses["steps"], losses["scan"], rtol=1e-4)
     flat = {k: np.concatenate(r["accuracy_matrix"]) for k, r in results.items()}
     np.testing.assert_allclose(flat["steps"], flat["scan"], atol=0.02)
+
+
+def test_applying_in_chunks_gives_every_examples_scores_from_a_few_programs(key):
+    """Data of any size runs in calls of `CHUNK` batches, the last padded to a power of two: each
+    example's scores are those of one call over all its batches, and 8 sizes run 4 programs."""
+    model = phase_model.make_model(tiny_config(), 5)
+    x = np.asarray(jax.random.normal(key, (88 * 8, 64)), np.float32)
+    variables = model.init(key, x[:1], train=False)
+    norm = device.Normalizer(np.zeros((1, 64), np.float32), np.ones((1, 64), np.float32))
+    apply = train.make_apply_batches(model, norm, lambda out, _: out.logits)
+    whole = np.asarray(apply(variables, {}, device.padded_batches(x, 8)[0])).reshape(-1, 5)
+    for batches in (1, 3, 4, 5, 7, 17, 33, 88):  # calls of 1; 4; 4; 8; 8; 16+1; 16+16+1; 16*5+8
+        n = 8 * batches - 3
+        scores = train.run_batched(apply, variables, {}, x[:n], 8)
+        np.testing.assert_array_equal(scores, whole[:n])
+    assert train.apply.chunk_sizes(88) == [16] * 5 + [8]
+    assert apply._cache_size() == 1 + 4  # the call over all 88 batches, then 1, 4, 8 and 16

@@ -14,6 +14,8 @@ from incremental.data import device
 from incremental.methods import Outputs
 from incremental.train.step import apply_any_head
 
+CHUNK = 16  # batches per call of an applied function at most
+
 
 def make_apply_batches(
     model: nn.Module,
@@ -51,11 +53,27 @@ def run_batched(
 ):
     """Applies a `make_apply_batches` function to host data in fixed-size batches; returns numpy.
 
-    `args` follow the batches (a masked function's `num_seen`).
+    The batches go in calls of `CHUNK` batches, the last one's count rounded up to a power of two
+    (`chunk_sizes`), so that data of any size (a class's examples, a phase's test set) runs one of
+    a few compiled programs. `args` follow the batches (a masked function's `num_seen`).
     """
     batches, n = device.padded_batches(x, batch_size)
     mesh = parallel.mesh_of(variables)
-    if mesh is not None and jax.process_count() > 1:  # every input must span the same processes
-        batches = parallel.replicate(batches, mesh)
-    out = parallel.to_host(apply_batches(variables, method_state, batches, *args))
+    outs, start = [], 0
+    for size in chunk_sizes(len(batches)):
+        chunk = batches[start : start + size]
+        if len(chunk) < size:  # the last: its first batch again, to a power of two
+            chunk = np.concatenate([chunk, np.repeat(chunk[:1], size - len(chunk), axis=0)])
+        if mesh is not None and jax.process_count() > 1:  # every input must span the processes
+            chunk = parallel.replicate(chunk, mesh)
+        outs.append(apply_batches(variables, method_state, chunk, *args))
+        start += size
+    out = np.concatenate([parallel.to_host(o) for o in outs])
     return out.reshape(-1, *out.shape[2:])[:n]
+
+
+def chunk_sizes(num_batches: int) -> list[int]:
+    """The calls' batch counts for `num_batches`: `CHUNK` each, the last a power of two (at most
+    half of it padding)."""
+    whole, rest = divmod(num_batches, CHUNK)
+    return [CHUNK] * whole + ([1 << (rest - 1).bit_length()] if rest else [])
