@@ -78,10 +78,20 @@ def phase_model(
     return models.classifier(module, width, method.head)
 
 
+@functools.lru_cache(maxsize=64)
+def jitted_init(model) -> Callable:
+    """`model.init` as one program for every initializer (eagerly, each distinct shape would compile
+    its own sampler), made once per model: an equal module built again in the process (the next
+    run of a sweep, a resumed run) neither traces nor lowers it again."""
+    return jax.jit(functools.partial(model.init, train=False))
+
+
 def init_variables(model, x_example: np.ndarray, key: jax.Array) -> PyTree:
     """Fresh `{'params', 'batch_stats'}` of `model` for inputs shaped like `x_example`."""
-    # One program for every initializer (eagerly, each distinct shape compiles its own sampler).
-    init = jax.jit(functools.partial(model.init, train=False))
+    try:
+        init = jitted_init(model)
+    except TypeError:  # a module with an unhashable field: its own program
+        init = jitted_init.__wrapped__(model)
     variables = init(key, jnp.zeros((1, *x_example.shape), jnp.float32))
     variables = flax.core.unfreeze(variables)
     return {"params": variables["params"], "batch_stats": variables.get("batch_stats", {})}
