@@ -45,11 +45,10 @@ def test_capacity_gives_the_widening_numbers_and_compiles_once(
     assert wide["last_accuracy"] > 0  # a real run, not two empty ones
     phases = wide["num_phases"]
     assert phases == 3
-    # The scan traces the step twice (the compile, and the shapes of a skipped step's metrics);
-    # the Python loop once, however many calls and batches a phase takes.
-    per_compile = 1 if overrides.get("train.loop") == "steps" else 2
-    assert counts[0] == {"loss": per_compile * phases, "predict": phases}
-    assert counts[NUM_CLASSES] == {"loss": per_compile * programs, "predict": 1}
+    # The step traces once per program (the scan's shapes of a skipped step's metrics reuse its
+    # trace), however many calls and batches a phase takes.
+    assert counts[0] == {"loss": phases, "predict": phases}
+    assert counts[NUM_CLASSES] == {"loss": programs, "predict": 1}
 
 
 def test_columns_of_unseen_classes_stay_zero_and_seen_ones_train(tmp_path):

@@ -29,6 +29,7 @@ from incremental.train.batches import Gather
 def scan(step: Callable, source: Gather, steps_per_call: int | None) -> Callable:
     """The epoch as one `lax.scan` over the source's batches."""
 
+    @jax.jit  # traced once, for the metrics' shapes and for the loop's body
     def one_step(state, method_state, x_all, y_all, idx_b, weight_b, args):
         x, y = source.batch(x_all, y_all, idx_b, args)
         return step(state, method_state, x, y, weight_b, args)
