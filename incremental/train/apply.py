@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import collections
+import inspect
 from collections.abc import Callable
 
 import jax
@@ -15,6 +17,9 @@ from incremental.methods import Outputs
 from incremental.train.step import apply_any_head
 
 CHUNK = 16  # batches per call of an applied function at most
+KEPT = 64  # functions `make_apply_batches` keeps for equal arguments
+
+_kept: collections.OrderedDict = collections.OrderedDict()
 
 
 def make_apply_batches(
@@ -30,7 +35,42 @@ def make_apply_batches(
     `mask=True` (a head with a column for every class, `head.capacity`): the function takes a
     fourth argument, `num_seen`, and the scores of the classes from `num_seen` on are -inf (the
     logits before `fn`, and `fn`'s class scores after it).
+
+    Equal arguments give the same function, and so its traces and programs: a later run in the
+    process (of a sweep, say) neither traces nor lowers its evaluation again. `fn` is equal to
+    another when both are the same method of equal objects (`method.predict`), or functions of
+    the same code without free variables (`lambda out, _: out.features`).
     """
+    key = reuse_key(model, norm, fn, dtype, mask)
+    if key is None:
+        return build_apply_batches(model, norm, fn, dtype, mask)
+    if key not in _kept:
+        _kept[key] = build_apply_batches(model, norm, fn, dtype, mask)
+        if len(_kept) > KEPT:
+            _kept.popitem(last=False)
+    _kept.move_to_end(key)
+    return _kept[key]
+
+
+def reuse_key(model, norm: device.Normalizer, fn: Callable, dtype, mask: bool):
+    """What makes `make_apply_batches`' function, as a hashable key; None when it has none."""
+    if inspect.ismethod(fn):
+        fn_key = (fn.__self__, fn.__func__)
+    elif inspect.isfunction(fn) and not fn.__closure__:
+        fn_key = fn.__code__
+    else:
+        return None
+    stats = tuple((a.shape, str(a.dtype), a.tobytes()) for a in map(np.asarray, norm))
+    key = (model, stats, fn_key, jnp.dtype(dtype).name, mask)
+    try:
+        hash(key)
+    except TypeError:  # a module or method with an unhashable field
+        return None
+    return key
+
+
+def build_apply_batches(model, norm, fn, dtype, mask: bool) -> Callable:
+    """`make_apply_batches`' function, made anew."""
 
     @jax.jit
     def apply_batches(variables, method_state, x_batches, num_seen=None):
