@@ -28,7 +28,9 @@ def test_second_run_reads_compiled_programs_from_the_cache(tmp_path):
     # The first run finds only what it wrote itself (a compile-once run: its later phases reuse
     # phase 0's programs); the second finds phase 0's too.
     assert hits[1][0] > hits[0][0] and sum(hits[1]) > sum(hits[0]), hits
-    assert all(p["compile_seconds"] > 0 for p in first["phases"])
+    # Phase 0 traces its programs; a later one may find every function it needs already built
+    # in the process (the evaluation's, the model's init), and compile nothing.
+    assert first["phases"][0]["compile_seconds"] > 0
     assert second["accuracy_matrix"] == first["accuracy_matrix"]
 
 
