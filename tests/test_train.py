@@ -156,6 +156,22 @@ def test_phase_hyperparams_take_phase_0s_settings_then_the_later_ones():
     assert float(decayed["learning_rate"]) == pytest.approx(0.005)
 
 
+def test_runs_that_differ_only_in_lr_weight_decay_and_milestones_share_the_program():
+    """The phase's settings are inputs of the compile-once step (`train.phase_arrays`): an lr sweep
+    lowers one program; `lr_decay` is still a constant of it."""
+
+    def lowered(**settings):
+        config = tiny_config()
+        for name, value in settings.items():
+            setattr(config.train, name, value)
+        hyperparams = jax.jit(train.phase_hyperparams(config))
+        return hyperparams.lower(1, train.phase_arrays(config, 1), 0, 4).as_text()
+
+    base = lowered()
+    assert lowered(lr=0.3, weight_decay=0.0, milestones=(2, 5, 7), epochs=9) == base
+    assert lowered(lr_decay=0.5) != base
+
+
 def test_batch_indices_for_a_traced_count_are_the_epochs_batches(key):
     for num, slots, batch in [(10, 10, 4), (10, 37, 4), (3, 50, 8), (300, 1437, 64)]:
         idx, weight = device.batch_indices(key, num, batch)
