@@ -121,8 +121,9 @@ def make_step(
     """One gradient step on a batch of stored inputs: augment, normalise, update, bookkeeping.
 
     The augmentation key is `device.step_key(state.rng, state.step)`. With `args` the learning rate
-    and weight decay of the step come from `hyperparams(phase, hparams, step, steps_per_epoch)`, and the
-    number of frozen old head columns (if the optimizer has one) is `args.num_old`.
+    and weight decay of the step come from `hyperparams(args.phase, args.hparams, step,
+    steps_per_epoch)`, and the number of frozen old head columns (if the optimizer has one) is
+    `args.num_old`.
     """
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
