@@ -41,7 +41,7 @@ import jax
 import jax.numpy as jnp
 from jax.typing import DTypeLike
 
-from incremental.models.layers import check_image_batch
+from incremental.models.layers import LECUN_NORMAL_CONV, check_image_batch
 
 # (width D, depth, heads, MLP width) of the presets, from the ViT and AugReg papers (Ti: Touvron
 # et al. 2021's DeiT-Ti, in the AugReg release as ViT-Ti).
@@ -80,7 +80,7 @@ class PatchEmbedding(nn.Module):
                 f"ViT needs images whose sides are multiples of the patch size {p}, got {h}x{w}; "
                 "set model.kwargs.resize to such a side, or another model.kwargs.patch."
             )
-        kernel = self.param("kernel", nn.initializers.lecun_normal(), (p, p, c, self.width))
+        kernel = self.param("kernel", LECUN_NORMAL_CONV, (p, p, c, self.width))
         bias = self.param("bias", nn.initializers.zeros_init(), (self.width,))
         patches = x_BxHxWxC.reshape(b, h // p, p, w // p, p, c).transpose(0, 1, 3, 2, 4, 5)
         patches_BxNxK = patches.reshape(b, (h // p) * (w // p), p * p * c).astype(self.dtype)
