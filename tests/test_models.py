@@ -10,6 +10,7 @@ import optax
 import pytest
 
 from incremental import surgery
+from incremental.methods import l2p
 from incremental.models import (
     MODELS,
     BasicBlock,
@@ -235,14 +236,21 @@ def test_conv_init_is_kaiming_fan_out():
         (
             layers.KAIMING_FAN_OUT,
             nn.initializers.variance_scaling(2.0, "fan_out", "normal"),
-            [(3, 3, 16, 16), (1, 1, 8, 4)],
+            [(3, 3, 8, 16), (1, 1, 8, 4)],
         ),
         (layers.LECUN_NORMAL_CONV, nn.initializers.lecun_normal(), [(4, 4, 3, 8)]),
+        (
+            layers.drawn_reshaped(nn.initializers.normal(0.02), layers.flat),
+            nn.initializers.normal(0.02),
+            [(1, 17, 32)],
+        ),
+        (l2p.uniform_init, functools.partial(jax.random.uniform, minval=-1.0), [(2, 2, 3, 8)]),
     ],
 )
-def test_kernels_drawn_as_matrices_are_flaxs_draws_bit_for_bit(drawn, flax_init, shapes):
-    """The conv kernels' initializers draw a matrix and reshape it (XLA:CPU compiles that several
-    times faster); the numbers are flax's for the kernel's own shape, in one jitted init."""
+def test_kernels_drawn_in_fewer_axes_are_flaxs_draws_bit_for_bit(drawn, flax_init, shapes):
+    """The conv kernels' initializers draw a matrix and reshape it, the position embeddings' and
+    prompts' a vector (XLA:CPU compiles those several times faster); the numbers are flax's for the
+    parameter's own shape, in one jitted init."""
     keys = list(jax.random.split(jax.random.PRNGKey(4), len(shapes)))
 
     def draw_all(init):

@@ -9,35 +9,39 @@ import jax.numpy as jnp
 from jax.typing import DTypeLike
 
 
-def drawn_as_matrix(
-    init: nn.initializers.Initializer, rows: Callable[[tuple[int, ...]], int]
+def drawn_reshaped(
+    init: nn.initializers.Initializer, draw_shape: Callable[[tuple[int, ...]], tuple[int, ...]]
 ) -> nn.initializers.Initializer:
-    """`init` drawn for the matrix (rows(shape), size // rows(shape)), reshaped to `shape`.
+    """`init` drawn for `draw_shape(shape)` (as many elements, fewer axes), reshaped to `shape`.
 
     The numbers are `init`'s for `shape` bit for bit (jax.random gives the element at row-major
     position i the draw of counter i whatever the shape, and a reshape keeps that order), but XLA:CPU
     compiles a sampler of a 4-D kernel several times slower than of a matrix: a ResNet-32's init
-    program compiled in 39 s, in 4 s with its kernels drawn as matrices. `rows` picks the matrix
-    whose fans (`variance_scaling`'s: rows in, columns out) are the kernel's.
+    program compiled in 39 s, in 4 s with its kernels drawn as matrices. Where `init` scales by the
+    fans (`variance_scaling`: the rows are in, the columns out), `draw_shape` keeps the kernel's.
     """
 
     def init_fn(key: jax.Array, shape, dtype=jnp.float32) -> jax.Array:
-        shape = tuple(shape)
-        r = rows(shape)
-        return init(key, (r, math.prod(shape) // r), dtype).reshape(shape)
+        return init(key, draw_shape(tuple(shape)), dtype).reshape(shape)
 
     return init_fn
 
 
+def flat(shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The draw shape of an initializer that has no fans (normal, uniform): one axis."""
+    return (math.prod(shape),)
+
+
 # torchvision's kaiming_normal_(mode="fan_out", nonlinearity="relu") for a conv kernel (H, W, in,
 # out): std = sqrt(2 / fan_out), fan_out = H * W * out, the columns of the matrix (in, H * W * out).
-KAIMING_FAN_OUT = drawn_as_matrix(
-    nn.initializers.variance_scaling(2.0, "fan_out", "normal"), lambda shape: shape[-2]
+KAIMING_FAN_OUT = drawn_reshaped(
+    nn.initializers.variance_scaling(2.0, "fan_out", "normal"),
+    lambda shape: (shape[-2], math.prod(shape) // shape[-2]),
 )
 # flax's lecun_normal for a conv kernel (H, W, in, out): fan_in = H * W * in, the rows of the
 # matrix (H * W * in, out).
-LECUN_NORMAL_CONV = drawn_as_matrix(
-    nn.initializers.lecun_normal(), lambda shape: math.prod(shape[:-1])
+LECUN_NORMAL_CONV = drawn_reshaped(
+    nn.initializers.lecun_normal(), lambda shape: (math.prod(shape[:-1]), shape[-1])
 )
 
 

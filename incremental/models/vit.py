@@ -41,7 +41,7 @@ import jax
 import jax.numpy as jnp
 from jax.typing import DTypeLike
 
-from incremental.models.layers import LECUN_NORMAL_CONV, check_image_batch
+from incremental.models.layers import LECUN_NORMAL_CONV, check_image_batch, drawn_reshaped, flat
 
 # (width D, depth, heads, MLP width) of the presets, from the ViT and AugReg papers (Ti: Touvron
 # et al. 2021's DeiT-Ti, in the AugReg release as ViT-Ti).
@@ -307,7 +307,8 @@ class PositionEmbedding(nn.Module):
 
     @nn.compact
     def __call__(self, n: int, d: int) -> jax.Array:
-        return self.param("pos_embedding", nn.initializers.normal(stddev=0.02), (1, n, d))
+        init = drawn_reshaped(nn.initializers.normal(stddev=0.02), flat)
+        return self.param("pos_embedding", init, (1, n, d))
 
 
 class ViT(nn.Module):
