@@ -21,7 +21,6 @@ the phase's arrays, not the whole training set), their labels and, for DER++, th
 from __future__ import annotations
 
 import dataclasses
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -92,8 +91,10 @@ def _bucket(n: int) -> int:
     return max(16, 1 << (n - 1).bit_length())
 
 
-@functools.partial(jax.jit, static_argnames=("m",))
-def _herding(feats_NxD: jax.Array, valid_N: jax.Array, m: int) -> jax.Array:
+@jax.jit
+def _herding(feats_NxD: jax.Array, valid_N: jax.Array, m: jax.Array) -> jax.Array:
+    """The first `m` picks (a number the program takes, not one it is compiled for) in an array of
+    N, the rest zeros."""
     feats = feats_NxD / jnp.linalg.norm(feats_NxD, axis=1, keepdims=True).clip(1e-12)
     feats = jnp.where(valid_N[:, None], feats, 0.0)
     mean_D = feats.sum(0) / valid_N.sum()
@@ -106,7 +107,7 @@ def _herding(feats_NxD: jax.Array, valid_N: jax.Array, m: int) -> jax.Array:
         best = jnp.argmin(dist)
         return chosen.at[k].set(best), running_D + feats[best], taken_N.at[best].set(True)
 
-    init = (jnp.zeros((m,), jnp.int32), jnp.zeros_like(mean_D), jnp.zeros_like(valid_N))
+    init = (jnp.zeros(valid_N.shape, jnp.int32), jnp.zeros_like(mean_D), jnp.zeros_like(valid_N))
     return jax.lax.fori_loop(0, m, pick, init)[0]
 
 
@@ -120,8 +121,8 @@ def herding(feats_NxD: np.ndarray, m: int) -> np.ndarray:
     size = _bucket(n)
     padded = np.zeros((size, feats_NxD.shape[1]), np.float32)
     padded[:n] = feats_NxD
-    order = _herding(jnp.asarray(padded), jnp.arange(size) < n, m)
-    return np.asarray(order)
+    order = _herding(jnp.asarray(padded), jnp.arange(size) < n, jnp.int32(m))
+    return np.asarray(order)[:m]
 
 
 def closest_to_mean(feats_NxD: np.ndarray, m: int) -> np.ndarray:
