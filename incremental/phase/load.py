@@ -15,7 +15,7 @@ from incremental.data import device, domains, sources
 from incremental.methods import Method, PhaseInfo
 from incremental.models import MODELS
 from incremental.phase import pretrained
-from incremental.phase.model import phase_model
+from incremental.phase.model import init_variables, phase_model
 from incremental.protocol import Protocol, make_class_order, make_protocol, scenario_of
 
 
@@ -255,12 +255,8 @@ def make_workdir(workdir: str) -> None:
 def check_model_fits(config, method, data: RunData) -> None:
     """Fails early when the data's example shape does not suit the model."""
     model = phase_model(config, method, PhaseInfo(0, 0, 2))
-    try:
-        jax.eval_shape(
-            lambda: model.init(
-                jax.random.PRNGKey(0), jnp.zeros((1, *data.x_train.shape[1:])), train=False
-            )
-        )
+    try:  # the init traced once per equal model in the process (`init_variables`)
+        jax.eval_shape(lambda: init_variables(model, data.x_train[0], jax.random.PRNGKey(0)))
     except Exception as error:  # noqa: BLE001 -- any shape failure gets the same advice
         raise ValueError(
             f"Model {config.model.name!r} cannot take examples of shape {data.x_train.shape[1:]} "
