@@ -64,8 +64,8 @@ PROMPT_RULES = (("backbone/prompt/.*", False), ("backbone/.*", True))  # first m
 
 
 def uniform_init(key: jax.Array, shape: tuple[int, ...], dtype=jnp.float32) -> jax.Array:
-    """U(-1, 1), PyTorch's `nn.init.uniform_(p, -1, 1)` of PILOT's prompts and keys (drawn flat:
-    the same numbers, compiled faster, `layers.drawn_reshaped`)."""
+    """U(-1, 1), PyTorch's `nn.init.uniform_(p, -1, 1)` of PILOT's prompts and keys, drawn as one
+    vector and reshaped (the same numbers, fewer axes to compile: `models.layers.drawn_reshaped`)."""
     return jax.random.uniform(key, models.layers.flat(shape), dtype, -1.0, 1.0).reshape(shape)
 
 
