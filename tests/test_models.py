@@ -19,6 +19,7 @@ from incremental.models import (
     head_logits,
     layers,
     mask_unseen,
+    vit,
 )
 
 # name -> (kwargs, input shape, feature dim): tiny variants so every model compiles fast.
@@ -239,11 +240,7 @@ def test_conv_init_is_kaiming_fan_out():
             [(3, 3, 8, 16), (1, 1, 8, 4)],
         ),
         (layers.LECUN_NORMAL_CONV, nn.initializers.lecun_normal(), [(4, 4, 3, 8)]),
-        (
-            layers.drawn_reshaped(nn.initializers.normal(0.02), layers.flat),
-            nn.initializers.normal(0.02),
-            [(1, 17, 32)],
-        ),
+        (vit.POSITION_INIT, nn.initializers.normal(0.02), [(1, 17, 32)]),
         (l2p.uniform_init, functools.partial(jax.random.uniform, minval=-1.0), [(2, 2, 3, 8)]),
     ],
 )
