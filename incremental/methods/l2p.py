@@ -63,10 +63,13 @@ from incremental.methods.ncm import l2_normalize
 PROMPT_RULES = (("backbone/prompt/.*", False), ("backbone/.*", True))  # first match decides
 
 
-def uniform_init(key: jax.Array, shape: tuple[int, ...], dtype=jnp.float32) -> jax.Array:
-    """U(-1, 1), PyTorch's `nn.init.uniform_(p, -1, 1)` of PILOT's prompts and keys, drawn as one
-    vector and reshaped (the same numbers, fewer axes to compile: `models.layers.drawn_reshaped`)."""
-    return jax.random.uniform(key, models.layers.flat(shape), dtype, -1.0, 1.0).reshape(shape)
+def _uniform(key: jax.Array, shape: tuple[int, ...], dtype=jnp.float32) -> jax.Array:
+    return jax.random.uniform(key, shape, dtype, -1.0, 1.0)
+
+
+# U(-1, 1), PyTorch's `nn.init.uniform_(p, -1, 1)` of PILOT's prompts and keys, drawn as one vector
+# and reshaped (the same numbers, fewer axes to compile).
+uniform_init = models.layers.drawn_reshaped(_uniform, models.layers.flat)
 
 
 class PromptPool(nn.Module):
