@@ -5,6 +5,8 @@ long end-to-end checks marked `slow` (killing runs at many points, several proce
 """
 
 import atexit
+import collections
+import json
 import os
 import shutil
 import sys
@@ -86,3 +88,54 @@ def pytest_configure(config):
 @pytest.fixture
 def key():
     return jax.random.PRNGKey(0)
+
+
+# The two workers take whole files (`--dist loadfile`), each the next one in collection order when it
+# is free, so the longest files go first and the short ones fill the end: otherwise a long file
+# started last (the multi-host test, 27 s) left one worker alone for half a minute. SECONDS holds
+# each file's seconds, its everyday and its slow tests apart, from a full run on 2 cores
+# (`python -m pytest -m "" --record-seconds` rewrites it); a file not in it counts as NEW_FILE.
+SECONDS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "seconds.json")
+NEW_FILE = 10.0
+
+
+def pytest_addoption(parser):
+    parser.addoption(
+        "--record-seconds", action="store_true", help=f"rewrite {SECONDS} from this run's times"
+    )
+
+
+def _part(slow: bool) -> str:
+    return "slow" if slow else "everyday"
+
+
+@pytest.hookimpl(trylast=True)  # after `-m` has deselected
+def pytest_collection_modifyitems(config, items):
+    try:
+        with open(SECONDS) as f:
+            seconds = json.load(f)
+    except FileNotFoundError:
+        return
+    parts = {(item.nodeid.split("::")[0], _part(item.get_closest_marker("slow") is not None))
+             for item in items}  # fmt: skip
+    cost = collections.Counter()
+    for path, part in parts:
+        cost[path] += seconds.get(path, {}).get(part, NEW_FILE)
+    items.sort(key=lambda item: -cost[item.nodeid.split("::")[0]])  # stable within a file
+
+
+_recorded = collections.defaultdict(collections.Counter)
+
+
+def pytest_runtest_logreport(report):
+    path = report.nodeid.split("::")[0]
+    _recorded[path][_part("slow" in report.keywords)] += report.duration
+
+
+def pytest_sessionfinish(session):
+    if session.config.getoption("record_seconds") and not os.environ.get("PYTEST_XDIST_WORKER"):
+        table = {path: {k: round(v, 1) for k, v in sorted(parts.items())}
+                 for path, parts in sorted(_recorded.items())}  # fmt: skip
+        with open(SECONDS, "w") as f:
+            json.dump(table, f, indent=1)
+            f.write("\n")
