@@ -38,8 +38,13 @@ def strict_rank_promotion():
         yield
 
 
+def _inputs(shape):
+    """Inputs drawn by numpy: XLA:CPU compiles jax.random's sampler of a 4-D shape for seconds."""
+    return jnp.asarray(np.random.default_rng(1).standard_normal(shape), jnp.float32)
+
+
 def _init(model, shape):
-    x = jnp.asarray(np.random.default_rng(1).standard_normal(shape), jnp.float32)
+    x = _inputs(shape)
     return model.init(jax.random.key(0), x, train=False), x
 
 
@@ -48,7 +53,7 @@ def _tiny(name: str):
     """Returns (model, variables, x) for TINY[name], initialised once per test session."""
     kwargs, shape, _ = TINY[name]
     model = build_model(name, NUM_CLASSES, **kwargs)
-    x = jnp.asarray(np.random.default_rng(1).standard_normal(shape), jnp.float32)
+    x = _inputs(shape)
     # One compiled init with the "rbg" generator: threefry makes XLA compile time dominate.
     init_fn = jax.jit(functools.partial(model.init, train=False))
     return model, init_fn(jax.random.key(0, impl="rbg"), x), x
