@@ -85,13 +85,20 @@ def set_method(config: ml_collections.ConfigDict, name: str) -> None:
     The filled keys can then be overridden (`--config.method_args.strength=10`); choose the method with
     the config file's `method=` arg, so that its keys exist when the overrides are applied.
     """
-    from incremental import methods  # a config file should load without importing JAX up front
+    from incremental import method_defaults  # plain values: a config file loads without JAX
 
+    if name in method_defaults.ARGS:
+        args = method_defaults.ARGS[name]
+        selection = method_defaults.MEMORY_SELECTION.get(name)
+    else:  # a method registered from outside the package, or a name the registry refuses
+        from incremental import methods
+
+        args, memory = methods.default_args(name), methods.default_memory(name)
+        selection = None if memory is None else memory.selection
     config.method = name
-    config.method_args = ml_collections.ConfigDict(methods.default_args(name))
-    memory = methods.default_memory(name)
-    if memory is not None and memory.selection in ("reservoir", "balanced"):
-        config.memory.selection = memory.selection  # the method's own rule for its stream memory
+    config.method_args = ml_collections.ConfigDict(args)
+    if selection in ("reservoir", "balanced"):
+        config.memory.selection = selection  # the method's own rule for its stream memory
 
 
 def base_config() -> ml_collections.ConfigDict:
