@@ -29,9 +29,9 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 from etils import epath
-from flax import linen as nn
 
 from incremental import checkpoint
+from incremental.models import layers
 
 PyTree = Any
 FreezeRules = Sequence[tuple[str, bool]]  # (regex over "a/b/c" paths, frozen)
@@ -323,7 +323,7 @@ def widen_head(
         distributed like a freshly built layer's), `'zeros'`, or `'imprint'` (weight imprinting: new
         columns are the L2-normalised `class_means`, scaled to the mean norm of the old columns).
       class_means: (num_new, D) mean features of the new classes; required for `'imprint'`.
-      kernel_init: initialiser used by `'default'` (default: lecun normal, as `nn.Dense`).
+      kernel_init: initialiser used by `'default'` (default: lecun normal, as `nn.Dense`'s).
 
     Returns:
       The widened tree (the input is not modified).
@@ -344,7 +344,7 @@ def widen_head(
     if num_new == 0:
         return {**params, "head": dict(params["head"])}
     if init == "default":
-        kernel_init = kernel_init or nn.initializers.lecun_normal()
+        kernel_init = kernel_init or layers.lecun_normal_row
         new_kernel = kernel_init(rng, (dim, num_new), kernel.dtype)
     elif init == "zeros":
         new_kernel = jnp.zeros((dim, num_new), kernel.dtype)

@@ -243,17 +243,19 @@ def test_conv_init_is_kaiming_fan_out():
         (
             layers.KAIMING_FAN_OUT,
             nn.initializers.variance_scaling(2.0, "fan_out", "normal"),
-            [(3, 3, 8, 16), (1, 1, 8, 4)],
+            [(3, 3, 2, 4), (1, 1, 8, 4)],
         ),
-        (layers.LECUN_NORMAL_CONV, nn.initializers.lecun_normal(), [(4, 4, 3, 8)]),
+        (layers.LECUN_NORMAL_CONV, nn.initializers.lecun_normal(), [(2, 3, 3, 4)]),
+        (layers.lecun_normal_row, nn.initializers.lecun_normal(), [(64, 3), (5, 1)]),
         (vit.POSITION_INIT, nn.initializers.normal(0.02), [(1, 17, 32)]),
-        (l2p.uniform_init, functools.partial(jax.random.uniform, minval=-1.0), [(2, 2, 3, 8)]),
+        (l2p.uniform_init, functools.partial(jax.random.uniform, minval=-1.0), [(2, 3, 2, 4)]),
     ],
 )
 def test_kernels_drawn_in_fewer_axes_are_flaxs_draws_bit_for_bit(drawn, flax_init, shapes):
     """The conv kernels' initializers draw a matrix and reshape it, the position embeddings' and
     prompts' a vector (XLA:CPU compiles those several times faster); the numbers are flax's for the
-    parameter's own shape, in one jitted init."""
+    parameter's own shape, in one jitted init. The shapes are small, with unequal axes: flax's
+    sampler of a (3, 3, 8, 16) kernel alone compiles for 3.5 s."""
     keys = list(jax.random.split(jax.random.PRNGKey(4), len(shapes)))
 
     def draw_all(init):

@@ -3,6 +3,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from flax import linen as nn
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -53,10 +54,14 @@ def test_widened_model_gives_bit_identical_old_logits(name, kwargs, shape, key):
     np.testing.assert_array_equal(np.asarray(new[:, :3]), np.asarray(old))
 
 
-def test_default_init_matches_the_layers_own_initialiser_scale(key):
+def test_default_init_is_the_layers_own_initialiser(key):
     params = {"head": {"kernel": jnp.zeros((512, 1)), "bias": jnp.zeros(1)}}
     new = surgery.widen_head(params, 400, key)["head"]["kernel"][:, 1:]
     assert abs(float(new.std()) - (1 / 512) ** 0.5) < 0.01  # lecun normal: std = 1/sqrt(fan_in)
+    dense = nn.initializers.lecun_normal()(key, (512, 400))  # drawn as a row, the same numbers
+    np.testing.assert_array_equal(
+        np.asarray(new).view(np.uint32), np.asarray(dense).view(np.uint32)
+    )
 
 
 def test_imprint_uses_normalised_class_means(key):
