@@ -386,15 +386,15 @@ def test_coda_prompt_new_slice_is_orthonormal_to_the_old_ones():
             np.testing.assert_allclose(new @ old.T, 0.0, atol=1e-4)
 
 
-def test_a_prompt_method_starts_from_a_pretrained_vit_and_keeps_its_prompts(tmp_path):
+def test_a_prompt_method_starts_from_a_pretrained_vit_and_keeps_its_prompts(runs, tmp_path):
     """`model.pretrained` fills the ViT's part of `params/backbone`; L2P's prompt pool beside it is
     no part of the checkpoint and starts as initialised, and the loaded ViT stays frozen."""
     from incremental.models import vit_weights
 
     config = config_for("l2p")
-    given = build_backbone("vit", **TINY).init(
-        jax.random.PRNGKey(5), jnp.zeros((1, 8, 8, 1)), train=False
-    )["params"]
+    # Weights unlike the run's own initial ones: SimpleCIL's initial ViT, every number moved.
+    _, initial, _ = restored(runs["simplecil"][1], 0)
+    given = jax.tree.map(lambda w: np.asarray(w) + np.float32(0.25), initial["backbone"])
     config.model.pretrained = str(tmp_path / "given.npz")
     vit_weights.save_npz(config.model.pretrained, given)
     run_lib.run(config, str(tmp_path / "run"))
