@@ -6,8 +6,8 @@
 Each test process (every xdist worker) counts, per test, JAX's compiles and their seconds (tracing,
 lowering, XLA), the programs read from the persistent cache, and the test's wall time, and writes
 them to $COMPILE_PROFILE (default /tmp/incremental-compile-profile/<worker>.json); the same seconds
-per program, by its name and the innermost line of the package or the tests that compiled it, go
-to <worker>.programs beside it. Processes that tests start (the command-line tests) are not seen:
+per program, by its name, the innermost line of the package or the tests that compiled it and the
+test line that reached it, go to <worker>.programs beside it. Processes that tests start (the command-line tests) are not seen:
 their time shows only in their test's wall time.
 """
 
@@ -36,13 +36,17 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _site() -> str:
-    """The innermost line of the repository's own code (the package or the tests) on the stack:
-    where an eager op ran or a jitted function was called."""
+    """`LINE|TEST_LINE`: the innermost line of the repository's own code (the package or the tests)
+    on the stack, where an eager op ran or a jitted function was called, and the innermost line of
+    the tests, the one that reached it ("?" where none is)."""
+    lines = []
     for frame in reversed(traceback.extract_stack()):
         path = os.path.relpath(frame.filename, ROOT)
         if path.startswith(("incremental", "tests")) and "site-packages" not in path:
-            return f"{path}:{frame.lineno}"
-    return "?"
+            lines.append(f"{path}:{frame.lineno}")
+            if path.startswith("tests"):
+                return f"{lines[0]}|{lines[-1]}"
+    return f"{lines[0] if lines else '?'}|?"
 
 
 def _duration(event: str, seconds: float, fun_name: str = "?", **kwargs) -> None:
@@ -108,14 +112,18 @@ def main(directory: str = OUT, rows: int = 30) -> None:
         print(f"{name:44s}" + "".join(f"{counts[c]:9.1f}" for c in COLUMNS))
     by_name: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
     by_site: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
+    by_test: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
     for path in glob.glob(os.path.join(directory, "*.programs")):
         with open(path) as f:
             for key, counts in json.load(f).items():
-                name, site = key.rsplit(" ", 1)
+                name, sites = key.rsplit(" ", 1)
+                site, _, test_line = sites.partition("|")
                 by_name[name].update(counts)
                 by_site[site].update(counts)
+                by_test[test_line or "?"].update(counts)
     _table("program", by_name, rows)
     _table("where (innermost line of the package or tests)", by_site, rows)
+    _table("reached from (innermost line of the tests)", by_test, rows)
 
 
 def _table(title: str, counts_by: dict[str, collections.Counter], rows: int) -> None:
