@@ -299,8 +299,7 @@ def test_dualprompt_prefixes_enter_exactly_their_layers():
     vit = build_backbone("vit", **{**TINY, "depth": 6})
     model = DualPromptViT(vit, (0, 1), (2, 3, 4), 2, 2, pool_size=4, phase=1)
     x = jnp.asarray(np.random.default_rng(1).standard_normal((2, 8, 8, 1)), jnp.float32)
-    init = jax.jit(functools.partial(model.init, train=True))  # one program, rbg: fast to compile
-    params = init(jax.random.key(0, impl="rbg"), x)["params"]
+    params = jax.jit(functools.partial(model.init, train=True))(jax.random.PRNGKey(0), x)["params"]
     prompt = params["prompt"]
 
     def with_prompt(name, index):
