@@ -1,13 +1,14 @@
 """Compilation: JAX's persistent compilation cache, and the seconds spent compiling.
 
 Phases recompile when the head widens (seconds for a ResNet train step on CPU). With the persistent
-cache a second run, or a resumed one, reads the compiled programs from disk instead. Importing this
-module also lowers JAX's random hash without loops on CPU (`unroll_threefry`).
+cache a second run, or a resumed one, reads the compiled programs from disk instead.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 
 import jax
 from jax.experimental.compilation_cache import compilation_cache
@@ -77,27 +78,34 @@ class CompileTimer:
         jax.monitoring.unregister_event_listener(self._event)
 
 
-def unroll_threefry() -> bool:
-    """Lowers JAX's threefry hash on CPU as straight-line code, the way JAX lowers it elsewhere.
+@contextlib.contextmanager
+def unrolled_threefry() -> Iterator[None]:
+    """Within the block, programs lowered for CPU hash with JAX's threefry without loops, the way
+    JAX lowers it on GPU and TPU. For parameter inits, whose every draw is a hash of its own.
 
-    On CPU JAX makes each use of the hash (every key split, fold-in and draw) a loop of 5 rounds,
-    which XLA:CPU compiles as a computation of its own, apart from the fusions around it: a tiny
-    ViT's init (40 parameters) compiled in 1.9 s with the loops and 1.5 s without them (4.9 s and
-    1.5 s under the classic fusion emitters the tests use), and 4M normals drew 2.7x faster. The hash
-    is integer arithmetic, so every number drawn stays the same to the bit. Returns whether it
-    applied: a JAX that no longer keeps the rule where it was read keeps its own lowering.
+    On CPU JAX lowers each use of the hash (every key split, fold-in and draw) as a loop of 5
+    rounds, which XLA:CPU compiles as a computation of its own. An init draws once per parameter:
+    a tiny ViT's (40 parameters) compiled in 1.9 s with the loops and 1.5 s without (4.9 s and 1.5 s
+    under the classic fusion emitters the tests use). A training step is the other way round: its
+    few draws feed large fusions, and unrolled they compiled 1.5-4x slower (DER++'s epoch 1.7 s
+    with loops, 7 s without), so the loops come back after the block. The hash is integer
+    arithmetic: every number drawn is the same to the bit either way. Where this JAX no longer
+    keeps both rules where they are read, the block changes nothing.
     """
     try:
         from jax._src.random import threefry2x32
         from jax.interpreters import mlir
     except ImportError:
-        return False
-    rule = getattr(threefry2x32, "_threefry2x32_lowering_rule", None)
+        yield
+        return
     primitive = getattr(threefry2x32, "threefry2x32_p", None)
-    if rule is None or primitive is None:
-        return False
-    mlir.register_lowering(primitive, rule, platform="cpu")
-    return True
-
-
-unroll_threefry()
+    unrolled = getattr(threefry2x32, "_threefry2x32_lowering_rule", None)
+    rolled = getattr(threefry2x32, "_threefry2x32_cpu_lowering_rule", None)
+    if primitive is None or unrolled is None or rolled is None:
+        yield
+        return
+    mlir.register_lowering(primitive, unrolled, platform="cpu")
+    try:
+        yield
+    finally:
+        mlir.register_lowering(primitive, rolled, platform="cpu")

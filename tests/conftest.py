@@ -40,10 +40,6 @@ os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {TEST_XLA_FLAGS}".
 import jax  # noqa: E402
 import pytest  # noqa: E402
 
-# Programs the tests build themselves (a model's init, a widened head's draw) lower JAX's random hash
-# the way the package's runs do: without loops (`compilation.unroll_threefry`).
-from incremental import compilation  # noqa: E402, F401
-
 # Tests derive their configs from the real ones in configs/.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 

@@ -1,6 +1,5 @@
 """The persistent compilation cache: a second run reads its programs instead of compiling them."""
 
-import functools
 import os
 import time
 
@@ -67,28 +66,18 @@ def test_the_suite_compiles_into_its_kept_cache():
     assert set(os.listdir(kept)) - before
 
 
-def test_the_random_hash_compiles_without_loops_and_draws_the_same_bits():
-    from jax._src.random import threefry2x32
-    from jax.interpreters import mlir
-
+def test_inits_hash_without_loops_and_draw_the_same_bits():
     def draws():
         def draw(key):
             keys = jax.random.split(jax.random.fold_in(key, 3), 3)
             return jax.random.normal(keys[0], (5, 7)), jax.random.bits(keys[2], (11,))
 
         lowered = jax.jit(draw).lower(jax.random.PRNGKey(0))
-        return lowered.as_text().count("stablehlo.while"), jax.device_get(
-            lowered.compile()(jax.random.PRNGKey(0))
-        )
+        loops = lowered.as_text().count("stablehlo.while")
+        return loops, jax.device_get(lowered.compile()(jax.random.PRNGKey(0)))
 
-    rolled = functools.partial(threefry2x32._threefry2x32_lowering, use_rolled_loops=True)
-    mlir.register_lowering(
-        threefry2x32.threefry2x32_p, mlir.lower_fun(rolled, multiple_results=True), platform="cpu"
-    )
-    try:
-        loops, expected = draws()
-    finally:
-        assert compilation.unroll_threefry()
-    unrolled_loops, actual = draws()
-    assert loops > 0 and unrolled_loops == 0
-    jax.tree.map(np.testing.assert_array_equal, actual, expected)
+    with compilation.unrolled_threefry():
+        unrolled_loops, unrolled = draws()
+    loops, rolled = draws()  # after the block, JAX's own lowering again
+    assert unrolled_loops == 0 and loops > 0, (unrolled_loops, loops)
+    jax.tree.map(np.testing.assert_array_equal, unrolled, rolled)

@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from incremental import capacity, models
+from incremental import capacity, compilation, models
 from incremental.methods import Method, PhaseInfo
 from incremental.models import build_backbone, build_model
 
@@ -92,6 +92,7 @@ def init_variables(model, x_example: np.ndarray, key: jax.Array) -> PyTree:
         init = jitted_init(model)
     except TypeError:  # a module with an unhashable field: its own program
         init = jitted_init.__wrapped__(model)
-    variables = init(key, jnp.zeros((1, *x_example.shape), jnp.float32))
+    with compilation.unrolled_threefry():  # compiled at the first call
+        variables = init(key, jnp.zeros((1, *x_example.shape), jnp.float32))
     variables = flax.core.unfreeze(variables)
     return {"params": variables["params"], "batch_stats": variables.get("batch_stats", {})}
