@@ -30,7 +30,7 @@ import optax
 import orbax.checkpoint as ocp
 from etils import epath
 
-from incremental import checkpoint
+from incremental import checkpoint, compilation
 from incremental.models import layers
 
 PyTree = Any
@@ -345,7 +345,8 @@ def widen_head(
         return {**params, "head": dict(params["head"])}
     if init == "default":
         kernel_init = kernel_init or layers.lecun_normal_row
-        new_kernel = kernel_init(rng, (dim, num_new), kernel.dtype)
+        with compilation.unrolled_threefry():  # drawn eagerly: a sampler program per shape
+            new_kernel = kernel_init(rng, (dim, num_new), kernel.dtype)
     elif init == "zeros":
         new_kernel = jnp.zeros((dim, num_new), kernel.dtype)
     else:

@@ -13,7 +13,7 @@ from flax import traverse_util
 from safetensors.numpy import save_file
 
 from configs import digits
-from incremental import models, workdirs
+from incremental import compilation, models, workdirs
 from incremental import run as run_lib
 from incremental.config import base_config
 from incremental.models import build_backbone, vit_weights
@@ -27,7 +27,8 @@ def tiny(**fields):
 
 
 def init(model, shape=(2, 8, 8, 3), seed=0):
-    return model.init(jax.random.PRNGKey(seed), jnp.zeros(shape), train=False)["params"]
+    with compilation.unrolled_threefry():  # eager: a sampler program per parameter shape
+        return model.init(jax.random.PRNGKey(seed), jnp.zeros(shape), train=False)["params"]
 
 
 def images(shape=(2, 8, 8, 3), seed=1):
