@@ -104,8 +104,15 @@ def unrolled_threefry() -> Iterator[None]:
     if primitive is None or unrolled is None or rolled is None:
         yield
         return
-    mlir.register_lowering(primitive, unrolled, platform="cpu")
+    if not _unrolled_depth[0]:
+        mlir.register_lowering(primitive, unrolled, platform="cpu")
+    _unrolled_depth[0] += 1
     try:
         yield
     finally:
-        mlir.register_lowering(primitive, rolled, platform="cpu")
+        _unrolled_depth[0] -= 1
+        if not _unrolled_depth[0]:  # the outermost block restores the loops
+            mlir.register_lowering(primitive, rolled, platform="cpu")
+
+
+_unrolled_depth = [0]  # blocks of `unrolled_threefry` open (they nest)

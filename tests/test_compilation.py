@@ -77,6 +77,8 @@ def test_inits_hash_without_loops_and_draw_the_same_bits():
         return loops, jax.device_get(lowered.compile()(jax.random.PRNGKey(0)))
 
     with compilation.unrolled_threefry():
+        with compilation.unrolled_threefry():
+            pass  # an inner block's end leaves the outer one unrolled
         unrolled_loops, unrolled = draws()
     loops, rolled = draws()  # after the block, JAX's own lowering again
     assert unrolled_loops == 0 and loops > 0, (unrolled_loops, loops)
