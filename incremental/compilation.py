@@ -78,6 +78,9 @@ class CompileTimer:
         jax.monitoring.unregister_event_listener(self._event)
 
 
+_unrolled_depth = [0]  # blocks of `unrolled_threefry` open (they nest)
+
+
 @contextlib.contextmanager
 def unrolled_threefry() -> Iterator[None]:
     """Within the block, programs lowered for CPU hash with JAX's threefry without loops, the way
@@ -113,6 +116,3 @@ def unrolled_threefry() -> Iterator[None]:
         _unrolled_depth[0] -= 1
         if not _unrolled_depth[0]:  # the outermost block restores the loops
             mlir.register_lowering(primitive, rolled, platform="cpu")
-
-
-_unrolled_depth = [0]  # blocks of `unrolled_threefry` open (they nest)
