@@ -106,6 +106,16 @@ def draw_memory(method: Method, method_state, key, batch_size: int, prepare: Cal
     }
 
 
+def phase_hyperparams(opt_state, args: PhaseArgs, hyperparams: Callable, step, batch_size: int):
+    """`opt_state` with the step's learning rate and weight decay from `hyperparams` (and the number
+    of frozen old head columns, where the optimizer has one) for the phase in `args`."""
+    per_epoch = -(-args.num_train // batch_size)
+    values = hyperparams(args.phase, args.hparams, step, per_epoch)
+    if NUM_FROZEN in opt_state.hyperparams:  # `PhaseSetup.freeze_old_columns`
+        values[NUM_FROZEN] = args.num_old
+    return opt_state._replace(hyperparams={**opt_state.hyperparams, **values})
+
+
 def make_step(
     loss_fn: Callable,
     tx: optax.GradientTransformation,
@@ -148,11 +158,7 @@ def make_step(
         grads = method.project_grads(grads, grad_of=grad_of, batch=batch)
         opt_state = state.opt_state
         if args is not None:
-            per_epoch = -(-args.num_train // batch_size)
-            values = hyperparams(args.phase, args.hparams, state.step, per_epoch)
-            if NUM_FROZEN in opt_state.hyperparams:  # `PhaseSetup.freeze_old_columns`
-                values[NUM_FROZEN] = args.num_old
-            opt_state = opt_state._replace(hyperparams={**opt_state.hyperparams, **values})
+            opt_state = phase_hyperparams(opt_state, args, hyperparams, state.step, batch_size)
         updates, opt_state = tx.update(grads, opt_state, state.params)
         params = method.post_update(optax.apply_updates(state.params, updates))
         method_state = method.step_update(
