@@ -152,6 +152,28 @@ def phase_label(results: dict, phase: int, most: int = 3) -> str:
     return f"phase {phase}: {shown}{', ...' if len(ids) > most else ''}"
 
 
+def phase_lines(results: dict) -> tuple[np.ndarray, list[tuple[str, np.ndarray, list]]]:
+    """The x of every phase (classes seen, or the phase where a phase brings none), and the lines of
+    `plot`: for each phase, its label, x and accuracy from the phase it was learned in on.
+
+    A phase of known classes (`incremental learn`) has no line of its own; in the domain scenario,
+    where every phase after the first brings no classes, each domain has one.
+    """
+    seen = np.cumsum(results["phase_sizes"])[: len(results["accuracy"])]
+    # A phase of no new classes (`incremental learn`, a domain) would share its x with the one before.
+    if 0 in results["phase_sizes"]:
+        seen = np.arange(len(results["accuracy"]))
+    domains = results.get("scenario") == "domain"
+    lines = []
+    for j in range(len(results["accuracy"])):
+        if not (results["phase_sizes"][j] or domains):  # learned known classes: no line of its own
+            continue
+        label = f"domain {j}" if domains else phase_label(results, j)
+        values = [row[j] for row in results["accuracy_matrix"][j:]]
+        lines.append((label, seen[j : j + len(values)], values))
+    return seen, lines
+
+
 def plot(results: dict, path: str) -> None:
     """Accuracy on all seen classes per phase, and each phase's classes over time (PNG)."""
     import matplotlib  # imported here: the command line starts faster without it
@@ -160,18 +182,12 @@ def plot(results: dict, path: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
-    seen = np.cumsum(results["phase_sizes"])[: len(results["accuracy"])]
-    # A phase of no new classes (`incremental learn`) would share its x with the one before.
-    by_phase = 0 in results["phase_sizes"]
-    if by_phase:
-        seen = np.arange(len(results["accuracy"]))
+    seen, lines = phase_lines(results)
     ax.plot(seen, results["accuracy"], "o-", color="black", lw=2, label="all seen classes")
     ax.plot(seen, results["task_aware_accuracy"], "s--", color="gray", label="task-aware")
-    for j in range(len(results["accuracy"])):
-        if not results["phase_sizes"][j]:  # a learned phase of known classes: no line of its own
-            continue
-        values = [row[j] for row in results["accuracy_matrix"][j:]]
-        ax.plot(seen[j : j + len(values)], values, ".-", alpha=0.5, label=phase_label(results, j))
+    for label, x, values in lines:
+        ax.plot(x, values, ".-", alpha=0.5, label=label)
+    by_phase = 0 in results["phase_sizes"]
     ax.set_xlabel("phase" if by_phase else "number of classes seen")
     ax.set_ylabel("accuracy")
     ax.set_ylim(0, 1.02)

@@ -35,7 +35,7 @@ from absl import logging
 from incremental import capacity, checkpoint, lock, methods, surgery, train
 from incremental.data import sources
 from incremental.methods import Method, PhaseInfo
-from incremental.phase.evaluate import evaluate_phase
+from incremental.phase.evaluate import evaluate_phase, learned_test
 from incremental.phase.load import RunData, load_data, source_options
 from incremental.phase.model import dtype_of, phase_model
 from incremental.phase.record import results_from_records, write_results
@@ -208,8 +208,9 @@ def evaluate_saved(rs: RunSetup, saved: Saved, *, predictions: bool = False):
     """The phase's results row, from `run.evaluate_phase` as the run computes it.
 
     With `predictions=True`, returns `(row, predictions)`, where `predictions[name]` holds the
-    predicted class positions of the seen classes' test examples (`name` is `'head'` or a method's
-    extra classifier such as `'nme'`).
+    predicted class positions of the seen classes' test examples, in the domain scenario those of
+    the domains learned so far (`learned_test`; `name` is `'head'` or a method's extra classifier
+    such as `'nme'`).
     """
     num_seen = rs.protocol.num_seen(saved.phase)
     model = _model(rs, saved.phase)
@@ -220,7 +221,7 @@ def evaluate_saved(rs: RunSetup, saved: Saved, *, predictions: bool = False):
     )
     if not predictions:
         return row
-    x = rs.data.x_test[rs.data.y_test < num_seen]
+    x = rs.data.x_test[learned_test(rs.data, rs.protocol, saved.phase)]
     fns = {"head": rs.method.predict, **rs.method.extra_predictions()}
     state = methods.base.select_state(method_state, rs.method.eval_keys)
     predicted = {
@@ -246,6 +247,8 @@ def evaluate(workdir: str, phase: int | None = None, *, predictions: bool = Fals
       `dataset_class`, `phase`, `num_test`,
       `accuracy` and `<name>_accuracy` for each extra classifier), `confusion` (test example counts
       per true and predicted class id, `{true: {predicted: n}}`), and what was evaluated.
+      `per_class` and `confusion` count the test examples of the domains learned so far in the
+      domain scenario.
       With `predictions=True`, `(document, predictions)`: the seen classes' test examples in
       test-set order as dataset labels, `y` (true), `head` and each extra classifier (predicted),
       so that two work directories over the same dataset compare example by example.
@@ -269,7 +272,7 @@ def _evaluate(workdir: str, phase: int | None) -> tuple[dict, dict]:
     num_seen = rs.protocol.num_seen(phase)
     order = np.asarray(rs.protocol.class_order)
     labels = _dataset_labels(rs.config, rs.protocol.num_classes)
-    y = rs.data.y_test[rs.data.y_test < num_seen]
+    y = rs.data.y_test[learned_test(rs.data, rs.protocol, phase)]
     per_class = []
     for position in range(num_seen):
         mine = y == position

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from configs import digits, digits_task, permuted_digits
-from incremental import evaluate, methods, schema, train
+from incremental import evaluate, methods, report, schema, train, workdirs
 from incremental import run as run_lib
 from incremental.data import device, domains, sources
 from incremental.methods import Batch, PhaseInfo, PhaseSetup
@@ -129,19 +129,25 @@ def test_task_accuracy_is_at_least_class_accuracy_and_far_above_it_for_finetune(
 
 
 @pytest.fixture(scope="module")
-def domain_runs(tmp_path_factory):
+def domain_workdirs(tmp_path_factory):
     """Permuted digits, 3 domains, 5 epochs a phase, seeds 0-2 in one vmapped program each."""
     out = {}
     for method in ("finetune", "replay", "joint"):
         config = shrink(permuted_digits.get_config(f"method={method}"), 5, num_domains=3)
         config.head.capacity = 0  # the head would widen here if a phase brought classes
         config.seeds = (0, 1, 2)
-        workdir = tmp_path_factory.mktemp(method)
-        run_lib.run(config, str(workdir))
-        out[method] = [
-            json.loads((workdir / f"seed_{s}" / "results.json").read_text()) for s in (0, 1, 2)
-        ]
+        out[method] = tmp_path_factory.mktemp(method)
+        run_lib.run(config, str(out[method]))
     return out
+
+
+@pytest.fixture(scope="module")
+def domain_runs(domain_workdirs):
+    """Each method's results.json of seeds 0-2."""
+    return {
+        method: [json.loads((w / f"seed_{s}" / "results.json").read_text()) for s in (0, 1, 2)]
+        for method, w in domain_workdirs.items()
+    }
 
 
 def test_domain_scenario_head_never_grows(domain_runs):
@@ -160,6 +166,42 @@ def test_domain_scenario_orders_joint_replay_finetune(domain_runs):
         last = {m: runs[seed]["last_accuracy"] for m, runs in domain_runs.items()}
         assert last["joint"] >= last["replay"] + 0.02, last
         assert last["replay"] >= last["finetune"] + 0.09, last
+
+
+def test_evaluating_a_saved_domain_phase_counts_the_domains_learned_so_far(domain_workdirs):
+    """`incremental evaluate` of phase 1 of 3: the per-class counts and the confusion hold the test
+    examples of domains 0 and 1 (not of domain 2, still to come), and their accuracies make up the
+    phase's accuracy as the run recorded it."""
+    workdir = domain_workdirs["replay"] / "seed_0"
+    results = json.loads((workdir / "results.json").read_text())
+    per_domain = sources.load_source("digits").y_test.shape[0]
+    for phase in (0, 1):
+        doc = workdirs.evaluate(str(workdir), phase)
+        counts = np.array([entry["num_test"] for entry in doc["per_class"]])
+        assert counts.sum() == doc["num_test"] == (phase + 1) * per_domain
+        confused = sum(n for row in doc["confusion"].values() for n in row.values())
+        assert confused == counts.sum()
+        accuracies = np.array([entry["accuracy"] for entry in doc["per_class"]])
+        assert np.sum(accuracies * counts) / counts.sum() == pytest.approx(doc["accuracy"])
+        assert doc["accuracy"] == pytest.approx(results["accuracy"][phase])
+
+
+def test_the_plot_draws_a_line_for_every_domain(domain_runs, tmp_path):
+    results = domain_runs["finetune"][0]
+    matrix = results["accuracy_matrix"]
+    seen, lines = report.phase_lines(results)
+    assert list(seen) == [0, 1, 2]
+    assert [label for label, _, _ in lines] == ["domain 0", "domain 1", "domain 2"]
+    for j, (_, x, values) in enumerate(lines):
+        assert list(x) == list(range(j, 3)) and values == [row[j] for row in matrix[j:]]
+    # In the class scenario a phase of known classes (`incremental learn`) has no line of its own.
+    learned = {**results, "scenario": "class", "phase_sizes": [4, 6, 0]}
+    assert [label for label, _, _ in report.phase_lines(learned)[1]] == [
+        "phase 0 classes",
+        "phase 1 classes",
+    ]
+    report.plot(results, str(tmp_path / "accuracy.png"))
+    assert (tmp_path / "accuracy.png").stat().st_size > 0
 
 
 def hand_accuracy(config, method, data, protocol, phase, variables, domain):

@@ -67,3 +67,12 @@ def evaluate_phase(
         other = phase_model(config, method, info, final=True, backbone=backbone)
         extra[name] = rows(name, method.predict, other, companion)
     return {**row, "extra": extra} if extra else row
+
+
+def learned_test(data: RunData, protocol: Protocol, phase: int) -> np.ndarray:
+    """Which test examples show what the run has learned by `phase`: those of the seen classes, and
+    in the domain scenario those of the domains learned so far (the later ones only wait)."""
+    learned = data.y_test < protocol.num_seen(phase)
+    if data.test_arrival is not None:
+        learned &= data.test_arrival <= phase
+    return learned
