@@ -51,6 +51,7 @@ from incremental import methods, models, report, train
 from incremental.config import base_config
 from incremental.data import device
 from incremental.methods import Batch, Outputs, PhaseInfo
+from incremental.methods.base import train_kwargs
 
 
 class Spec(NamedTuple):
@@ -276,7 +277,7 @@ def make_train_step(bench: Bench) -> Callable:
     def loss_fn(params, batch_stats, batch):
         variables = {"params": params, "batch_stats": batch_stats}
         (feats, logits), updates = model.apply(
-            variables, batch.x, train=True, mutable=["batch_stats"]
+            variables, batch.x, train=True, mutable=["batch_stats"], **train_kwargs(method, info)
         )
         per_example, _ = method.loss(
             Outputs(feats, logits), batch, params=params, method_state={}, info=info,

@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from capacity_helpers import counting, losses, trace_counts
 
 from configs import digits
 from incremental import methods, models, train, workdirs
@@ -273,17 +274,19 @@ def test_bad_settings_are_refused():
         methods.build("ranpac", {"projection_dim": 0})
 
 
-def block_outputs(model, params, x):
-    """Each block's output, in order, from one training-mode forward pass (one ViT call)."""
-    return _block_outputs(model, params, x)
+def block_outputs(model, params, x, phase=1):
+    """Each block's output, in order, from one training-mode forward pass (one ViT call) of
+    `phase`."""
+    return _block_outputs(model, params, x, phase)
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _block_outputs(model, params, x):
+@functools.partial(jax.jit, static_argnums=(0, 3))
+def _block_outputs(model, params, x, phase):
     capture = lambda module, _: isinstance(module, EncoderBlock)  # noqa: E731
     _, state = model.apply(
-        {"params": params}, x, train=True, capture_intermediates=capture, mutable=["intermediates"]
-    )
+        {"params": params}, x, train=True, phase=phase, capture_intermediates=capture,
+        mutable=["intermediates"],
+    )  # fmt: skip
     blocks = state["intermediates"]["Transformer"]
     return [blocks[f"encoderblock_{i}"]["__call__"][0] for i in range(len(blocks))]
 
@@ -297,7 +300,7 @@ def test_dualprompt_prefixes_enter_exactly_their_layers():
     """With PILOT's layers (G: 0-1, E: 2-4) in a 6-block ViT, a change to one layer's prompt first
     changes that layer's output; the other E-prompts of the pool change nothing in training."""
     vit = build_backbone("vit", **{**TINY, "depth": 6})
-    model = DualPromptViT(vit, (0, 1), (2, 3, 4), 2, 2, pool_size=4, phase=1)
+    model = DualPromptViT(vit, (0, 1), (2, 3, 4), 2, 2, pool_size=4)
     x = jnp.asarray(np.random.default_rng(1).standard_normal((2, 8, 8, 1)), jnp.float32)
     params = phase_model.init_variables(model, x[0], jax.random.key(0))["params"]  # a run's init
     prompt = params["prompt"]
@@ -360,6 +363,28 @@ def test_coda_prompt_trains_only_its_phases_slice_of_components(runs):
             assert not np.any(table[:, stop:]), name
             assert np.all(np.abs(table[:, start:stop]).sum(axis=-1) > 0), name
         before = params
+
+
+@pytest.mark.parametrize(
+    "method", ["coda_prompt", pytest.param("dualprompt", marks=pytest.mark.slow)]
+)
+def test_prompt_methods_compile_once_with_the_widening_numbers(method, tmp_path, monkeypatch):
+    """The phase reaches the prompted ViT as an input of its call (`Method.phase_input`), so under
+    `head.capacity` one training program serves every phase, with the accuracies and losses of the
+    run that widens its head and traces its loss again in every phase."""
+    cls = counting(methods.METHODS[method])
+    monkeypatch.setitem(methods.METHODS, cls.name, cls)
+    results, counts = {}, {}
+    for capacity in (0, sum(SIZES)):
+        trace_counts.clear()
+        config = config_for(method)
+        config.method, config.head.capacity = cls.name, capacity
+        results[capacity] = run_lib.run(config, str(tmp_path / str(capacity)))
+        counts[capacity] = dict(trace_counts)
+    widened, wide = results[0], results[sum(SIZES)]
+    assert wide["accuracy_matrix"] == widened["accuracy_matrix"]
+    np.testing.assert_allclose(losses(wide), losses(widened), rtol=1e-6)
+    assert counts[0]["loss"] == len(SIZES) and counts[sum(SIZES)]["loss"] == 1
 
 
 def test_coda_prompt_new_slice_is_orthonormal_to_the_old_ones():

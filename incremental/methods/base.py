@@ -129,6 +129,10 @@ class Method:
     # class, those not seen yet at -inf (as `loss` and `predict` here do): `head.capacity` may then
     # compile the train and eval steps once for the whole run.
     dynamic_phase: ClassVar[bool] = False
+    # True when the backbone takes the phase being trained as an input of its call in training
+    # (`phase=`: a Python int, or traced under `head.capacity`) instead of a field that would
+    # make every phase's module, and so its program, another (the prompt methods' slices).
+    phase_input: ClassVar[bool] = False
     # Why the method cannot learn online, one pass over each phase's stream (`protocol.online`),
     # "" if it can: the validation refuses the run with it (`{name}` is the method's name).
     not_online: ClassVar[str] = ""
@@ -391,3 +395,9 @@ def classified_logits(logits: jax.Array, num_old: int | jax.Array, loss_classes:
     (models/finetune.py line 153, models/ewc.py line 172, at 87cc411) for labels of new classes.
     """
     return models.mask_old(logits, num_old) if loss_classes == "new" else logits
+
+
+def train_kwargs(method: Method, info: PhaseInfo) -> dict[str, Any]:
+    """What a training forward pass gives the backbone besides the inputs: the phase, for a
+    method whose backbone takes it (`Method.phase_input`)."""
+    return {"phase": info.phase} if method.phase_input else {}

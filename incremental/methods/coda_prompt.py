@@ -7,7 +7,9 @@ P_k (length × D), and its weight for an image with query q (the frozen model's 
 stop-gradient) is the cosine of q ⊙ A_k to K_k. The first half of the summed prompt's tokens are the
 prefix keys, the second half its values. The pool of `pool_size` components is cut into
 `num_phases` equal slices: phase t trains only its own slice (the older slices enter its forward
-pass with a stop-gradient, the later ones not at all) and at test time phase t uses slices 0..t.
+pass with a stop-gradient, the later ones are still zero and add nothing) and at test time phase t
+uses slices 0..t (the later ones zero). The phase is an input of the backbone's call, so under
+`head.capacity` one program trains every phase.
 Each new slice starts orthonormal to the span of the older ones (`grow`). The loss is the
 cross-entropy over the phase's own classes (old logits at -inf, their head columns fixed), plus
 `ortho` times the orthogonality penalty mean((T Tᵀ − I)²) of K, A and the flattened P over the
@@ -102,14 +104,18 @@ class Components(nn.Module):
 
 
 class CodaPromptViT(nn.Module):
-    """A ViT whose blocks `layers` get the attention-weighted sums of the components as prefixes."""
+    """A ViT whose blocks `layers` get the attention-weighted sums of the components as prefixes.
+
+    The phase is an input of the call, not a field: under `head.capacity` one program trains every
+    phase. Components of later phases are zero until their phase (`grow`), so their weights and
+    prompts are zero: the whole pool takes part and equals slices 0..phase.
+    """
 
     vit: nn.Module  # models.ViT
     layers: tuple[int, ...]
     pool_size: int
     per_phase: int
     length: int
-    phase: int
 
     def setup(self):
         nn.share_scope(self, self.vit)  # the ViT's parameters keep their paths
@@ -118,18 +124,24 @@ class CodaPromptViT(nn.Module):
             len(self.layers), self.pool_size, self.per_phase, self.length, width
         )
 
-    def in_use(self, train: bool) -> tuple[jax.Array, jax.Array, jax.Array]:
-        """K, A, P over slices 0..phase; in training the past slices behind a stop-gradient."""
-        start, stop = self.phase * self.per_phase, (self.phase + 1) * self.per_phase
+    def in_use(self, phase: int | jax.Array | None) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """K, A, P; in training (`phase` given) every slice but the phase's behind a
+        stop-gradient (the past ones, PILOT's detach; the later ones, still zero)."""
         tables = (self.prompt.keys, self.prompt.attention, self.prompt.components)
-        if not train:
-            return tuple(t[:, :stop] for t in tables)
-        past = lambda t: jax.lax.stop_gradient(t[:, :start])  # noqa: E731
-        return tuple(jnp.concatenate([past(t), t[:, start:stop]], axis=1) for t in tables)
+        if phase is None:
+            return tables
+        return tuple(trained_slice(t, self.per_phase, phase) for t in tables)
 
-    def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
+    def __call__(
+        self, x: jax.Array, *, train: bool = False, phase: int | jax.Array | None = None
+    ) -> jax.Array:
+        """The prompted features; in training `phase` (a Python int, or traced) is required."""
+        if train and phase is None:
+            raise ValueError(
+                "coda_prompt trains one slice of its pool: pass the phase in training."
+            )
         query_BxD = jax.lax.stop_gradient(self.vit(x)).astype(jnp.float32)
-        keys, attention, components = self.in_use(train)
+        keys, attention, components = self.in_use(phase)
         prefixes, half = {}, self.length // 2
         for i, layer in enumerate(self.layers):
             attended_BxKxD = l2_normalize(query_BxD[:, None, :] * attention[i][None])
@@ -139,11 +151,22 @@ class CodaPromptViT(nn.Module):
         return self.vit(x, prefixes=prefixes)
 
 
-def ortho_penalty(table: jax.Array) -> jax.Array:
-    """mean((T Tᵀ − I)²) of a (rows, ...) table, summed over a leading layer axis."""
+def trained_slice(table: jax.Array, per_phase: int, phase: int | jax.Array) -> jax.Array:
+    """`table` (layers, pool, ...) as it is, its gradient kept for `phase`'s slice of the pool only."""
+    rows = jnp.arange(table.shape[1]) // per_phase
+    mine = (rows == phase).reshape(1, -1, *(1,) * (table.ndim - 2))
+    return jnp.where(mine, table, jax.lax.stop_gradient(table))
+
+
+def ortho_penalty(table: jax.Array, num_rows: int | jax.Array) -> jax.Array:
+    """mean((T Tᵀ − I)²) over the first `num_rows` rows of a (layers, rows, ...) table, summed over
+    its leading layer axis."""
     flat = table.reshape(table.shape[0], table.shape[1], -1)
     gram = jnp.einsum("lkn,ljn->lkj", flat, flat, precision="highest")
-    return ((gram - jnp.eye(flat.shape[1])[None]) ** 2).mean(axis=(1, 2)).sum()
+    rows = jnp.arange(flat.shape[1])
+    kept = (rows[:, None] < num_rows) & (rows[None, :] < num_rows)
+    squares = jnp.where(kept[None], (gram - jnp.eye(flat.shape[1])[None]) ** 2, 0.0)
+    return (squares.sum(axis=(1, 2)) / (num_rows * num_rows)).sum()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -151,6 +174,8 @@ class CodaPrompt(Method):
     """Method state: none; the components are in the params (`backbone/prompt/...`)."""
 
     name = "coda_prompt"
+    dynamic_phase = True  # the phase reaches the backbone as an input (`phase_input`)
+    phase_input = True
 
     pool_size: int = 100  # PILOT exps/coda_prompt.json line 28
     length: int = 8  # prompt tokens: half prefix keys, half values (line 28)
@@ -200,9 +225,7 @@ class CodaPrompt(Method):
                 f"coda_prompt's pool has slices for {self.num_phases} phases (method_args."
                 f"num_phases), and this is phase {info.phase}; set num_phases to the protocol's."
             )
-        return CodaPromptViT(
-            vit, self.layers, self.pool_size, self.per_phase, self.length, int(info.phase)
-        )
+        return CodaPromptViT(vit, self.layers, self.pool_size, self.per_phase, self.length)
 
     def setup(self, info: PhaseInfo) -> PhaseSetup:
         del info
@@ -231,9 +254,10 @@ class CodaPrompt(Method):
         ce = models.cross_entropy(models.mask_old(out.logits, info.num_old), batch.y)
         if not self.ortho:
             return ce, {"ce": ce}
-        start, stop = info.phase * self.per_phase, (info.phase + 1) * self.per_phase
-        prompt = params["backbone"]["prompt"]
-        past = lambda t: jax.lax.stop_gradient(t[:, :start])  # noqa: E731  (as in the forward)
-        tables = [jnp.concatenate([past(t), t[:, start:stop]], axis=1) for t in prompt.values()]
-        penalty = sum(ortho_penalty(t) for t in tables)
+        tables = [  # as in the forward: the phase's slice trained, slices 0..phase counted
+            trained_slice(t, self.per_phase, info.phase)
+            for t in params["backbone"]["prompt"].values()
+        ]
+        stop = (info.phase + 1) * self.per_phase
+        penalty = sum(ortho_penalty(t, stop) for t in tables)
         return ce + self.ortho * penalty, {"ce": ce, "ortho": jnp.broadcast_to(penalty, ce.shape)}

@@ -86,8 +86,9 @@ class DualPrompts(nn.Module):
 
 
 class DualPromptViT(nn.Module):
-    """A ViT with the G-prompt in `g_layers` and an E-prompt in `e_layers`: the phase's in training
-    (`phase`; the closest past the pool), the closest to the query otherwise."""
+    """A ViT with the G-prompt in `g_layers` and an E-prompt in `e_layers`: in training the phase's
+    (`phase`, an input of the call: under `head.capacity` one program trains every phase; the
+    closest past the pool), the closest to the query otherwise."""
 
     vit: nn.Module  # models.ViT
     g_layers: tuple[int, ...]
@@ -95,7 +96,6 @@ class DualPromptViT(nn.Module):
     g_length: int
     e_length: int
     pool_size: int
-    phase: int
 
     def setup(self):
         nn.share_scope(self, self.vit)  # the ViT's parameters keep their paths
@@ -115,26 +115,36 @@ class DualPromptViT(nn.Module):
         keys_PxD = l2_normalize(self.prompt.keys)
         return jnp.dot(l2_normalize(query_BxD), keys_PxD.T, precision=jax.lax.Precision.HIGHEST)
 
-    def chosen(self, x: jax.Array, train: bool) -> jax.Array:
-        """(B,) the E-prompt of each image."""
-        if train and self.phase < self.pool_size:
-            return jnp.full((x.shape[0],), self.phase)
-        return jnp.argmax(jax.lax.stop_gradient(self.match(x)), axis=-1)
+    def chosen(self, x: jax.Array, phase: int | jax.Array | None) -> jax.Array:
+        """(B,) the E-prompt of each image: the phase's in training (`phase` given), within the
+        pool; the closest to the query otherwise."""
+        closest = lambda module: jnp.argmax(jax.lax.stop_gradient(module.match(x)), axis=-1)  # noqa: E731
+        if phase is None:
+            return closest(self)
+        own = lambda module: jnp.full((x.shape[0],), phase, jnp.int32)  # noqa: E731
+        if isinstance(phase, int):
+            return own(self) if phase < self.pool_size else closest(self)
+        return nn.cond(phase < self.pool_size, own, closest, self)
 
-    def prefixes(self, x: jax.Array, train: bool) -> dict[int, tuple[jax.Array, jax.Array]]:
+    def prefixes(self, x: jax.Array, phase) -> dict[int, tuple[jax.Array, jax.Array]]:
         """{layer: (keys_BxLxD, values_BxLxD)} of the G- and the chosen E-prompts."""
         b = x.shape[0]
         out = {}
         for i, layer in enumerate(self.g_layers):
             g = jnp.broadcast_to(self.prompt.g[i][None], (b, *self.prompt.g[i].shape))
             out[layer] = (g[:, 0], g[:, 1])
-        e_BxLx2xTxD = self.prompt.e[self.chosen(x, train)]
+        e_BxLx2xTxD = self.prompt.e[self.chosen(x, phase)]
         for i, layer in enumerate(self.e_layers):
             out[layer] = (e_BxLx2xTxD[:, i, 0], e_BxLx2xTxD[:, i, 1])
         return out
 
-    def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
-        return self.vit(x, prefixes=self.prefixes(x, train))
+    def __call__(
+        self, x: jax.Array, *, train: bool = False, phase: int | jax.Array | None = None
+    ) -> jax.Array:
+        """The prompted features; in training `phase` (a Python int, or traced) is required."""
+        if train and phase is None:
+            raise ValueError("dualprompt trains the phase's E-prompt: pass the phase in training.")
+        return self.vit(x, prefixes=self.prefixes(x, phase))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -142,6 +152,8 @@ class DualPrompt(Method):
     """Method state: none; the prompts are in the params (`backbone/prompt/{g, e, keys}`)."""
 
     name = "dualprompt"
+    dynamic_phase = True  # the phase reaches the backbone as an input (`phase_input`)
+    phase_input = True
 
     g_layers: tuple[int, ...] = (0, 1)  # PILOT exps/dualprompt.json line 35
     e_layers: tuple[int, ...] = (2, 3, 4)  # line 39
@@ -186,7 +198,6 @@ class DualPrompt(Method):
             self.g_length,
             self.e_length,
             self.pool_size,
-            int(info.phase),
         )
 
     def setup(self, info: PhaseInfo) -> PhaseSetup:
@@ -214,8 +225,6 @@ class DualPrompt(Method):
     ) -> tuple[jax.Array, dict[str, jax.Array]]:
         del method_state
         ce, cosine_BxP = new_class_ce_and_cosines(out, batch, params, info, apply_fn)
-        if info.phase < self.pool_size:
-            pulled = cosine_BxP[:, info.phase]
-        else:
-            pulled = cosine_BxP.max(axis=-1)
+        own = cosine_BxP[:, jnp.minimum(info.phase, self.pool_size - 1)]  # a traced phase too
+        pulled = jnp.where(info.phase < self.pool_size, own, cosine_BxP.max(axis=-1))
         return ce - self.pull * pulled, {"ce": ce, "key_cosine": pulled}

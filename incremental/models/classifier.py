@@ -216,7 +216,10 @@ class Classifier(nn.Module):
     head_type: str = "linear"  # linear | cosine
 
     @nn.compact
-    def __call__(self, x: jax.Array, *, train: bool) -> tuple[jax.Array, jax.Array]:
-        """Returns `(features_BxD, logits_BxC)`, both float32."""
-        features_BxD = self.backbone(x, train=train).astype(jnp.float32)
+    def __call__(
+        self, x: jax.Array, *, train: bool, **backbone_kwargs
+    ) -> tuple[jax.Array, jax.Array]:
+        """Returns `(features_BxD, logits_BxC)`, both float32; `backbone_kwargs` go to the
+        backbone (the phase, for a backbone that takes it: `Method.phase_input`)."""
+        features_BxD = self.backbone(x, train=train, **backbone_kwargs).astype(jnp.float32)
         return features_BxD, HEADS[self.head_type](self.num_classes, name="head")(features_BxD)

@@ -18,6 +18,7 @@ from flax import linen as nn
 from incremental import models
 from incremental.data import device
 from incremental.methods import Batch, Method, Outputs, PhaseInfo, PhaseSetup
+from incremental.methods.base import train_kwargs
 from incremental.train.optim import NUM_FROZEN
 from incremental.train.state import PhaseArgs, TrainState
 
@@ -42,16 +43,18 @@ def make_loss(model: nn.Module, method: Method, info: PhaseInfo | None, setup: P
         variables = {"params": params, "batch_stats": batch_stats}
         joint = batch.memory is not None and method.forward_memory
         x = with_memory(batch) if joint else batch.x
-        if setup.train_batch_norm:
-            (feats, logits), updates = model.apply(
-                variables, x, train=True, mutable=["batch_stats"]
-            )
-            batch_stats = updates.get("batch_stats", batch_stats)
-        else:
-            feats, logits = model.apply(variables, x, train=False)
         phase_info = info
         if args is not None:
             phase_info = PhaseInfo(args.phase, args.num_old, args.num_new)
+        kwargs = train_kwargs(method, phase_info)
+        if setup.train_batch_norm:
+            (feats, logits), updates = model.apply(
+                variables, x, train=True, mutable=["batch_stats"], **kwargs
+            )
+            batch_stats = updates.get("batch_stats", batch_stats)
+        else:
+            feats, logits = model.apply(variables, x, train=False, **kwargs)
+        if args is not None:
             logits = models.mask_unseen(logits, args.num_old + args.num_new)
         elif logits.shape[-1] > info.num_seen:  # a `head.capacity` head trained by `ctx.fit`
             logits = models.mask_unseen(logits, info.num_seen)
