@@ -85,7 +85,7 @@ def test_capacity_run_resumes_with_the_same_numbers(tmp_path):
             "der",
             None,
             None,
-            r"Method 'der' does not support head.capacity.*analytic, bic, der_pp, er_ace, ewc, finetune",
+            r"Method 'der' does not support head.capacity.*analytic, bic, coda_prompt, der_pp, dualprompt, er_ace, ewc",
         ),
         ("finetune", "capacity", 8, r"head.capacity=8 is smaller than the protocol's 10 classes"),
     ],
