@@ -680,26 +680,34 @@ def remove_classes(workdir: str, classes: Sequence[int], out: str) -> dict:
                 edited = Saved(phase, state, method_state, saved.meta)
                 records.append(_record(saved.meta["records"][source], new, phase, edited))
                 writer.save(new, phase, edited, list(records))
-            order = old.protocol.class_order
-            record = {
-                "operation": "remove_classes",
-                "classes": sorted(int(order[p]) for p in positions),
-                "source_phase": phases[-1],
-                "class_ids": {
-                    str(order[p]): int(new.protocol.class_order[label_map[p]])
-                    for p in range(len(order))
-                    if label_map[p] >= 0
-                },
-                "phases": {str(p): s for p, s in sorted(sources_of.items())},
-                "config": {
-                    "dataset.classes": new.config.dataset.classes,
-                    "protocol.class_order": new.config.protocol.class_order,
-                    "protocol.phase_sizes": new.config.protocol.phase_sizes,
-                },
-            }
+            record = _removal_record(old, new, positions, label_map, sources_of, phases[-1])
             history = _history(workdir, record)
             writer.finish(new, records, history)
     return history[-1]
+
+
+def _removal_record(
+    old: RunSetup, new: RunSetup, positions, label_map, sources_of: dict, source_phase: int
+) -> dict:
+    """`remove_classes`' entry of surgery.json: the classes removed, each kept class's new id, the
+    source phase of every new phase, and the config keys that changed."""
+    order = old.protocol.class_order
+    return {
+        "operation": "remove_classes",
+        "classes": sorted(int(order[p]) for p in positions),
+        "source_phase": source_phase,
+        "class_ids": {
+            str(order[p]): int(new.protocol.class_order[label_map[p]])
+            for p in range(len(order))
+            if label_map[p] >= 0
+        },
+        "phases": {str(p): s for p, s in sorted(sources_of.items())},
+        "config": {
+            "dataset.classes": new.config.dataset.classes,
+            "protocol.class_order": new.config.protocol.class_order,
+            "protocol.phase_sizes": new.config.protocol.phase_sizes,
+        },
+    }
 
 
 def _maps(old: RunSetup, positions: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
