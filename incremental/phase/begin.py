@@ -96,12 +96,7 @@ def begin(
         config, tx, variables, carried, info, named_key(phase_key(config, phase), "train")
     )
     mesh = parallel.make_mesh(config.parallel.devices)
-    state, method_state = parallel.replicate((state, method_state), mesh)
-    if config.parallel.shard_params:
-        large = parallel.shard_large(
-            (state.params, state.opt_state), mesh, config.parallel.shard_min_size
-        )
-        state = state._replace(params=large[0], opt_state=large[1])
+    state, method_state = place_states(config, mesh, state, method_state)
     build = lambda stream=None: make_epoch(  # noqa: E731
         config, method, data, info, model, tx, mesh, stream, setup=setup
     )
@@ -129,6 +124,18 @@ def begin(
         init_row,
     )  # fmt: skip
     return pr, state, method_state
+
+
+def place_states(config, mesh, state: train.TrainState, method_state: dict):
+    """The train and method states on the devices of `mesh`: replicated, or with
+    `parallel.shard_params` the large parameters and their optimizer state split over them."""
+    state, method_state = parallel.replicate((state, method_state), mesh)
+    if config.parallel.shard_params:
+        large = parallel.shard_large(
+            (state.params, state.opt_state), mesh, config.parallel.shard_min_size
+        )
+        state = state._replace(params=large[0], opt_state=large[1])
+    return state, method_state
 
 
 def random_init_row(config, data: RunData, protocol: Protocol, model, variables) -> list | None:
