@@ -4,6 +4,7 @@ projected features, and L2P trains only its prompts, keys and head, pulls the se
 queries, and gets its query without a second forward pass in the compiled step."""
 
 import functools
+import json
 
 import jax
 import jax.numpy as jnp
@@ -385,6 +386,22 @@ def test_prompt_methods_compile_once_with_the_widening_numbers(method, tmp_path,
     assert wide["accuracy_matrix"] == widened["accuracy_matrix"]
     np.testing.assert_allclose(losses(wide), losses(widened), rtol=1e-6)
     assert counts[0]["loss"] == len(SIZES) and counts[sum(SIZES)]["loss"] == 1
+
+
+@pytest.mark.slow
+def test_dualprompt_seeds_in_one_program_have_their_own_runs_numbers(runs, tmp_path):
+    """Under `config.seeds` the traced phase picks the E-prompt inside a vmapped step (`nn.cond`
+    becomes a select there): each seed's accuracies are those of its own run."""
+    config = config_for("dualprompt")
+    config.seeds = (0, 1)
+    run_lib.run(config, str(tmp_path / "seeds"))
+    single = config_for("dualprompt")
+    single.seed = 1
+    alone = {0: runs["dualprompt"][0], 1: run_lib.run(single, str(tmp_path / "alone"))}
+    for seed in (0, 1):
+        doc = json.loads((tmp_path / "seeds" / f"seed_{seed}" / "results.json").read_text())
+        assert doc["accuracy_matrix"] == alone[seed]["accuracy_matrix"], seed
+        np.testing.assert_allclose(losses(doc), losses(alone[seed]), rtol=1e-6)
 
 
 def test_coda_prompt_new_slice_is_orthonormal_to_the_old_ones():
