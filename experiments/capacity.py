@@ -7,7 +7,10 @@ order, so that neither gains from JAX's warm-up), with the persistent compilatio
 
 - `digits`: the default config with replay, 5 phases of 2 classes (MLP, scan of each epoch);
 - `resnet32`: ResNet-32 on synthetic CIFAR-shaped data (100 classes, 20 training and 5 test images
-  per class, uint8), B0-Inc10 with finetune, 1 epoch per phase: what compiling costs a CIFAR-100 run.
+  per class, uint8), B0-Inc10 with finetune, 1 epoch per phase: what compiling costs a CIFAR-100 run;
+- `coda_prompt`: CODA-Prompt on a small ViT (width 64, 4 blocks, digits resized to 16x16, patches
+  of 4), prompts in every block, a pool of 10 in 5 slices, 5 phases of 2 classes, 1 epoch per
+  phase: the prompt methods, whose ViT takes the phase as an input (`Method.phase_input`).
 
 For each run: seconds of compiling per phase (`results.json`'s `compile_seconds`), the seconds in
 phases, and whether the accuracy matrices and final losses equal the widening run's.
@@ -28,8 +31,9 @@ from configs import cifar100, digits  # noqa: E402
 from incremental import run as run_lib  # noqa: E402
 
 flags.DEFINE_string("out", None, "Markdown file to write (default: print only).")
-flags.DEFINE_list("settings", ["digits", "resnet32"], "Which settings to run.")
+flags.DEFINE_list("settings", ["digits", "resnet32", "coda_prompt"], "Which settings to run.")
 FLAGS = flags.FLAGS
+CODA_VIT = {"width": 64, "depth": 4, "heads": 4, "mlp_dim": 128, "patch": 4, "resize": 16}
 
 
 def synthetic_cifar(path: str, per_class: int = 20, test_per_class: int = 5) -> str:
@@ -48,6 +52,13 @@ def synthetic_cifar(path: str, per_class: int = 20, test_per_class: int = 5) -> 
 def config_for(setting: str, capacity: int, tmp: str):
     if setting == "digits":
         config = digits.get_config("method=replay")
+        config.head.capacity = 10 if capacity else 0
+    elif setting == "coda_prompt":
+        config = digits.get_config("method=coda_prompt,model=vit")
+        config.model.kwargs = dict(CODA_VIT)
+        config.method_args.update(layers=(0, 1, 2, 3), pool_size=10, num_phases=5)
+        config.train.epochs = config.train_first.epochs = 1
+        config.train.weight_decay = config.train_first.weight_decay = 0.0
         config.head.capacity = 10 if capacity else 0
     else:
         config = cifar100.get_config("method=finetune,protocol=b0_inc10")
