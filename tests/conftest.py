@@ -87,6 +87,19 @@ def pytest_configure(config):
     os.environ["INCREMENTAL_COMPILE_CACHE"] = compiled
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _temporary_files(tmp_path_factory):
+    """The libraries' temporary files go to the session's temporary directory, removed at its end,
+    not to /tmp (tfds makes a `tmp*tfds` directory for every dataset it looks up offline and leaves
+    it there). pytest's own `tmp_path` directories stay where pytest keeps them."""
+    tmp_path_factory.getbasetemp()  # fixed before the change below
+    directory = os.path.join(os.environ["INCREMENTAL_TEST_CACHE"], "tmp")
+    os.makedirs(directory, exist_ok=True)
+    saved, tempfile.tempdir = tempfile.tempdir, directory
+    yield
+    tempfile.tempdir = saved
+
+
 @pytest.fixture
 def key():
     return jax.random.PRNGKey(0)
