@@ -319,6 +319,28 @@ def test_dualprompt_prefixes_enter_exactly_their_layers():
     assert not np.array_equal(outputs[5], block_outputs(model, params, x)[5])
 
 
+def test_dualprompt_traced_phase_picks_the_e_prompt_a_python_phase_picks():
+    """In training the phase's E-prompt, past the pool the closest one (as at test time), alike for
+    a phase given as a Python int (widening) and traced (`head.capacity`: `nn.cond`)."""
+    vit = build_backbone("vit", **TINY)
+    model = DualPromptViT(vit, (0,), (1,), 2, 2, pool_size=2)
+    x = jnp.asarray(np.random.default_rng(2).standard_normal((16, 8, 8, 1)), jnp.float32)
+    variables = phase_model.init_variables(model, x[0], jax.random.key(0))
+    query = lambda module, x: module.vit(x) if module.prompt else None  # noqa: E731  (after setup)
+    queries = jax.jit(functools.partial(model.apply, method=query))(variables, x[:2])
+    prompt = {**variables["params"]["prompt"], "keys": queries}  # images 0 and 1 pick keys 0 and 1
+    variables = {"params": {**variables["params"], "prompt": prompt}}
+    chosen = lambda module, x, phase: module.chosen(x, phase)  # noqa: E731
+    pick = lambda phase: model.apply(variables, x, phase, method=chosen)  # noqa: E731
+    given = jax.jit(pick, static_argnums=0)  # None or a Python int
+    closest = np.asarray(given(None))
+    assert closest[:2].tolist() == [0, 1]
+    for phase in (0, 1, 2, 3):
+        expected = [phase] * 16 if phase < 2 else closest
+        np.testing.assert_array_equal(jax.jit(pick)(jnp.asarray(phase)), expected)  # traced
+        np.testing.assert_array_equal(given(phase), expected)
+
+
 def test_dualprompt_trains_the_phases_e_prompt_its_key_and_the_g_prompt(runs):
     _, workdir = runs["dualprompt"]
     rs, _, _ = restored(workdir, 0)
