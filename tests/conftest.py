@@ -91,13 +91,19 @@ def pytest_configure(config):
 def _temporary_files(tmp_path_factory):
     """The libraries' temporary files go to the session's temporary directory, removed at its end,
     not to /tmp (tfds makes a `tmp*tfds` directory for every dataset it looks up offline and leaves
-    it there). pytest's own `tmp_path` directories stay where pytest keeps them."""
+    it there), in the test processes and in those they start ($TMPDIR). pytest's own `tmp_path`
+    directories stay where pytest keeps them."""
     tmp_path_factory.getbasetemp()  # fixed before the change below
     directory = os.path.join(os.environ["INCREMENTAL_TEST_CACHE"], "tmp")
     os.makedirs(directory, exist_ok=True)
-    saved, tempfile.tempdir = tempfile.tempdir, directory
+    saved = tempfile.tempdir, os.environ.get("TMPDIR")
+    tempfile.tempdir = os.environ["TMPDIR"] = directory
     yield
-    tempfile.tempdir = saved
+    tempfile.tempdir = saved[0]
+    if saved[1] is None:
+        os.environ.pop("TMPDIR", None)
+    else:
+        os.environ["TMPDIR"] = saved[1]
 
 
 @pytest.fixture
