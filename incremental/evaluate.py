@@ -102,12 +102,20 @@ def task_aware_correct(
 ) -> np.ndarray:
     """Per example: whether the argmax over its phase's classes alone is its label (the task label
     given). A phase that brings no classes of its own (a domain) chooses among all seen ones."""
-    offsets, correct = protocol.offsets, np.zeros(len(y), bool)
+    return task_aware_predictions(scores, test_phase, protocol) == y
+
+
+def task_aware_predictions(
+    scores: np.ndarray, test_phase: np.ndarray, protocol: Protocol
+) -> np.ndarray:
+    """Per example, the class of highest score among its phase's classes alone (the task label
+    given); among all seen ones for a phase that brings no classes of its own (a domain)."""
+    offsets, pred = protocol.offsets, np.zeros(len(scores), np.int64)
     for j in np.unique(test_phase):
         mine = test_phase == j
         lo, hi = (offsets[j], offsets[j + 1]) if protocol.phase_sizes[j] else (0, scores.shape[1])
-        correct[mine] = scores[mine, lo:hi].argmax(axis=1) + lo == y[mine]
-    return correct
+        pred[mine] = scores[mine, lo:hi].argmax(axis=1) + lo
+    return pred
 
 
 def task_incremental(row: dict, task_correct: np.ndarray, old: np.ndarray) -> dict:

@@ -34,13 +34,14 @@ from absl import logging
 
 from incremental import capacity, checkpoint, lock, methods, surgery, train
 from incremental.data import sources
+from incremental.evaluate import task_aware_predictions
 from incremental.methods import Method, PhaseInfo
 from incremental.phase.evaluate import evaluate_phase, learned_test
 from incremental.phase.load import RunData, load_data, source_options
 from incremental.phase.model import dtype_of, phase_model
 from incremental.phase.record import results_from_records, write_results
 from incremental.phase.save import check_data, state_target
-from incremental.protocol import Protocol
+from incremental.protocol import Protocol, scenario_of
 
 PyTree = Any
 EVALUATION_FILE = "evaluation.json"
@@ -210,7 +211,7 @@ def evaluate_saved(rs: RunSetup, saved: Saved, *, predictions: bool = False):
     With `predictions=True`, returns `(row, predictions)`, where `predictions[name]` holds the
     predicted class positions of the seen classes' test examples, in the domain scenario those of
     the domains learned so far (`learned_test`; `name` is `'head'` or a method's extra classifier
-    such as `'nme'`).
+    such as `'nme'`); in the task scenario each among its task's classes, as its headline numbers.
     """
     num_seen = rs.protocol.num_seen(saved.phase)
     model = _model(rs, saved.phase)
@@ -221,14 +222,19 @@ def evaluate_saved(rs: RunSetup, saved: Saved, *, predictions: bool = False):
     )
     if not predictions:
         return row
-    x = rs.data.x_test[learned_test(rs.data, rs.protocol, saved.phase)]
+    learned = learned_test(rs.data, rs.protocol, saved.phase)
+    x = rs.data.x_test[learned]
     fns = {"head": rs.method.predict, **rs.method.extra_predictions()}
     state = methods.base.select_state(method_state, rs.method.eval_keys)
-    predicted = {
-        name: _scores(rs, model, fn, variables, state, x, num_seen).argmax(axis=1)
-        for name, fn in fns.items()
+    scores = {
+        name: _scores(rs, model, fn, variables, state, x, num_seen) for name, fn in fns.items()
     }
-    return row, predicted
+    if scenario_of(rs.config) != "task":
+        return row, {name: s.argmax(axis=1) for name, s in scores.items()}
+    test_phase = rs.protocol.phase_of(rs.data.y_test[learned])  # the task label, given
+    return row, {
+        name: task_aware_predictions(s, test_phase, rs.protocol) for name, s in scores.items()
+    }
 
 
 def evaluate(workdir: str, phase: int | None = None, *, predictions: bool = False):

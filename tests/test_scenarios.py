@@ -104,13 +104,13 @@ def finetune_runs(tmp_path_factory):
     """Finetune on split digits with and without the task label (3 epochs a phase)."""
     out = {}
     for name, get_config in (("task", digits_task.get_config), ("class", digits.get_config)):
-        workdir = str(tmp_path_factory.mktemp(name))
-        out[name] = run_lib.run(shrink(get_config("method=finetune"), 3), workdir)
+        workdir = tmp_path_factory.mktemp(name)
+        out[name] = run_lib.run(shrink(get_config("method=finetune"), 3), str(workdir)), workdir
     return out
 
 
 def test_task_accuracy_is_at_least_class_accuracy_and_far_above_it_for_finetune(finetune_runs):
-    task, one_head = finetune_runs["task"], finetune_runs["class"]
+    (task, _), (one_head, _) = finetune_runs["task"], finetune_runs["class"]
     assert task["scenario"] == "task" and one_head["scenario"] == "class"
     # The same model, scored with the task label and without: never lower with it.
     rows = zip(task["accuracy_matrix"], task["class_incremental_matrix"], strict=True)
@@ -126,6 +126,21 @@ def test_task_accuracy_is_at_least_class_accuracy_and_far_above_it_for_finetune(
     assert one_head["last_accuracy"] <= 0.35
     assert task["last_accuracy"] - one_head["last_accuracy"] >= 0.5
     assert task["forward_transfer"] is None and one_head["forward_transfer"] is None
+
+
+def test_evaluating_a_saved_task_phase_scores_each_example_among_its_tasks_classes(finetune_runs):
+    """In the task scenario `incremental evaluate`'s per-class accuracies and confusion are the
+    task-aware ones, as its headline: each test example predicted among its own phase's classes,
+    so the accuracies weighted by their counts make up the phase's (task-aware) accuracy."""
+    results, workdir = finetune_runs["task"]
+    doc = workdirs.evaluate(str(workdir))
+    assert doc["accuracy"] == pytest.approx(results["accuracy"][-1])
+    counts = np.array([entry["num_test"] for entry in doc["per_class"]])
+    accuracies = np.array([entry["accuracy"] for entry in doc["per_class"]])
+    assert np.sum(accuracies * counts) / counts.sum() == pytest.approx(doc["accuracy"])
+    phase_of = {entry["class"]: entry["phase"] for entry in doc["per_class"]}
+    for true, row in doc["confusion"].items():  # never a class of another task
+        assert {phase_of[int(p)] for p in row} == {phase_of[int(true)]}, (true, row)
 
 
 @pytest.fixture(scope="module")
