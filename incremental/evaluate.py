@@ -138,9 +138,8 @@ def top_k_accuracy(scores: np.ndarray, y: np.ndarray, k: int) -> float:
     return float(np.mean((top == y[:, None]).any(axis=1)))
 
 
-def confusion(scores: np.ndarray, y: np.ndarray, num_seen: int) -> np.ndarray:
+def confusion(pred: np.ndarray, y: np.ndarray, num_seen: int) -> np.ndarray:
     """The (num_seen, num_seen) counts of test examples by true class (rows) and prediction."""
-    pred = scores.argmax(axis=1)
     return np.bincount(y * num_seen + pred, minlength=num_seen * num_seen).reshape(num_seen, -1)
 
 

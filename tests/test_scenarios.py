@@ -141,6 +141,15 @@ def test_evaluating_a_saved_task_phase_scores_each_example_among_its_tasks_class
     phase_of = {entry["class"]: entry["phase"] for entry in doc["per_class"]}
     for true, row in doc["confusion"].items():  # never a class of another task
         assert {phase_of[int(p)] for p in row} == {phase_of[int(true)]}, (true, row)
+    # The run's own log of the last evaluation: the same task-aware confusion.
+    lines = (workdir / "metrics.jsonl").read_text().splitlines()
+    logged = [json.loads(line) for line in lines if '"kind": "eval"' in line][-1]
+    assert logged["per_class_accuracy"] == pytest.approx(accuracies.tolist())
+    order = results["class_order"]
+    for i, true in enumerate(order):
+        for j, predicted in enumerate(order):
+            expected = doc["confusion"].get(str(true), {}).get(str(predicted), 0)
+            assert logged["confusion"][i][j] == expected, (true, predicted)
 
 
 @pytest.fixture(scope="module")

@@ -22,7 +22,8 @@ def evaluate_phase(
     are evaluated the same way, under `extra`. Under `head.capacity` the whole test set is scored,
     a shape that does not change with the phase, with the classes not seen yet masked, by
     functions kept in `programs` for later phases. With `confusion`, the row also holds the
-    method's confusion matrix over the seen classes (`evaluate.confusion`) under "confusion".
+    method's confusion matrix over the seen classes (`evaluate.confusion`; in the task scenario,
+    each example predicted among its task's classes) under "confusion".
     `extras=False` scores the method's `predict` alone (an evaluation within the phase).
     In the domain scenario every domain's test data is scored, the later ones for `ahead_row`; in
     the task scenario the task-aware numbers are the headline (`evaluate.evaluate_phase`).
@@ -55,7 +56,12 @@ def evaluate_phase(
         )
         if counts:
             now = slice(None) if test_phase is None else test_phase <= phase
-            row["confusion"] = evaluate.confusion(scores[now], y[now], num_seen)
+            pred = scores[now].argmax(axis=1)
+            if task:  # the task label given, as in the headline numbers
+                pred = evaluate.task_aware_predictions(
+                    scores[now], protocol.phase_of(y[now]), protocol
+                )
+            row["confusion"] = evaluate.confusion(pred, y[now], num_seen)
         return row
 
     row = rows("predict", method.predict, counts=confusion)
