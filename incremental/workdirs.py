@@ -633,7 +633,8 @@ def remove_classes(workdir: str, classes: Sequence[int], out: str) -> dict:
     Every saved phase is edited: the head loses the classes' columns (`surgery.remove_classes`;
     the other classes' logits stay bit-identical), the optimizer state and the method state lose
     their entries (`edit_method_state`), and the phase is evaluated again under the edited
-    protocol. A phase left without classes is dropped; the newest checkpoint is always kept.
+    protocol. A phase left without classes is dropped; the newest checkpoint is always kept. In
+    the domain scenario every phase keeps its place (each brings every class left).
     Within-phase checkpoints are not copied: the edited run resumes after its newest phase. A run
     with a column for every class (`head.capacity`) loses the removed classes' columns in every
     phase, learned or not, and keeps a column for every class left.
@@ -664,7 +665,10 @@ def remove_classes(workdir: str, classes: Sequence[int], out: str) -> dict:
         positions = _removed_positions(old.protocol, classes, old.protocol.num_seen(phases[-1]))
         new = setup(_config_without(old, positions))
         label_map, index_map = _maps(old, positions)
-        sources_of = _phase_sources(workdir, phases, old.protocol, new.protocol, label_map)
+        if scenario_of(old.config) == "domain":  # every phase brings every class: phase by phase
+            sources_of = {phase: phase for phase in phases}
+        else:
+            sources_of = _phase_sources(workdir, phases, old.protocol, new.protocol, label_map)
         records: list[dict] = []
         with _writing(workdir, out) as writer:
             for phase, source in sorted(sources_of.items()):

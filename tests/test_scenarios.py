@@ -210,6 +210,22 @@ def test_evaluating_a_saved_domain_phase_counts_the_domains_learned_so_far(domai
         assert doc["accuracy"] == pytest.approx(results["accuracy"][phase])
 
 
+def test_removing_a_class_from_a_domain_run_keeps_every_domain(domain_workdirs, tmp_path):
+    """Every phase of the domain scenario brings every class: `remove_classes` edits each phase in
+    its place (it used to fold them into one, as phases left without classes), and each edited
+    phase is scored on its learned domains without the class."""
+    workdir = domain_workdirs["replay"] / "seed_0"
+    record = workdirs.remove_classes(str(workdir), [3], str(tmp_path / "out"))
+    assert record["phases"] == {"0": 0, "1": 1, "2": 2}
+    edited = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert edited["scenario"] == "domain" and edited["phase_sizes"] == [9, 0, 0]
+    per_domain = int(np.sum(sources.load_source("digits").y_test != 3))  # ids are the labels
+    for phase in range(3):
+        doc = workdirs.evaluate(str(tmp_path / "out"), phase)
+        assert doc["num_test"] == (phase + 1) * per_domain
+        assert doc["accuracy"] == pytest.approx(edited["accuracy"][phase])
+
+
 def test_the_plot_draws_a_line_for_every_domain(domain_runs, tmp_path):
     results = domain_runs["finetune"][0]
     matrix = results["accuracy_matrix"]
