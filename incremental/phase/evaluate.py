@@ -55,13 +55,7 @@ def evaluate_phase(
             scores, y, protocol, phase, test_phase=test_phase, task_labels=task
         )
         if counts:
-            now = slice(None) if test_phase is None else test_phase <= phase
-            pred = scores[now].argmax(axis=1)
-            if task:  # the task label given, as in the headline numbers
-                pred = evaluate.task_aware_predictions(
-                    scores[now], protocol.phase_of(y[now]), protocol
-                )
-            row["confusion"] = evaluate.confusion(pred, y[now], num_seen)
+            row["confusion"] = confusion_now(scores, y, test_phase, protocol, phase, task=task)
         return row
 
     row = rows("predict", method.predict, counts=confusion)
@@ -73,6 +67,16 @@ def evaluate_phase(
         other = phase_model(config, method, info, final=True, backbone=backbone)
         extra[name] = rows(name, method.predict, other, companion)
     return {**row, "extra": extra} if extra else row
+
+
+def confusion_now(scores, y, test_phase, protocol: Protocol, phase: int, *, task: bool):
+    """The confusion matrix of the examples learned by `phase` (not the domains still to come);
+    in the task scenario of their predictions among their task's classes, as the headline's."""
+    now = slice(None) if test_phase is None else test_phase <= phase
+    pred = scores[now].argmax(axis=1)
+    if task:  # the task label given
+        pred = evaluate.task_aware_predictions(scores[now], protocol.phase_of(y[now]), protocol)
+    return evaluate.confusion(pred, y[now], protocol.num_seen(phase))
 
 
 def learned_test(data: RunData, protocol: Protocol, phase: int) -> np.ndarray:
