@@ -10,7 +10,11 @@ epoch's batches are offered to it, as in Mammoth (an example may then be held tw
 draws come from the step's key, a function of the phase's key and the step, and the memory is
 checkpointed with the method state, so a resumed run draws and keeps what an uninterrupted one does.
 The memory minibatches are augmented and normalised like the batch and go through the same forward
-pass (so BatchNorm sees them together, as with Mammoth's ER); the linear head predicts.
+pass (so BatchNorm sees them together, as with Mammoth's ER); the linear head predicts. In the task
+scenario the incoming batch's logits are masked to each example's task (`PhaseSetup.task_offsets`)
+but the memory minibatches' are not: their losses see every seen class's logits, as Mammoth trains
+these methods in every setting (it masks by task only when it evaluates), and DER++'s stored logits
+are every seen class's.
 """
 
 from __future__ import annotations
