@@ -193,9 +193,9 @@ def test_domain_scenario_orders_joint_replay_finetune(domain_runs):
 
 
 def test_evaluating_a_saved_domain_phase_counts_the_domains_learned_so_far(domain_workdirs):
-    """`incremental evaluate` of phase 1 of 3: the per-class counts and the confusion hold the test
-    examples of domains 0 and 1 (not of domain 2, still to come), and their accuracies make up the
-    phase's accuracy as the run recorded it."""
+    """`incremental evaluate` of phases 0 and 1 of 3: the per-class counts and the confusion hold
+    the test examples of the domains learned so far (not of those still to come), and their
+    accuracies make up the phase's accuracy as the run recorded it."""
     workdir = domain_workdirs["replay"] / "seed_0"
     results = json.loads((workdir / "results.json").read_text())
     per_domain = sources.load_source("digits").y_test.shape[0]
