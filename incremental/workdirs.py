@@ -665,10 +665,7 @@ def remove_classes(workdir: str, classes: Sequence[int], out: str) -> dict:
         positions = _removed_positions(old.protocol, classes, old.protocol.num_seen(phases[-1]))
         new = setup(_config_without(old, positions))
         label_map, index_map = _maps(old, positions)
-        if scenario_of(old.config) == "domain":  # every phase brings every class: phase by phase
-            sources_of = {phase: phase for phase in phases}
-        else:
-            sources_of = _phase_sources(workdir, phases, old.protocol, new.protocol, label_map)
+        sources_of = _phase_sources(workdir, phases, old.protocol, new.protocol, label_map)
         records: list[dict] = []
         with _writing(workdir, out) as writer:
             for phase, source in sorted(sources_of.items()):
@@ -733,7 +730,11 @@ def _maps(old: RunSetup, positions: Sequence[int]) -> tuple[np.ndarray, np.ndarr
 def _phase_sources(
     workdir: str, phases: list[int], old: Protocol, new: Protocol, label_map: np.ndarray
 ) -> dict[int, int]:
-    """Each edited phase and the source phase it is made from: the newest with its classes left."""
+    """Each edited phase and the source phase it is made from: the newest with its classes left.
+    Where every phase after the first brings no classes (the domain scenario: each brings every
+    class again), every phase keeps its place."""
+    if not any(old.phase_sizes[1:]):
+        return {phase: phase for phase in phases}
     sources_of: dict[int, int] = {}
     for phase in phases:
         num_seen = int(label_map[: old.num_seen(phase)].max()) + 1

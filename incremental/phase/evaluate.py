@@ -73,10 +73,12 @@ def confusion_now(scores, y, test_phase, protocol: Protocol, phase: int, *, task
     """The confusion matrix of the examples learned by `phase` (not the domains still to come);
     in the task scenario of their predictions among their task's classes, as the headline's."""
     now = slice(None) if test_phase is None else test_phase <= phase
-    pred = scores[now].argmax(axis=1)
+    scores, y = scores[now], y[now]
     if task:  # the task label given
-        pred = evaluate.task_aware_predictions(scores[now], protocol.phase_of(y[now]), protocol)
-    return evaluate.confusion(pred, y[now], protocol.num_seen(phase))
+        pred = evaluate.task_aware_predictions(scores, protocol.phase_of(y), protocol)
+    else:
+        pred = scores.argmax(axis=1)
+    return evaluate.confusion(pred, y, protocol.num_seen(phase))
 
 
 def learned_test(data: RunData, protocol: Protocol, phase: int) -> np.ndarray:
