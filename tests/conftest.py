@@ -96,14 +96,10 @@ def _temporary_files(tmp_path_factory):
     tmp_path_factory.getbasetemp()  # fixed before the change below
     directory = os.path.join(os.environ["INCREMENTAL_TEST_CACHE"], "tmp")
     os.makedirs(directory, exist_ok=True)
-    saved = tempfile.tempdir, os.environ.get("TMPDIR")
-    tempfile.tempdir = os.environ["TMPDIR"] = directory
-    yield
-    tempfile.tempdir = saved[0]
-    if saved[1] is None:
-        os.environ.pop("TMPDIR", None)
-    else:
-        os.environ["TMPDIR"] = saved[1]
+    with pytest.MonkeyPatch.context() as patch:  # undone at the session's end
+        patch.setattr(tempfile, "tempdir", directory)
+        patch.setenv("TMPDIR", directory)
+        yield
 
 
 @pytest.fixture
